@@ -1,0 +1,210 @@
+"""One federated run, round by round, over a Flower Grid.
+
+The plan's aggregation rule is held by this driver (a wrapper around the rule, not a FedAvg
+subclass), so robust rules and audit hooks sit in one place. Per round: send the global weights
+and the plan (text and hash) to every connected silo; validate each reply; audit it; aggregate
+the valid deltas with the plan's rule; apply them with the server learning rate; evaluate the
+new global model at every silo on its held-out cases; write the round's row, the model and
+metrics.json atomically to the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compliance import AuditLog, EventType
+from coordinator.aggregation import build_rule
+from coordinator.validation import UpdateRejected, validate_reply
+from fedsilo import protocol as P
+from fedsilo.errors import DeploymentError, FedsiloError
+from pipelines.plan import Plan
+from pipelines.serialization import l2_norm, save_model, state_digest, state_nbytes
+
+ROUNDS_FILE = "rounds.jsonl"
+
+
+@dataclass
+class RunState:
+    """What the run has learned so far; written to metrics.json after each round."""
+
+    plan_hash: str
+    run_id: str
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class FederatedRun:
+    """Drive ``plan`` over ``grid`` and leave the results in ``out_dir``.
+
+    Args:
+        grid: Flower's Grid (deployment or simulation).
+        plan: the validated plan; its canonical hash identifies the run's plan everywhere.
+        plan_text: the plan as sent to silos (YAML; silos re-hash it).
+        out_dir: the run folder (audit/, logs/, model.safetensors, metrics.json, plan.yaml).
+        run_id: Flower's run id.
+        initial: the initial global model (name -> array), built from the plan.
+    """
+
+    def __init__(self, grid, plan: Plan, plan_text: str, out_dir: Path, run_id: str, initial: dict[str, np.ndarray]) -> None:
+        self.grid = grid
+        self.plan = plan
+        self.plan_text = plan_text
+        self.plan_hash = plan.hash()
+        self.out_dir = out_dir
+        self.run_id = run_id
+        self.global_state = initial
+        self.rule = build_rule(plan.federation.aggregation.rule, plan.federation.aggregation.args)
+        self.state = RunState(plan_hash=self.plan_hash, run_id=run_id)
+        self.actor = {"kind": "coordinator", "id": "coordinator", "site": None}
+        (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog.open(out_dir / "audit")
+
+    # --- messages ---------------------------------------------------------------------
+
+    def _content(self, round_: int):
+        import torch
+        from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+        arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.global_state.items()})
+        config = ConfigRecord({P.PLAN_YAML: self.plan_text, P.PLAN_HASH: self.plan_hash, P.RUN_ID: self.run_id, P.ROUND: round_})
+        return RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
+
+    def _send(self, nodes: list[int], round_: int, message_type: str) -> list:
+        from flwr.app import Message
+
+        content = self._content(round_)
+        messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in nodes]
+        return list(self.grid.send_and_receive(messages, timeout=self.plan.federation.round_timeout_s))
+
+    def _wait_for_silos(self) -> list[int]:
+        need = self.plan.federation.min_silos
+        deadline = time.monotonic() + self.plan.federation.wait_for_silos_s
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= need:
+                return nodes
+            if time.monotonic() > deadline:
+                raise DeploymentError(
+                    f"only {len(nodes)} silo(s) connected after {self.plan.federation.wait_for_silos_s:.0f} s, the plan needs {need}",
+                    fix="start more silos or lower federation.min_silos",
+                )
+            time.sleep(1.0)
+
+    # --- one round --------------------------------------------------------------------
+
+    def _train_round(self, round_: int, nodes: list[int]) -> tuple[dict[str, dict[str, float]], int]:
+        replies = self._send(nodes, round_, "train")
+        valid, sites = [], {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = (reply.error.reason or "no reason given")[:300]
+                self.audit.append(EventType.UPDATE_REJECTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
+                                  run_id=self.run_id, round=round_, outcome="failure", reason=reason, details={"code": int(reply.error.code)})
+                continue
+            try:
+                update = validate_reply(node, reply.content, self.global_state)
+            except UpdateRejected as exc:
+                self.audit.append(EventType.UPDATE_REJECTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
+                                  run_id=self.run_id, round=round_, outcome="denied", reason=exc.code, details={"message": exc.message})
+                continue
+            digest = state_digest(update.delta)
+            self.audit.append(EventType.UPDATE_RECEIVED, actor=self.actor, object={"type": "update", "id": f"{update.site}/{round_}", "sha256": digest},
+                              run_id=self.run_id, round=round_,
+                              details={"site": update.site, "node": str(node), "bytes": state_nbytes(update.delta), "l2_norm": l2_norm(update.delta),
+                                       "num_examples": update.num_examples, "epsilon": update.metrics.get("epsilon")})
+            valid.append((update, digest))
+            sites[update.site] = {"num_examples": update.num_examples, "train_loss": update.metrics.get("train-loss"),
+                                  "epsilon": update.metrics.get("epsilon"), "train_seconds": update.metrics.get("seconds")}
+        if len(valid) < self.plan.federation.min_silos:
+            raise FedsiloError(
+                f"round {round_}: {len(valid)} valid update(s) of {len(nodes)} silo(s), the plan needs {self.plan.federation.min_silos}",
+                fix="check the silos' error replies in the audit log (fedsilo audit show) and their logs",
+            )
+        aggregate = self.rule.aggregate([u.delta for u, _ in valid], [float(u.num_examples) for u, _ in valid])
+        lr = self.plan.federation.server_lr
+        self.global_state = {k: (v + lr * aggregate[k]).astype(v.dtype) for k, v in self.global_state.items()}
+        self.audit.append(EventType.AGGREGATE_COMPUTED, actor=self.actor, object={"type": "model", "id": f"round-{round_}", "sha256": state_digest(self.global_state)},
+                          run_id=self.run_id, round=round_,
+                          details={"rule": self.rule.name, "server_lr": lr, "inputs": [d for _, d in valid], "aggregate_sha256": state_digest(aggregate)})
+        return sites, len(valid)
+
+    def _evaluate_round(self, round_: int, nodes: list[int], sites: dict[str, dict[str, Any]]) -> None:
+        for reply in self._send(nodes, round_, "evaluate"):
+            if reply.has_error() or P.IDENTITY not in reply.content or P.METRICS not in reply.content:
+                continue
+            site = reply.content[P.IDENTITY].get(P.SITE)
+            metrics = {k: float(v) for k, v in dict(reply.content[P.METRICS]).items() if isinstance(v, (int, float))}
+            entry = sites.setdefault(str(site), {})
+            for key in ("dice", "accuracy", "auc", "loss"):
+                if key in metrics:
+                    entry["test_loss" if key == "loss" else key] = metrics[key]
+
+    # --- the run ----------------------------------------------------------------------
+
+    def execute(self) -> RunState:
+        plan = self.plan
+        (self.out_dir / "plan.yaml").write_text(self.plan_text, encoding="utf-8")
+        self.audit.append(EventType.RUN_STARTED, actor=self.actor, object={"type": "plan", "id": plan.name, "sha256": self.plan_hash}, run_id=self.run_id,
+                          details={"rounds": plan.federation.rounds, "rule": plan.federation.aggregation.rule, "min_silos": plan.federation.min_silos,
+                                   "initial_model_sha256": state_digest(self.global_state)})
+        try:
+            for round_ in range(1, plan.federation.rounds + 1):
+                start = time.perf_counter()
+                nodes = self._wait_for_silos()
+                self.audit.append(EventType.ROUND_STARTED, actor=self.actor, run_id=self.run_id, round=round_, details={"nodes": len(nodes)})
+                sites, n_valid = self._train_round(round_, nodes)
+                self._evaluate_round(round_, nodes, sites)
+                row = {"round": round_, "replied": n_valid, "silos": len(nodes), "seconds": round(time.perf_counter() - start, 2), "sites": sites}
+                self.state.rounds.append(row)
+                self._checkpoint(row)
+                self.audit.append(EventType.ROUND_FINISHED, actor=self.actor, object={"type": "model", "id": f"round-{round_}", "sha256": state_digest(self.global_state)},
+                                  run_id=self.run_id, round=round_, details={"valid_updates": n_valid, "seconds": row["seconds"]})
+        except FedsiloError as exc:
+            self.audit.append(EventType.RUN_FAILED, actor=self.actor, run_id=self.run_id, outcome="failure", reason=exc.one_line())
+            self._progress({"event": "failed", "reason": exc.one_line()})
+            raise
+        self.audit.append(EventType.MODEL_EXPORTED, actor=self.actor, object={"type": "model", "id": "model.safetensors", "sha256": state_digest(self.global_state)}, run_id=self.run_id)
+        self.audit.append(EventType.RUN_FINISHED, actor=self.actor, run_id=self.run_id, details={"rounds": len(self.state.rounds)})
+        self._progress({"event": "finished"})
+        self.audit.close()
+        return self.state
+
+    def _progress(self, row: dict[str, Any]) -> None:
+        with open(self.out_dir / "logs" / ROUNDS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _checkpoint(self, row: dict[str, Any]) -> None:
+        save_model(self.out_dir / "model.safetensors", self.global_state, metadata={"plan_hash": self.plan_hash, "round": str(row["round"])})
+        _write_json(self.out_dir / "metrics.json", summarize(self.state))
+        self._progress({"event": "round", **row})
+
+
+def summarize(state: RunState) -> dict[str, Any]:
+    """metrics.json: every round's per-site figures and the final ones."""
+    rounds = [{"round": r["round"], "replied": r["replied"], "seconds": r["seconds"],
+               "sites": {s: {k: v for k, v in m.items()} for s, m in sorted(r["sites"].items())}} for r in state.rounds]
+    final: dict[str, Any] = {}
+    if rounds:
+        last = rounds[-1]["sites"]
+        for metric in ("dice", "accuracy", "auc"):
+            per_site = {s: m[metric] for s, m in last.items() if m.get(metric) is not None}
+            if per_site:
+                final[f"{metric}_per_site"] = per_site
+                final[f"{metric}_mean"] = float(np.mean(list(per_site.values())))
+        final["epsilon_per_site"] = {s: max((r["sites"].get(s, {}).get("epsilon") or 0.0) for r in rounds) for s in sorted({s for r in rounds for s in r["sites"]})}
+    return {"plan_hash": state.plan_hash, "run_id": state.run_id, "rounds": rounds, "final": final}

@@ -1,0 +1,45 @@
+"""The coordinator: a Flower ServerApp.
+
+Run config (``flwr run ... --run-config``): ``plan-path`` (the plan YAML) and ``out-dir``
+(the run folder). It builds the initial model from the plan (same seed at every party), then
+hands over to :class:`coordinator.federation.FederatedRun`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from coordinator.federation import FederatedRun
+from fedsilo.errors import ConfigError, FedsiloError
+
+app = ServerApp()
+log = logging.getLogger("fedsilo.coordinator")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from pipelines.networks import build_network
+    from pipelines.plan import parse_plan_text
+    from pipelines.serialization import to_numpy
+
+    cfg = context.run_config
+    try:
+        plan_path = Path(str(cfg.get("plan-path", "")))
+        out_dir = Path(str(cfg.get("out-dir", "")))
+        if not plan_path.is_file():
+            raise ConfigError(f"no plan at '{plan_path}'", fix="pass --run-config \"plan-path='/abs/plan.yaml' out-dir='/abs/run'\"")
+        if not str(out_dir) or str(out_dir) == ".":
+            raise ConfigError("no out-dir in the run config", fix="pass --run-config \"out-dir='/abs/run'\"")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan_text = plan_path.read_text(encoding="utf-8")
+        plan = parse_plan_text(plan_text, source=str(plan_path))
+        initial = to_numpy(build_network(plan, seed=plan.training.seed).state_dict())
+        FederatedRun(grid, plan, plan_text, out_dir, str(context.run_id), initial).execute()
+    except FedsiloError as exc:
+        # The ServerApp's exit is reported by Flower; the reason goes to its log in one line.
+        log.error("fedsilo: error: %s", exc.one_line())
+        raise SystemExit(exc.exit_code) from None

@@ -1,0 +1,199 @@
+"""``fedsilo demo``: three synthetic hospitals, a real TLS federation, and a pooled baseline.
+
+1. Write synthetic hospitals (DICOM series + NIfTI labels, non-IID) and a site folder each.
+2. Start a SuperLink (TLS, SuperNode authentication) and one SuperNode per silo on loopback.
+3. Run the plan through Flower, printing one row per round.
+4. Train the same plan pooled (all training cases in one place, no DP, same epochs).
+5. Stop every process; leave model, plan, metrics, audit logs and site folders in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from fedsilo.errors import ConfigError
+
+DEMO_MARKER = ".fedsilo-demo"
+DATASET = "synthetic"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_PLAN = REPO_ROOT / "configs" / "plans" / "seg3d-unet-dp.yaml"
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: Path
+    plan: Path = DEFAULT_PLAN
+    silos: int = 3
+    sizes: tuple[int, ...] | None = None
+    seed: int = 0
+    rounds: int | None = None
+    baseline: bool = True
+    port: int = 0
+
+
+def prepare_run_folder(out: Path) -> None:
+    """Refuse to write into a folder that holds anything but an earlier demo run."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).is_file():
+            raise ConfigError(f"{out} exists and is not an earlier demo run", fix="choose an empty or new folder for --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("fedsilo demo run folder; `fedsilo demo` may replace it\n", encoding="utf-8")
+
+
+def make_sites(out: Path, plan_task: str, *, silos: int, sizes: tuple[int, ...] | None, seed: int, say: Callable[[str], None]) -> list[Any]:
+    """Synthetic hospitals under out/data and a registered site folder each under out/sites."""
+    from pipelines.synthetic import write_synthetic_federation
+    from silo_agent.site import init_site, register_dataset
+
+    start = time.perf_counter()
+    written = write_synthetic_federation(out / "data", silos=silos, task=plan_task, seed=seed, sizes=sizes, progress=_bar("synthetic cases", say))
+    n_cases = sum(s.n_train + s.n_test for s in written)
+    say(f"wrote {len(written)} synthetic hospitals ({n_cases} cases as DICOM series + NIfTI labels) in {time.perf_counter() - start:.1f} s")
+    sites = []
+    for silo in written:
+        site = init_site(out / "sites" / silo.name, silo.name)
+        sites.append(register_dataset(site, DATASET, task=plan_task, datalist=silo.datalist))
+    return sites
+
+
+def _bar(what: str, say: Callable[[str], None]) -> Callable[[int, int], None]:
+    state = {"last": -1}
+
+    def progress(done: int, total: int) -> None:
+        pct = int(100 * done / max(total, 1))
+        if pct // 25 != state["last"] // 25 or done == total:
+            state["last"] = pct
+            say(f"  {what}: {done}/{total} ({pct}%)")
+
+    return progress
+
+
+def pooled_baseline(sites: list[Any], plan, *, say: Callable[[str], None]) -> dict[str, float]:
+    """Train the plan on all silos' training cases in one place, without DP, for the same epochs.
+
+    Returns Dice (or accuracy) per site on each site's held-out cases.
+    """
+    import numpy as np
+
+    from pipelines.dataset import CaseArrays, apply_transforms, load_split
+    from pipelines.metrics import evaluate
+    from pipelines.networks import build_network
+    from pipelines.training import train_local
+    from pipelines.transforms import split_transforms
+
+    deterministic, random = split_transforms(plan.data.transforms, segmentation=plan.is_segmentation)
+
+    def load(site, split):
+        entry = site.dataset(plan.data.dataset)
+        arrays = load_split(entry.datalist, split, task=plan.task, num_classes=plan.data.num_classes, cache_dir=site.cache_dir)
+        return apply_transforms(arrays, deterministic, segmentation=plan.is_segmentation)
+
+    parts = [load(site, "training") for site in sites]
+    pooled = CaseArrays(images=np.concatenate([p.images for p in parts]), labels=np.concatenate([p.labels for p in parts]))
+    model = build_network(plan, seed=plan.training.seed)
+    epochs = plan.federation.rounds * plan.training.local_epochs
+    start = time.perf_counter()
+    train_local(model, pooled, plan, epochs=epochs, private=False, random_transform=random, seed=plan.training.seed)
+    metric = "dice" if plan.is_segmentation else "accuracy"
+    scores = {site.site_id: evaluate(model, load(site, "test"), plan)[metric] for site in sites}
+    say(f"pooled baseline: {len(pooled)} cases, {epochs} epochs, no DP, {time.perf_counter() - start:.1f} s")
+    return scores
+
+
+class RoundTable:
+    """Prints one row per round: silos replied, train loss, Dice and epsilon per silo, seconds."""
+
+    def __init__(self, sites: list[str], metric: str, stream: TextIO) -> None:
+        self.sites = sites
+        self.metric = metric
+        self.stream = stream
+        short = [s.replace("hospital", "h") for s in sites]
+        cols = ["round", "silos", "train loss"] + [f"{self.metric} {s}" for s in short] + [f"eps {s}" for s in short] + ["seconds"]
+        self.widths = [max(7, len(c)) for c in cols]
+        self._print(cols)
+
+    def _print(self, cells: list[str]) -> None:
+        print("  ".join(c.rjust(w) for c, w in zip(cells, self.widths)), file=self.stream, flush=True)
+
+    def row(self, row: dict[str, Any]) -> None:
+        sites = row["sites"]
+        losses = [(m.get("train_loss"), m.get("num_examples") or 0) for m in sites.values() if m.get("train_loss") is not None]
+        total = sum(n for _, n in losses)
+        loss = sum(l * n for l, n in losses) / total if total else float("nan")
+
+        def fmt(value: Any, spec: str) -> str:
+            return "-" if value is None else format(value, spec)
+
+        cells = [str(row["round"]), f"{row['replied']}/{row['silos']}", f"{loss:.3f}"]
+        cells += [fmt(sites.get(s, {}).get(self.metric), ".3f") for s in self.sites]
+        cells += [fmt(sites.get(s, {}).get("epsilon"), ".2f") for s in self.sites]
+        cells.append(f"{row['seconds']:.1f}")
+        self._print(cells)
+
+
+def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any]:
+    """Run the whole demo and return metrics.json's content."""
+    from fedsilo.local_federation import LocalFederation, SiloSpec
+    from pipelines.plan import load_plan, parse_plan
+
+    def say(text: str) -> None:
+        print(text, file=stream, flush=True)
+
+    t0 = time.perf_counter()
+    plan = load_plan(opts.plan)
+    if opts.rounds is not None:
+        raw = plan.to_dict()
+        raw["federation"]["rounds"] = opts.rounds
+        plan = parse_plan(raw)
+    if plan.data.dataset != DATASET:
+        raise ConfigError(f"the demo registers dataset '{DATASET}', the plan trains on '{plan.data.dataset}'", fix=f"set data.dataset: {DATASET} in the plan")
+    if opts.silos < plan.federation.min_silos:
+        raise ConfigError(f"--silos {opts.silos} is below the plan's min_silos {plan.federation.min_silos}", fix=f"use --silos {plan.federation.min_silos} or more")
+    out = opts.out.resolve()
+    prepare_run_folder(out)
+    plan_path = out / "plan.yaml"
+    plan_path.write_text(plan.to_yaml(), encoding="utf-8")
+    say(f"fedsilo demo: plan '{plan.name}' ({plan.hash()[:12]}), {opts.silos} silos, {plan.federation.rounds} rounds, run folder {out}")
+    sites = make_sites(out, plan.task, silos=opts.silos, sizes=opts.sizes, seed=opts.seed, say=say)
+    metric = "dice" if plan.is_segmentation else "accuracy"
+    say("starting SuperLink (TLS, SuperNode authentication) and one SuperNode per silo on 127.0.0.1 ...")
+    silos = [SiloSpec(site=s.site_id, site_dir=s.root) for s in sites]
+    with LocalFederation(out, silos, superlink_port=opts.port) as federation:
+        say(f"federation up on 127.0.0.1:{federation.port}; training with DP-SGD (target epsilon {plan.privacy.target_epsilon}, delta {plan.privacy.target_delta})")
+        table = RoundTable([s.site_id for s in sites], metric, stream)
+        federation.run_plan(plan_path, out, on_round=table.row)
+    say("all federation processes stopped")
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    if opts.baseline:
+        baseline = pooled_baseline(sites, plan, say=say)
+        metrics[f"baseline_pooled_{metric}"] = sum(baseline.values()) / len(baseline)
+        metrics[f"baseline_pooled_{metric}_per_site"] = baseline
+    metrics["seconds_total"] = round(time.perf_counter() - t0, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    _summary(metrics, metric, say)
+    return metrics
+
+
+def _summary(metrics: dict[str, Any], metric: str, say: Callable[[str], None]) -> None:
+    final = metrics.get("final", {})
+    per_site = final.get(f"{metric}_per_site", {})
+    eps = final.get("epsilon_per_site", {})
+    baseline = metrics.get(f"baseline_pooled_{metric}_per_site", {})
+    say("")
+    say(f"{'site':>12}  {'federated+DP ' + metric:>20}  {'epsilon':>8}  {'pooled, no DP ' + metric:>21}")
+    for site in sorted(per_site):
+        base = baseline.get(site)
+        say(f"{site:>12}  {per_site[site]:>20.3f}  {eps.get(site, 0.0):>8.2f}  {'-' if base is None else format(base, '.3f'):>21}")
+    mean = final.get(f"{metric}_mean")
+    base_mean = metrics.get(f"baseline_pooled_{metric}")
+    say(f"{'mean':>12}  {mean if mean is not None else float('nan'):>20.3f}  {max(eps.values(), default=0.0):>8.2f}  "
+        f"{'-' if base_mean is None else format(base_mean, '.3f'):>21}")
+    say(f"done in {metrics['seconds_total']:.0f} s")

@@ -1,0 +1,203 @@
+"""A whole federation on one machine, for the demo and end-to-end tests.
+
+Real Flower deployment pieces on loopback: a throw-away CA and server certificate, a
+SuperLink with TLS and SuperNode authentication, each silo's key registered with
+``flwr supernode register``, one SuperNode per silo whose node config points at its site
+folder, and ``flwr run`` of the fedsilo Flower app. Each Flower process gets its own
+FLWR_HOME inside the run folder; telemetry and runtime dependency installation are off.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator.pki import create_node_key, create_server_tls
+from fedsilo.errors import ConfigError, DeploymentError
+from fedsilo.processes import LOOPBACK, ProcessSet, flower_env, free_port, port_in_use, run_command
+
+LINK = "fedsilo"
+ROUNDS_FILE = "rounds.jsonl"
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedsiloapp"
+version = "1.0.0"
+description = "fedsilo's Flower app: the code is the installed fedsilo package"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedsilo"
+
+[tool.flwr.app.components]
+serverapp = "coordinator.server_app:app"
+clientapp = "silo_agent.client_app:app"
+
+[tool.flwr.app.config]
+plan-path = ""
+out-dir = ""
+"""
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (next to the running Python), else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
+
+
+def write_flower_app(app_dir: Path) -> Path:
+    """The Flower app folder ``flwr run`` bundles. Its components live in the installed package."""
+    app_dir.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
+    (app_dir / "fedsiloapp.py").write_text('"""Components are imported from the installed fedsilo package."""\n', encoding="utf-8")
+    return app_dir
+
+
+@dataclass(frozen=True)
+class SiloSpec:
+    site: str
+    site_dir: Path
+
+
+class LocalFederation:
+    """Start a TLS federation of ``silos`` under ``root``; use as a context manager.
+
+    Args:
+        root: the run folder (pki/, flwr/, logs/ are created in it).
+        silos: the sites and their site folders.
+        superlink_port: the SuperLink's port (0: pick a free one).
+        threads_per_silo: torch threads per silo process (silos share this machine's cores).
+    """
+
+    def __init__(self, root: Path, silos: Sequence[SiloSpec], *, superlink_port: int = 0, threads_per_silo: int = 1) -> None:
+        if not silos:
+            raise ConfigError("a federation needs at least one silo", fix="pass --silos 1 or more")
+        for spec in silos:
+            if not (spec.site_dir / "site.yaml").is_file():
+                raise ConfigError(f"no site folder at {spec.site_dir}", fix="create it with fedsilo silo init")
+        if superlink_port and port_in_use(superlink_port):
+            raise ConfigError(f"port {superlink_port} is already in use", fix="choose another --port or stop what listens there")
+        self.root = root
+        self.silos = list(silos)
+        self.port = superlink_port or free_port()
+        self.threads = threads_per_silo
+        self.logs = root / "logs"
+        self.flwr_home = root / "flwr"
+        self.procs = ProcessSet(self.logs, flower_env(self.flwr_home / "cli"))
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def __enter__(self) -> "LocalFederation":
+        self.procs.__enter__()
+        try:
+            self._start()
+        except BaseException:
+            self.procs.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.procs.__exit__(*exc)
+
+    def _start(self) -> None:
+        pki = self.root / "pki"
+        tls = create_server_tls(pki)
+        self._write_cli_config(tls.ca_cert)
+        link_env = flower_env(self.flwr_home / "superlink")
+        self.procs.env = link_env
+        superlink = self.procs.start("superlink", [
+            _bin("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
+            "--enable-supernode-auth", "--host", LOOPBACK, "--port", str(self.port), "--database", str(self.root / "flwr" / "superlink-state.db"),
+            "--disable-runtime-dependency-installation",
+        ])
+        self.procs.wait_for_port(superlink, self.port)
+        cli_env = flower_env(self.flwr_home / "cli")
+        for spec in self.silos:
+            key = create_node_key(pki / "nodes", spec.site)
+            self._register(key.public_key, spec.site, cli_env)
+            self.procs.env = flower_env(self.flwr_home / spec.site)
+            node_port = free_port()
+            node_config = f"site-dir='{spec.site_dir.resolve()}' threads={self.threads}"
+            node = self.procs.start(f"supernode-{spec.site}", [
+                _bin("flower-supernode"), "--root-certificates", str(tls.ca_cert), "--superlink", f"{LOOPBACK}:{self.port}",
+                "--auth-supernode-private-key", str(key.private_key), "--host", LOOPBACK, "--port", str(node_port),
+                "--node-config", node_config,
+            ])
+            self.procs.wait_for_port(node, node_port)
+        self.procs.env = cli_env
+
+    def _register(self, public_key: Path, site: str, env: dict[str, str]) -> None:
+        # The Control API may need a moment after the port opens: retry briefly.
+        for attempt in range(10):
+            try:
+                run_command([_bin("flwr"), "supernode", "register", str(public_key), LINK, "--name", site], env=env, what=f"register silo {site}")
+                return
+            except DeploymentError:
+                if attempt == 9:
+                    raise
+                time.sleep(1.0)
+
+    def _write_cli_config(self, ca_cert: Path) -> None:
+        home = self.flwr_home / "cli"
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{LINK}"\n\n[superlink.{LINK}]\naddress = "{LOOPBACK}:{self.port}"\nroot-certificates = "{ca_cert.resolve()}"\n',
+            encoding="utf-8",
+        )
+
+    # --- running a plan ---------------------------------------------------------------
+
+    def run_plan(self, plan_path: Path, out_dir: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None,
+                 timeout_s: float = 3600.0) -> None:
+        """Submit the plan with ``flwr run --stream`` and follow its rounds until it ends."""
+        app_dir = write_flower_app(self.root / "flwr" / "app")
+        run_config = self.root / "flwr" / "run-config.toml"
+        run_config.write_text(f'plan-path = "{plan_path.resolve()}"\nout-dir = "{out_dir.resolve()}"\n', encoding="utf-8")
+        rounds_file = out_dir / "logs" / ROUNDS_FILE
+        rounds_file.unlink(missing_ok=True)
+        runner = self.procs.start("flwr-run", [_bin("flwr"), "run", str(app_dir), LINK, "--run-config", str(run_config), "--stream"])
+        seen, deadline = 0, time.monotonic() + timeout_s
+        while True:
+            rows = _read_rows(rounds_file)
+            for row in rows[seen:]:
+                if row.get("event") == "round" and on_round:
+                    on_round(row)
+                if row.get("event") == "failed":
+                    raise DeploymentError(f"the run failed: {row.get('reason')}", fix=f"read {out_dir / 'audit'} with fedsilo audit show, and {self.logs}")
+                if row.get("event") == "finished":
+                    runner.stop(grace_s=5.0)
+                    return
+            seen = len(rows)
+            self.procs.check_alive()
+            if not runner.alive():
+                # flwr run returned: the run ended; give the last rows a moment to land.
+                time.sleep(0.5)
+                if _read_rows(rounds_file)[seen:]:
+                    continue
+                raise DeploymentError(f"the run ended without finishing (flwr run exit {runner.popen.returncode}): {runner.log_tail()}",
+                                      fix=f"read {runner.log_path} and {self.logs}")
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"the run did not finish within {timeout_s:.0f} s", fix=f"read {self.logs}")
+            time.sleep(0.5)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a row still being written
+    return rows

@@ -1,0 +1,163 @@
+"""Start, watch and stop the federation's processes (SuperLink, SuperNodes, flwr CLI).
+
+Every process is started in its own session, with its output going to a log file, and is
+stopped by its PID (its process group: SIGTERM, then SIGKILL after a grace period). A
+:class:`ProcessSet` stops everything it started, in reverse order, on exit, on error and on
+Ctrl-C. Servers listen on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsilo.errors import DeploymentError
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = LOOPBACK) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: home inside the run folder, no telemetry, no installs."""
+    env = dict(os.environ if base is None else base)
+    env.update({
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(line.strip() for line in text[-lines:])
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM the process group by PID, then SIGKILL if it has not exited."""
+        if self.popen.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.popen.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+class ProcessSet:
+    """Processes started together and stopped together (context manager)."""
+
+    def __init__(self, logs_dir: Path, env: Mapping[str, str]) -> None:
+        self.logs_dir = logs_dir
+        self.env = dict(env)
+        self.processes: list[ManagedProcess] = []
+        logs_dir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None) -> ManagedProcess:
+        log_path = self.logs_dir / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+        try:
+            popen = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=self.env, cwd=cwd, start_new_session=True)
+        except FileNotFoundError:
+            raise DeploymentError(f"cannot start {name}: {argv[0]} not found", fix="run 'make venv' (or activate .venv) so Flower's commands are on PATH") from None
+        finally:
+            log_file.close()
+        proc = ManagedProcess(name=name, popen=popen, log_path=log_path)
+        self.processes.append(proc)
+        return proc
+
+    def wait_for_port(self, proc: ManagedProcess, port: int, timeout_s: float = 60.0) -> None:
+        """Wait until ``port`` accepts connections, failing fast if ``proc`` dies."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise DeploymentError(f"{proc.name} exited with code {proc.popen.returncode} before listening on port {port}: {proc.log_tail()}",
+                                      fix=f"read {proc.log_path}")
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                if s.connect_ex((LOOPBACK, port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise DeploymentError(f"{proc.name} did not listen on port {port} within {timeout_s:.0f} s", fix=f"read {proc.log_path}")
+
+    def check_alive(self) -> None:
+        for proc in self.processes:
+            if not proc.alive() and proc.popen.returncode not in (0, None):
+                raise DeploymentError(f"{proc.name} stopped with exit code {proc.popen.returncode}: {proc.log_tail()}", fix=f"read {proc.log_path}")
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+
+    def __enter__(self) -> "ProcessSet":
+        self._old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop_all()
+        finally:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run_command(argv: Sequence[str], *, env: Mapping[str, str], cwd: Path | None = None, timeout_s: float = 120.0, what: str) -> str:
+    """Run a short command to completion; a failure is a DeploymentError with its last output."""
+    try:
+        done = subprocess.run(list(argv), env=dict(env), cwd=cwd, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise DeploymentError(f"cannot {what}: {argv[0]} not found", fix="run 'make venv' so Flower's commands are on PATH") from None
+    except subprocess.TimeoutExpired:
+        raise DeploymentError(f"cannot {what}: no answer within {timeout_s:.0f} s", fix="check that the SuperLink is running") from None
+    if done.returncode != 0:
+        tail = " | ".join((done.stdout + done.stderr).strip().splitlines()[-3:])
+        raise DeploymentError(f"cannot {what} (exit {done.returncode}): {tail}", fix="see the message above")
+    return done.stdout

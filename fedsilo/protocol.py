@@ -1,0 +1,21 @@
+"""Names on the wire between coordinator and silos (Flower RecordDict keys).
+
+Constants only, so both sides agree without importing each other.
+"""
+
+ARRAYS = "arrays"  # ArrayRecord: global weights (to silos) or the weight delta (from silos)
+CONFIG = "config"  # ConfigRecord to silos: PLAN_YAML, PLAN_HASH, RUN_ID, ROUND
+METRICS = "metrics"  # MetricRecord from silos: numeric, allow-listed keys only
+IDENTITY = "identity"  # ConfigRecord from silos: SITE only
+
+PLAN_YAML = "plan-yaml"
+PLAN_HASH = "plan-hash"
+RUN_ID = "run-id"
+ROUND = "round"
+SITE = "site"
+NUM_EXAMPLES = "num-examples"
+
+# Error codes of refusal replies (Flower Error.code); the reason is a one-line message.
+ERR_REFUSED = 1001  # plan, policy or budget refusal
+ERR_BAD_INPUT = 1002  # the site's data or configuration is unusable
+ERR_INTERNAL = 1003  # an unexpected failure at the silo (details stay in the silo's log)

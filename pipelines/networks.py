@@ -1,0 +1,140 @@
+"""The allow-list of MONAI networks a plan may name, made Opacus-compatible.
+
+A plan never instantiates arbitrary classes: it names one of :data:`NETWORKS`, whose entry
+says which keyword arguments it accepts, which it fixes (no pretrained weights are fetched:
+silos are offline), and which Opacus grad-sample mode works for it (measured on CPU with
+Opacus 1.6 and MONAI 1.6, see ../shared/STACK.md):
+
+- BatchNorm mixes samples and breaks per-sample gradients: ``ModuleValidator.fix`` replaces it
+  with GroupNorm (DenseNet121, EfficientNetBN).
+- In-place activations break Opacus' backward hooks ("Output 0 of BackwardHookFunction is a
+  view and is being modified inplace"): every ``inplace`` flag is turned off.
+- Residual adds (``x += residual``) still fail in hooks mode; SegResNet uses ``ew``
+  (expanded weights). UNet's PReLU works in hooks mode, not in ``ew``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from fedsilo.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from pipelines.plan import Plan
+
+
+@dataclass(frozen=True)
+class NetworkEntry:
+    """How to build one allow-listed network.
+
+    Args:
+        cls_name: class name in ``monai.networks.nets``.
+        grad_sample_mode: the Opacus mode that works for it (see module docstring).
+        tasks: the plan tasks it serves ("seg" or "cls").
+        fixed: arguments fedsilo sets and a plan may not override.
+        out_arg: the name of its output-channel argument.
+    """
+
+    cls_name: str
+    grad_sample_mode: str
+    tasks: tuple[str, ...]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    out_arg: str = "out_channels"
+
+
+NETWORKS: dict[str, NetworkEntry] = {
+    "UNet": NetworkEntry("UNet", "hooks", ("seg",)),
+    "BasicUNet": NetworkEntry("BasicUNet", "hooks", ("seg",)),
+    "SegResNet": NetworkEntry("SegResNet", "ew", ("seg",)),
+    "DenseNet121": NetworkEntry("DenseNet121", "hooks", ("cls",), fixed={"pretrained": False}),
+    "EfficientNetBN": NetworkEntry(
+        "EfficientNetBN", "hooks", ("cls",), fixed={"pretrained": False}, out_arg="num_classes"
+    ),
+}
+
+
+def _network_class(entry: NetworkEntry) -> type:
+    import monai.networks.nets as nets
+
+    return getattr(nets, entry.cls_name)
+
+
+def network_kwargs(plan: "Plan") -> dict[str, Any]:
+    """The constructor arguments for the plan's network: plan args plus task-derived ones."""
+    entry = NETWORKS[plan.model.network]
+    kwargs: dict[str, Any] = {"spatial_dims": plan.spatial_dims, "in_channels": 1}
+    # Binary segmentation: one logit channel (sigmoid); classification: one logit per class.
+    kwargs[entry.out_arg] = 1 if plan.is_segmentation else plan.data.num_classes
+    kwargs.update(plan.model.args)
+    kwargs.update(entry.fixed)
+    return kwargs
+
+
+def check_model_spec(plan: "Plan") -> None:
+    """Refuse a network that does not fit the task, or arguments it does not take."""
+    entry = NETWORKS[plan.model.network]
+    kind = plan.task[:3]
+    if kind not in entry.tasks:
+        fitting = [name for name, e in NETWORKS.items() if kind in e.tasks]
+        raise ConfigError(
+            f"plan key 'model.network': {plan.model.network} does not do {plan.task}",
+            fix=f"use one of: {', '.join(fitting)}",
+        )
+    params = inspect.signature(_network_class(entry)).parameters
+    accepted = [p for p in params if p not in entry.fixed and p != "kwargs"]
+    for key in plan.model.args:
+        if key in entry.fixed:
+            raise ConfigError(f"plan key 'model.args.{key}': fedsilo sets this for {plan.model.network}", fix=f"remove '{key}'")
+        if key not in params or key == "kwargs":
+            raise ConfigError(
+                f"plan key 'model.args.{key}': {plan.model.network} has no argument '{key}'",
+                fix=f"use some of: {', '.join(accepted)}",
+            )
+    spatial = plan.model.args.get("spatial_dims")
+    if spatial is not None and spatial != plan.spatial_dims:
+        raise ConfigError(
+            f"plan key 'model.args.spatial_dims': {spatial} does not match task {plan.task}",
+            fix=f"remove it or set it to {plan.spatial_dims}",
+        )
+
+
+def build_network(plan: "Plan", *, seed: int | None = None) -> "torch.nn.Module":
+    """Build the plan's network, Opacus-compatible when the plan uses DP.
+
+    Args:
+        plan: a validated plan.
+        seed: seeds torch before building, so every party builds the same initial weights.
+    """
+    import torch
+
+    entry = NETWORKS[plan.model.network]
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        model = _network_class(entry)(**network_kwargs(plan))
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise ConfigError(
+            f"plan key 'model.args': {plan.model.network} cannot be built with these arguments ({type(exc).__name__}: {str(exc)[:160]})",
+            fix="check the argument values against the MONAI documentation of this network",
+        ) from None
+    return make_private_compatible(model)
+
+
+def make_private_compatible(model: "torch.nn.Module") -> "torch.nn.Module":
+    """Replace BatchNorm (ModuleValidator.fix) and turn off in-place operations."""
+    from opacus.validators import ModuleValidator
+
+    if ModuleValidator.validate(model, strict=False):
+        model = ModuleValidator.fix(model)
+    for module in model.modules():
+        if getattr(module, "inplace", False):
+            module.inplace = False
+    return model
+
+
+def grad_sample_mode(plan: "Plan") -> str:
+    return NETWORKS[plan.model.network].grad_sample_mode

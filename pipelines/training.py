@@ -1,0 +1,235 @@
+"""Local training, with or without DP-SGD, and the privacy accounting that goes with it.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy", arXiv:1607.00133)
+through Opacus: per-sample gradients clipped to ``max_grad_norm``, Gaussian noise of
+``noise_multiplier * max_grad_norm`` added, Poisson-sampled batches. The noise multiplier is
+chosen once for the whole plan (all rounds times all local epochs) so that the plan's target
+epsilon is reached at its last round. The accountant's history is carried across rounds (and
+plans) by the caller, so the epsilon reported is the composition of everything the dataset
+has spent, computed by the accountant (RDP: Mironov 2017, arXiv:1702.07476; PRV: Gopi et al.
+2021, arXiv:2106.02848), not a sum.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedsilo.errors import ConfigError, PrivacyBudgetError
+from pipelines.dataset import CaseArrays
+from pipelines.networks import grad_sample_mode
+from pipelines.plan import Plan
+
+# One accountant step record: (noise_multiplier, sample_rate, steps), Opacus' own history format.
+HistoryEntry = tuple[float, float, int]
+
+
+class CaseDataset(Dataset):
+    """Cases held in memory; random (augmentation) transforms applied per access."""
+
+    def __init__(self, arrays: CaseArrays, *, segmentation: bool, random_transform: Callable[[dict], dict] | None = None) -> None:
+        self.images = torch.from_numpy(arrays.images)
+        self.labels = torch.from_numpy(arrays.labels)
+        self.segmentation = segmentation
+        self.random_transform = random_transform
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = self.images[i], self.labels[i]
+        if self.random_transform is not None:
+            item = {"image": image, "label": label} if self.segmentation else {"image": image}
+            item = self.random_transform(item)
+            image = torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32)
+            if self.segmentation:
+                label = torch.as_tensor(np.asarray(item["label"]), dtype=torch.float32)
+        return image, label
+
+
+@dataclass(frozen=True)
+class PrivacyReport:
+    """What one round of DP-SGD spent, and the composed total for the dataset."""
+
+    accountant: str
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+    steps: int
+    delta: float
+    epsilon: float  # composed over the dataset's whole history, this round included
+
+    @property
+    def entry(self) -> HistoryEntry:
+        """This round's accountant record, to append to the dataset's history."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    state_dict: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+    seconds: float
+    privacy: PrivacyReport | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def make_loss(plan: Plan) -> torch.nn.Module:
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if plan.training.loss == "dice":
+        return DiceLoss(sigmoid=True)
+    if plan.training.loss == "dice_ce":
+        return DiceCELoss(sigmoid=True)
+    if plan.training.loss == "bce":
+        return torch.nn.BCEWithLogitsLoss()
+    return torch.nn.CrossEntropyLoss()
+
+
+def make_optimizer(plan: Plan, params) -> torch.optim.Optimizer:
+    o = plan.training.optimizer
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def sample_rate(plan: Plan, num_examples: int) -> float:
+    return min(1.0, plan.training.batch_size / num_examples)
+
+
+def plan_noise_multiplier(plan: Plan, num_examples: int) -> float:
+    """The noise multiplier that spends the plan's target epsilon over all its rounds."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    p = plan.privacy
+    epochs = plan.federation.rounds * plan.training.local_epochs
+    try:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=p.target_epsilon,
+                target_delta=p.target_delta,
+                sample_rate=sample_rate(plan, num_examples),
+                epochs=epochs,
+                accountant=p.accountant,
+            )
+        )
+    except ValueError as exc:
+        raise PrivacyBudgetError(
+            f"no noise level reaches epsilon {p.target_epsilon} with {num_examples} cases over {epochs} epochs ({exc})",
+            fix="raise privacy.target_epsilon, add cases, or lower rounds/local_epochs",
+        ) from None
+
+
+def composed_epsilon(history: Sequence[HistoryEntry], *, delta: float, accountant: str) -> float:
+    """Epsilon of a whole accountant history at ``delta`` (0.0 for an empty history)."""
+    from opacus.accountants import create_accountant
+
+    if not history:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def _loader(dataset: Dataset, plan: Plan, seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=plan.training.batch_size, shuffle=True, generator=g, drop_last=False)
+
+
+def train_local(
+    model: torch.nn.Module,
+    data: CaseArrays,
+    plan: Plan,
+    *,
+    history: Sequence[HistoryEntry] = (),
+    noise_multiplier: float | None = None,
+    random_transform: Callable[[dict], dict] | None = None,
+    epochs: int | None = None,
+    private: bool | None = None,
+    seed: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``data`` for the plan's local epochs.
+
+    Args:
+        model: an Opacus-compatible network (``pipelines.networks.build_network``).
+        data: the training cases.
+        plan: the validated plan (optimizer, loss, DP settings).
+        history: the dataset's accountant history before this round (DP only).
+        noise_multiplier: override the plan-derived noise multiplier (DP only).
+        random_transform: augmentation applied per sample.
+        epochs: override ``plan.training.local_epochs`` (e.g. the pooled baseline).
+        private: override ``plan.privacy.enabled``.
+        seed: seeds batch order and noise.
+        on_epoch: called with (epoch, mean loss) after each epoch.
+    """
+    if len(data) == 0:
+        raise ConfigError("no training cases", fix="register a dataset with training cases")
+    torch.manual_seed(seed)
+    private = plan.privacy.enabled if private is None else private
+    epochs = plan.training.local_epochs if epochs is None else epochs
+    dataset = CaseDataset(data, segmentation=plan.is_segmentation, random_transform=random_transform)
+    loader = _loader(dataset, plan, seed)
+    model.train()
+    optimizer = make_optimizer(plan, model.parameters())
+    loss_fn = make_loss(plan)
+    engine = None
+    start = time.perf_counter()
+    if private:
+        from opacus import PrivacyEngine
+
+        if noise_multiplier is None:
+            noise_multiplier = plan_noise_multiplier(plan, len(data))
+        engine = PrivacyEngine(accountant=plan.privacy.accountant)
+        engine.accountant.history = [tuple(h) for h in history]
+        with warnings.catch_warnings():
+            # Opacus warns that secure_mode is off (CPU RNG): accepted for this toolkit's threat model.
+            warnings.simplefilter("ignore", UserWarning)
+            model, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=plan.privacy.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=grad_sample_mode(plan),
+            )
+    losses: list[float] = []
+    for epoch in range(epochs):
+        epoch_losses = []
+        for images, labels in loader:
+            if images.shape[0] == 0:  # Poisson sampling can draw an empty batch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(images), labels)
+            loss.backward()
+            optimizer.step()
+            epoch_losses.append(float(loss.detach()))
+        mean = float(np.mean(epoch_losses)) if epoch_losses else math.nan
+        losses.append(mean)
+        if on_epoch:
+            on_epoch(epoch + 1, mean)
+    seconds = time.perf_counter() - start
+    inner = model._module if engine is not None else model
+    state = {k: v.detach().clone() for k, v in inner.state_dict().items()}
+    report = None
+    if engine is not None:
+        steps_total = sum(int(h[2]) for h in engine.accountant.history)
+        report = PrivacyReport(
+            accountant=plan.privacy.accountant,
+            noise_multiplier=float(noise_multiplier),
+            max_grad_norm=plan.privacy.max_grad_norm,
+            sample_rate=sample_rate(plan, len(data)),
+            steps=steps_total - sum(int(h[2]) for h in history),
+            delta=plan.privacy.target_delta,
+            epsilon=float(engine.accountant.get_epsilon(delta=plan.privacy.target_delta)),
+        )
+    return TrainResult(state_dict=state, num_examples=len(data), train_loss=losses[-1] if losses else math.nan, seconds=seconds, privacy=report)

@@ -1,0 +1,188 @@
+"""The silo agent: a Flower ClientApp behind the hospital's SuperNode.
+
+Node config (``flower-supernode --node-config``): ``site-dir`` (required), ``threads``
+(optional torch thread count). Per train message: check the plan, read the site's registered
+dataset through MONAI, train with DP-SGD, record the spend in the privacy ledger (durably,
+before anything leaves), send back the weight delta, num-examples, allow-listed metrics and
+epsilon, and write what left into the local audit log. Refusals and failures become Flower
+error replies carrying a one-line reason and no PHI; details stay in the site's own log.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import traceback
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Error
+from flwr.clientapp import ClientApp
+
+from compliance import AuditLog, EventType
+from fedsilo import protocol as P
+from fedsilo.errors import ConfigError, FedsiloError, RefusalError
+from silo_agent.egress import check_arrays, check_metrics
+from silo_agent.site import Site
+
+app = ClientApp()
+log = logging.getLogger("fedsilo.silo")
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, "train")
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _handle(msg, context, "evaluate")
+
+
+def _handle(msg: Message, context: Context, kind: str) -> Message:
+    site_dir = context.node_config.get("site-dir")
+    try:
+        if not isinstance(site_dir, str) or not site_dir:
+            raise ConfigError("this SuperNode has no site-dir in its node config", fix="start it with --node-config \"site-dir='/path/to/site'\"")
+        site = Site.open(site_dir)
+    except FedsiloError as exc:
+        return Message(Error(P.ERR_BAD_INPUT, exc.one_line()), reply_to=msg)
+    _configure_logging(site.logs_dir)
+    _set_threads(context.node_config.get("threads"))
+    actor = {"kind": "silo", "id": site.site_id, "site": site.site_id}
+    with AuditLog.open(site.audit_dir) as audit:
+        run_id = str(msg.content[P.CONFIG].get(P.RUN_ID, "")) if P.CONFIG in msg.content else ""
+        round_ = int(msg.content[P.CONFIG].get(P.ROUND, 0)) if P.CONFIG in msg.content else 0
+        try:
+            handler = _train if kind == "train" else _evaluate
+            content = handler(msg, site, audit, actor)
+            return Message(content, reply_to=msg)
+        except FedsiloError as exc:
+            refused = isinstance(exc, RefusalError)
+            audit.append(EventType.PLAN_REFUSED if refused else EventType.RUN_FAILED, actor=actor, run_id=run_id or None,
+                         round=round_ or None, outcome="denied" if refused else "failure", reason=exc.one_line())
+            code = P.ERR_REFUSED if refused else P.ERR_BAD_INPUT
+            return Message(Error(code, f"{site.site_id}: {exc.one_line()}"), reply_to=msg)
+        except Exception as exc:  # noqa: BLE001 - a silo must answer, and must not leak details
+            # The local log gets the stack (code locations only); the message text may hold paths.
+            frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+            log.error("%s failed with %s at\n%s", kind, type(exc).__name__, frames)
+            audit.append(EventType.RUN_FAILED, actor=actor, run_id=run_id or None, round=round_ or None,
+                         outcome="failure", reason=f"internal error ({type(exc).__name__})")
+            return Message(Error(P.ERR_INTERNAL, f"{site.site_id}: internal error ({type(exc).__name__}); see the site's logs/silo.log"), reply_to=msg)
+
+
+def _configure_logging(logs_dir: Path) -> None:
+    if log.handlers:
+        return
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(logs_dir / "silo.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _set_threads(threads: object) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def _plan_from(msg: Message):
+    """Parse the plan sent with the message and check it is the one its hash names."""
+    from pipelines.plan import parse_plan_text
+
+    if P.CONFIG not in msg.content or P.ARRAYS not in msg.content:
+        raise RefusalError("message lacks the plan or the global model")
+    cfg = msg.content[P.CONFIG]
+    plan = parse_plan_text(str(cfg[P.PLAN_YAML]), source="the plan sent by the coordinator")
+    if plan.hash() != cfg[P.PLAN_HASH]:
+        raise RefusalError(f"plan hash mismatch: the plan text hashes to {plan.hash()[:12]}, the message names {str(cfg[P.PLAN_HASH])[:12]}")
+    return plan, str(cfg[P.RUN_ID]), int(cfg[P.ROUND])
+
+
+def _global_model(msg: Message, plan):
+    """Build the plan's network and load the global weights, refusing foreign tensors."""
+    from pipelines.networks import build_network
+    from pipelines.serialization import to_numpy
+
+    model = build_network(plan)
+    global_state = msg.content[P.ARRAYS].to_torch_state_dict()
+    reference = to_numpy(model.state_dict())
+    try:
+        check_arrays(to_numpy(global_state), reference)
+    except RefusalError as exc:
+        raise RefusalError(exc.message.replace("egress blocked: update", "global model:")) from None
+    model.load_state_dict(global_state)
+    return model, global_state
+
+
+def _load(site: Site, plan, split: str):
+    from pipelines.dataset import apply_transforms, load_split
+    from pipelines.transforms import split_transforms
+
+    entry = site.dataset(plan.data.dataset)
+    if entry.task != plan.task:
+        raise RefusalError(f"dataset '{entry.name}' is registered for {entry.task}, the plan trains {plan.task}")
+    data = load_split(entry.datalist, split, task=plan.task, num_classes=plan.data.num_classes,
+                      cache_dir=site.cache_dir if plan.data.cache else None)
+    deterministic, random = split_transforms(plan.data.transforms, segmentation=plan.is_segmentation)
+    data = apply_transforms(data, deterministic, segmentation=plan.is_segmentation)
+    return entry, data, random
+
+
+def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict:
+    from pipelines.serialization import l2_norm, state_digest, state_nbytes, to_numpy
+    from pipelines.training import train_local
+    from silo_agent.ledger import PrivacyLedger, Spend
+
+    plan, run_id, round_ = _plan_from(msg)
+    plan_hash = plan.hash()
+    audit.append(EventType.PLAN_RECEIVED, actor=actor, object={"type": "plan", "id": plan.name, "sha256": plan_hash}, run_id=run_id, round=round_)
+    entry, data, random = _load(site, plan, "training")
+    model, global_state = _global_model(msg, plan)
+    with PrivacyLedger.for_site(site.privacy_dir) as ledger:
+        if plan.privacy.enabled and ledger.has_spent(entry.name, run_id, round_):
+            raise RefusalError(f"round {round_} of run {run_id[:12]} already trained on dataset '{entry.name}' (replayed message)")
+        history = ledger.history(entry.name) if plan.privacy.enabled else []
+        audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
+                     run_id=run_id, round=round_, details={"cases": len(data), "split": "training"})
+        result = train_local(model, data, plan, history=history, random_transform=random, seed=secrets.randbits(62))
+        metrics: dict[str, float] = {P.NUM_EXAMPLES: result.num_examples, "train-loss": result.train_loss, "seconds": result.seconds}
+        if result.privacy is not None:
+            p = result.privacy
+            # Durable before the update leaves: a crash after this point over-counts, never under-counts.
+            ledger.record(Spend(dataset=entry.name, run_id=run_id, round=round_, plan_hash=plan_hash, accountant=p.accountant,
+                                noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate, steps=p.steps, delta=p.delta,
+                                epsilon_after=p.epsilon, history=(p.entry,)))
+            audit.append(EventType.DP_SPENT, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None}, run_id=run_id, round=round_,
+                         details={"mechanism": "DP-SGD (Gaussian)", "accountant": p.accountant, "noise_multiplier": p.noise_multiplier,
+                                  "max_grad_norm": p.max_grad_norm, "sample_rate": p.sample_rate, "steps": p.steps, "delta": p.delta,
+                                  "epsilon_cumulative": p.epsilon})
+            metrics.update({"epsilon": p.epsilon, "delta": p.delta, "noise-multiplier": p.noise_multiplier,
+                            "sample-rate": p.sample_rate, "steps": p.steps, "max-grad-norm": p.max_grad_norm})
+    delta = {name: result.state_dict[name] - global_state[name] for name in global_state}
+    delta_np = to_numpy(delta)
+    check_arrays(delta_np, to_numpy(global_state))
+    check_metrics(metrics)
+    audit.append(EventType.UPDATE_SENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(delta_np)},
+                 run_id=run_id, round=round_, details={"bytes": state_nbytes(delta_np), "l2_norm": l2_norm(delta_np), "num_examples": result.num_examples})
+    return RecordDict({
+        P.ARRAYS: ArrayRecord(delta),
+        P.METRICS: MetricRecord(metrics),
+        P.IDENTITY: ConfigRecord({P.SITE: site.site_id}),
+    })
+
+
+def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict:
+    from pipelines.metrics import evaluate as evaluate_model
+
+    plan, run_id, round_ = _plan_from(msg)
+    entry, data, _ = _load(site, plan, "test")
+    model, _ = _global_model(msg, plan)
+    metrics = evaluate_model(model, data, plan)
+    check_metrics(metrics)
+    audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
+                 run_id=run_id, round=round_, details={"cases": len(data), "split": "test", **{k: v for k, v in metrics.items() if k != P.NUM_EXAMPLES}})
+    return RecordDict({P.METRICS: MetricRecord(metrics), P.IDENTITY: ConfigRecord({P.SITE: site.site_id})})

@@ -1,0 +1,131 @@
+"""A hospital's site folder: its identity, registered datasets, and where it keeps state.
+
+Layout of SITE_DIR::
+
+    site.yaml        site id and registered datasets (name -> task, datalist)
+    audit/           the silo's local audit log (compliance.AuditLog)
+    privacy/         the privacy ledger (one accountant history per dataset)
+    cache/           decoded pixels (pipelines.dataset cache); pixels only, no headers
+    logs/
+
+Nothing here ever copies or rewrites the hospital's source images.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fedsilo.errors import ConfigError
+
+SITE_FILE = "site.yaml"
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+TASKS = ("seg3d", "seg2d", "cls3d", "cls2d")
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    task: str
+    datalist: Path
+
+
+@dataclass(frozen=True)
+class Site:
+    root: Path
+    site_id: str
+    datasets: dict[str, DatasetEntry]
+
+    @property
+    def audit_dir(self) -> Path:
+        return self.root / "audit"
+
+    @property
+    def privacy_dir(self) -> Path:
+        return self.root / "privacy"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def dataset(self, name: str) -> DatasetEntry:
+        try:
+            return self.datasets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.datasets)) or "none"
+            raise ConfigError(
+                f"site {self.site_id} has no dataset '{name}' (registered: {known})",
+                fix=f"register it: fedsilo silo dataset add {name} --site {self.root} --datalist PATH --task TASK",
+            ) from None
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Site":
+        root = Path(root)
+        path = root / SITE_FILE
+        if not path.is_file():
+            raise ConfigError(f"no site folder at {root} ({SITE_FILE} missing)", fix="create one with: fedsilo silo init SITE_DIR --site NAME")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"{path} is not valid YAML", fix="fix the file or create the site again with fedsilo silo init") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must be a mapping", fix="fix the file or create the site again with fedsilo silo init")
+        for key in raw:
+            if key not in ("site", "datasets"):
+                raise ConfigError(f"{path}: unknown key '{key}'", fix="use only 'site' and 'datasets'")
+        site_id = raw.get("site")
+        if not isinstance(site_id, str) or not NAME_RE.match(site_id):
+            raise ConfigError(f"{path}: 'site' must be a short lower-case name, got {site_id!r}", fix="use letters, digits and '-', e.g. hospital0")
+        datasets = {}
+        for name, entry in (raw.get("datasets") or {}).items():
+            if not isinstance(entry, dict) or set(entry) != {"task", "datalist"} or entry["task"] not in TASKS:
+                raise ConfigError(f"{path}: dataset '{name}' needs exactly 'task' ({'/'.join(TASKS)}) and 'datalist'", fix="register it again with fedsilo silo dataset add")
+            datalist = Path(entry["datalist"])
+            datasets[name] = DatasetEntry(name=name, task=entry["task"], datalist=datalist if datalist.is_absolute() else root / datalist)
+        return cls(root=root, site_id=site_id, datasets=datasets)
+
+
+def init_site(root: str | Path, site_id: str) -> Site:
+    """Create a site folder (refuses to overwrite another site's folder)."""
+    root = Path(root)
+    if not NAME_RE.match(site_id):
+        raise ConfigError(f"site name {site_id!r} is not allowed", fix="use lower-case letters, digits and '-', e.g. hospital0")
+    path = root / SITE_FILE
+    if path.exists():
+        existing = Site.open(root)
+        if existing.site_id != site_id:
+            raise ConfigError(f"{root} already belongs to site {existing.site_id}", fix="choose another folder")
+        return existing
+    for sub in ("audit", "privacy", "cache", "logs"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    _write(path, {"site": site_id, "datasets": {}})
+    return Site.open(root)
+
+
+def register_dataset(site: Site, name: str, *, task: str, datalist: Path) -> Site:
+    """Add or replace a dataset entry pointing at a datalist (foundation form of registration)."""
+    if not NAME_RE.match(name):
+        raise ConfigError(f"dataset name {name!r} is not allowed", fix="use lower-case letters, digits and '-'")
+    if task not in TASKS:
+        raise ConfigError(f"task '{task}' is not known", fix=f"use one of: {', '.join(TASKS)}")
+    if not datalist.is_file():
+        raise ConfigError(f"no datalist at {datalist}", fix="give the path of a MONAI datalist JSON")
+    raw = yaml.safe_load((site.root / SITE_FILE).read_text(encoding="utf-8")) or {}
+    raw.setdefault("datasets", {})[name] = {"task": task, "datalist": str(datalist.resolve())}
+    _write(site.root / SITE_FILE, raw)
+    return Site.open(site.root)
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,83 @@
+"""Plan schema: valid examples load; every defect names its key and the fix."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsilo.errors import ConfigError
+from pipelines.plan import load_plan, parse_plan, parse_plan_text
+
+PLANS = sorted(Path(__file__).resolve().parents[2].joinpath("configs", "plans").glob("*.yaml"))
+
+
+def base() -> dict:
+    return yaml.safe_load(next(p for p in PLANS if p.stem == "seg3d-unet-dp").read_text())
+
+
+@pytest.mark.parametrize("path", PLANS, ids=[p.stem for p in PLANS])
+def test_example_plans_are_valid(path):
+    plan = load_plan(path)
+    assert plan.name and len(plan.hash()) == 64
+
+
+def test_example_plans_cover_seg3d_seg2d_and_classification():
+    tasks = {load_plan(p).task for p in PLANS}
+    assert "seg3d" in tasks and "seg2d" in tasks and tasks & {"cls2d", "cls3d"}
+
+
+def test_hash_ignores_key_order_comments_and_whitespace():
+    raw = base()
+    text = yaml.safe_dump(raw, sort_keys=True)
+    reordered = "# a comment\n" + yaml.safe_dump(dict(reversed(list(raw.items()))), sort_keys=False, indent=4)
+    assert parse_plan_text(text).hash() == parse_plan_text(reordered).hash()
+
+
+def test_hash_changes_with_any_value():
+    raw = base()
+    h = parse_plan(raw).hash()
+    raw["training"]["local_epochs"] += 1
+    assert parse_plan(raw).hash() != h
+
+
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda r: r.update(colour="blue"), "colour"),
+        (lambda r: r["model"].update(network="ResNet50"), "model.network"),
+        (lambda r: r["privacy"].update(target_epsilon=0), "privacy.target_epsilon"),
+        (lambda r: r["privacy"].update(target_epsilon=-1.0), "privacy.target_epsilon"),
+        (lambda r: r["privacy"].update(target_delta=0.5), "privacy.target_delta"),
+        (lambda r: r["training"].update(batch_size="big"), "training.batch_size"),
+        (lambda r: r["training"].update(epochs=3), "training.epochs"),
+        (lambda r: r["federation"].update(rounds=0), "federation.rounds"),
+        (lambda r: r["federation"]["aggregation"].update(rule="mystery"), "federation.aggregation.rule"),
+        (lambda r: r["model"]["args"].update(channelz=[1]), "model.args.channelz"),
+        (lambda r: r["model"]["args"].update(act="$torch.nn.ReLU"), "model.args.act"),
+        (lambda r: r["data"].update(transforms=[{"name": "Exec"}]), "data.transforms[0].name"),
+        (lambda r: r.update(task="detection"), "task"),
+    ],
+)
+def test_defects_name_the_key_and_a_fix(mutate, key):
+    raw = base()
+    mutate(raw)
+    with pytest.raises(ConfigError) as err:
+        parse_plan(raw)
+    assert f"'{key}'" in err.value.one_line()
+    assert "fix:" in err.value.one_line()
+
+
+def test_classification_network_refused_for_segmentation():
+    raw = base()
+    raw["model"] = {"network": "DenseNet121"}
+    with pytest.raises(ConfigError, match="does not do seg3d"):
+        parse_plan(raw)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no plan file"):
+        load_plan(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n  task: [seg3d\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_plan(bad)
