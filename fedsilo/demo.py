@@ -157,6 +157,10 @@ def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any
         raise ConfigError(f"the demo registers dataset '{DATASET}', the plan trains on '{plan.data.dataset}'", fix=f"set data.dataset: {DATASET} in the plan")
     if opts.silos < plan.federation.min_silos:
         raise ConfigError(f"--silos {opts.silos} is below the plan's min_silos {plan.federation.min_silos}", fix=f"use --silos {plan.federation.min_silos} or more")
+    from fedsilo.processes import port_in_use
+
+    if opts.port and port_in_use(opts.port):
+        raise ConfigError(f"port {opts.port} is already in use", fix="choose another --port, or leave it out to use a free one")
     out = opts.out.resolve()
     prepare_run_folder(out)
     plan_path = out / "plan.yaml"

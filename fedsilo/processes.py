@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ def port_in_use(port: int, host: str = LOOPBACK) -> bool:
 def flower_env(flwr_home: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: home inside the run folder, no telemetry, no installs."""
     env = dict(os.environ if base is None else base)
+    # Flower starts its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH:
+    # put this environment's scripts first, also when fedsilo runs without an activated venv.
+    scripts = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([scripts, env.get("PATH", "")])
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",

@@ -102,7 +102,8 @@ def make_optimizer(plan: Plan, params) -> torch.optim.Optimizer:
 
 
 def sample_rate(plan: Plan, num_examples: int) -> float:
-    return min(1.0, plan.training.batch_size / num_examples)
+    """Poisson sampling rate as Opacus sets it: 1 / (batches per epoch of the plain loader)."""
+    return 1.0 / math.ceil(num_examples / plan.training.batch_size)
 
 
 def plan_noise_multiplier(plan: Plan, num_examples: int) -> float:

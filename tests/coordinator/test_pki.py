@@ -1,0 +1,32 @@
+"""Provisioned TLS material: SAN for loopback, CA chain, private keys 0600, OpenSSH node keys."""
+
+import ipaddress
+import stat
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from coordinator.pki import create_node_key, create_server_tls
+
+
+def test_server_certificate_is_signed_by_the_ca_for_loopback(tmp_path):
+    tls = create_server_tls(tmp_path)
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for key in (tls.key, tmp_path / "ca.key"):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_node_keys_are_openssh_ec_p384(tmp_path):
+    key = create_node_key(tmp_path, "hospital0")
+    private = load_ssh_private_key(key.private_key.read_bytes(), None)
+    public = load_ssh_public_key(key.public_key.read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+    assert private.public_key().public_numbers() == public.public_numbers()
+    assert stat.S_IMODE(key.private_key.stat().st_mode) == 0o600
+    assert key.fingerprint.startswith("SHA256:")

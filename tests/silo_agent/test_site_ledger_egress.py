@@ -1,0 +1,80 @@
+"""Site folder, privacy ledger and egress guard."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fedsilo.errors import ConfigError, RefusalError
+from pipelines.training import composed_epsilon
+from silo_agent.egress import check_arrays, check_metrics
+from silo_agent.ledger import PrivacyLedger, Spend
+from silo_agent.site import Site, init_site, register_dataset
+
+
+def test_site_init_register_and_reopen(tmp_path):
+    site = init_site(tmp_path / "s", "hospital0")
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": []}))
+    site = register_dataset(site, "ct", task="seg3d", datalist=datalist)
+    again = Site.open(tmp_path / "s")
+    assert again.site_id == "hospital0" and again.dataset("ct").datalist == datalist.resolve()
+    with pytest.raises(ConfigError, match="no dataset 'mr'.*registered: ct"):
+        again.dataset("mr")
+
+
+@pytest.mark.parametrize("name", ["Hospital 0", "../x", ""])
+def test_bad_site_names_refused(tmp_path, name):
+    with pytest.raises(ConfigError):
+        init_site(tmp_path / "s", name)
+
+
+def test_missing_site_folder_says_how_to_fix(tmp_path):
+    with pytest.raises(ConfigError, match="no site folder.*fedsilo silo init"):
+        Site.open(tmp_path / "nowhere")
+
+
+def test_site_folder_of_another_site_is_not_taken_over(tmp_path):
+    init_site(tmp_path / "s", "hospital0")
+    with pytest.raises(ConfigError, match="already belongs to site hospital0"):
+        init_site(tmp_path / "s", "hospital1")
+
+
+def spend(round_: int, nm: float = 1.1) -> Spend:
+    return Spend(dataset="ct", run_id="r1", round=round_, plan_hash="p" * 64, accountant="rdp", noise_multiplier=nm,
+                 sample_rate=0.1, steps=40, delta=1e-5, epsilon_after=0.0, history=((nm, 0.1, 40),))
+
+
+def test_ledger_is_durable_and_composes(tmp_path):
+    with PrivacyLedger.for_site(tmp_path) as ledger:
+        ledger.record(spend(1))
+        ledger.record(spend(2))
+        assert ledger.has_spent("ct", "r1", 2) and not ledger.has_spent("ct", "r1", 3)
+    with PrivacyLedger.for_site(tmp_path) as reopened:  # as after a silo restart
+        history = reopened.history("ct")
+    assert history == [(1.1, 0.1, 40), (1.1, 0.1, 40)]
+    one = composed_epsilon(history[:1], delta=1e-5, accountant="rdp")
+    two = composed_epsilon(history, delta=1e-5, accountant="rdp")
+    assert one < two < 2 * one  # RDP composition is tighter than adding epsilons
+
+
+def test_ledger_refuses_the_same_round_twice(tmp_path):
+    import sqlite3
+
+    with PrivacyLedger.for_site(tmp_path) as ledger:
+        ledger.record(spend(1))
+        with pytest.raises(sqlite3.IntegrityError):
+            ledger.record(spend(1))
+
+
+def test_egress_allows_only_the_models_tensors_and_listed_metrics():
+    ref = {"w": np.zeros((2, 2), np.float32)}
+    check_arrays({"w": np.ones((2, 2), np.float32)}, ref)
+    check_metrics({"num-examples": 10, "epsilon": 1.5})
+    for bad in ({"w": np.ones((3,), np.float32)}, {"w": np.ones((2, 2), np.float64)}, {"w": np.full((2, 2), np.nan, np.float32)},
+                {"w": np.ones((2, 2), np.float32), "extra": np.ones(1, np.float32)}):
+        with pytest.raises(RefusalError, match="egress blocked"):
+            check_arrays(bad, ref)
+    for bad in ({"patient-name": 1.0}, {"dice": float("inf")}, {"dice": "0.9"}):
+        with pytest.raises(RefusalError, match="egress blocked"):
+            check_metrics(bad)
