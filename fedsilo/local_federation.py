@@ -20,7 +20,7 @@ from typing import Any
 
 from coordinator.pki import create_node_key, create_server_tls
 from fedsilo.errors import ConfigError, DeploymentError
-from fedsilo.processes import LOOPBACK, ProcessSet, flower_env, free_port, port_in_use, run_command
+from fedsilo.processes import LOOPBACK, ManagedProcess, ProcessSet, flower_env, free_port, port_in_use, run_command
 
 LINK = "fedsilo"
 ROUNDS_FILE = "rounds.jsonl"
@@ -65,8 +65,15 @@ def write_flower_app(app_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class SiloSpec:
+    """One silo of a local federation.
+
+    ``register=False`` leaves its SuperNode key out of the SuperLink's list, as when a hospital's
+    enrolment was missed: the SuperLink refuses it, and the start must fail naming that silo.
+    """
+
     site: str
     site_dir: Path
+    register: bool = True
 
 
 class LocalFederation:
@@ -94,6 +101,7 @@ class LocalFederation:
         self.logs = root / "logs"
         self.flwr_home = root / "flwr"
         self.procs = ProcessSet(self.logs, flower_env(self.flwr_home / "cli"))
+        self.nodes: dict[str, ManagedProcess] = {}
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -124,7 +132,8 @@ class LocalFederation:
         cli_env = flower_env(self.flwr_home / "cli")
         for spec in self.silos:
             key = create_node_key(pki / "nodes", spec.site)
-            self._register(key.public_key, spec.site, cli_env)
+            if spec.register:
+                self._register(key.public_key, spec.site, cli_env)
             self.procs.env = flower_env(self.flwr_home / spec.site)
             node_port = free_port()
             node_config = f"site-dir='{spec.site_dir.resolve()}' threads={self.threads}"
@@ -134,7 +143,29 @@ class LocalFederation:
                 "--node-config", node_config,
             ])
             self.procs.wait_for_port(node, node_port)
+            self.nodes[spec.site] = node
         self.procs.env = cli_env
+        self._wait_online(cli_env)
+
+    def _wait_online(self, env: dict[str, str], timeout_s: float = 90.0) -> None:
+        """Wait until every silo's SuperNode has authenticated to the SuperLink.
+
+        A SuperNode that cannot join (an unregistered key is refused, exit 305) fails the start,
+        naming the silo, instead of leaving a federation with a silo missing.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for site, node in self.nodes.items():
+                if not node.alive():
+                    raise DeploymentError(f"silo {site} failed to start: its SuperNode exited with code {node.popen.returncode} ({node.log_tail(2)})",
+                                          fix=f"read {node.log_path}; check the silo's key is registered and its site folder is readable")
+            listing = json.loads(run_command([_bin("flwr"), "supernode", "ls", LINK, "--format", "json"], env=env, what="list silos") or "{}")
+            online = sum(1 for n in listing.get("nodes", []) if n.get("status") == "online")
+            if online >= len(self.nodes):
+                return
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"{online} of {len(self.nodes)} silos came online within {timeout_s:.0f} s", fix=f"read the supernode logs in {self.logs}")
+            time.sleep(1.0)
 
     def _register(self, public_key: Path, site: str, env: dict[str, str]) -> None:
         # The Control API may need a moment after the port opens: retry briefly.

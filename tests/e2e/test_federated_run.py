@@ -69,3 +69,19 @@ def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
             data = path.read_bytes()
             leaked = [v for v in phi if v.encode() in data]
             assert not leaked, f"{path} holds planted PHI"
+
+
+def test_a_silo_that_cannot_join_fails_the_start_and_nothing_is_left_running(tmp_path, make_sites):
+    from fedsilo.errors import DeploymentError
+
+    sites, _ = make_sites(tmp_path, [4, 4])
+    specs = [SiloSpec(sites[0].site_id, sites[0].root), SiloSpec(sites[1].site_id, sites[1].root, register=False)]
+    federation = LocalFederation(tmp_path, specs)
+    with pytest.raises(DeploymentError, match="silo hospital1 failed to start"):
+        with federation:
+            pass
+    assert federation.procs.processes, "the federation started nothing"
+    for proc in federation.procs.processes:
+        assert not proc.alive()
+        with pytest.raises(ProcessLookupError):
+            os.kill(proc.pid, 0)
