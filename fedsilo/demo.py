@@ -36,6 +36,7 @@ class DemoOptions:
     rounds: int | None = None
     baseline: bool = True
     port: int = 0
+    engine: str = "deployment"  # or "simulation" (Flower's simulation engine, optional extra)
 
 
 def prepare_run_folder(out: Path) -> None:
@@ -142,6 +143,7 @@ class RoundTable:
 def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the whole demo and return metrics.json's content."""
     from fedsilo.local_federation import LocalFederation, SiloSpec
+    from fedsilo.local_simulation import LocalSimulation
     from pipelines.plan import load_plan, parse_plan
 
     def say(text: str) -> None:
@@ -168,9 +170,14 @@ def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any
     say(f"fedsilo demo: plan '{plan.name}' ({plan.hash()[:12]}), {opts.silos} silos, {plan.federation.rounds} rounds, run folder {out}")
     sites = make_sites(out, plan.task, silos=opts.silos, sizes=opts.sizes, seed=opts.seed, say=say)
     metric = "dice" if plan.is_segmentation else "accuracy"
-    say("starting SuperLink (TLS, SuperNode authentication) and one SuperNode per silo on 127.0.0.1 ...")
     silos = [SiloSpec(site=s.site_id, site_dir=s.root) for s in sites]
-    with LocalFederation(out, silos, superlink_port=opts.port) as federation:
+    if opts.engine == "simulation":
+        say("starting Flower's simulation engine (one SuperLink, virtual SuperNodes; no network, so no TLS) ...")
+        runtime = LocalSimulation(out, silos, port=opts.port)
+    else:
+        say("starting SuperLink (TLS, SuperNode authentication) and one SuperNode per silo on 127.0.0.1 ...")
+        runtime = LocalFederation(out, silos, superlink_port=opts.port)
+    with runtime as federation:
         say(f"federation up on 127.0.0.1:{federation.port}; training with DP-SGD (target epsilon {plan.privacy.target_epsilon}, delta {plan.privacy.target_delta})")
         table = RoundTable([s.site_id for s in sites], metric, stream)
         federation.run_plan(plan_path, out, on_round=table.row)

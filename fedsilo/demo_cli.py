@@ -26,7 +26,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=0, help="SuperLink port on 127.0.0.1 (default: a free one)")
     p.add_argument("--no-baseline", action="store_true", help="skip the pooled (non-federated, non-DP) baseline")
-    p.add_argument("--engine", choices=("deployment",), default="deployment", help="Flower runtime (deployment: SuperLink + SuperNodes)")
+    p.add_argument("--engine", choices=("deployment", "simulation"), default="deployment",
+                   help="deployment: TLS SuperLink + one SuperNode per silo (default); simulation: Flower's simulation engine (extra 'simulation')")
     p.set_defaults(func=_run)
 
 
@@ -42,5 +43,5 @@ def _run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port} is not a TCP port", fix="use 1024..65535, or 0 for a free one")
     run_demo(DemoOptions(out=args.out, plan=args.plan or DEFAULT_PLAN, silos=args.silos, sizes=args.sizes, seed=args.seed,
-                         rounds=args.rounds, baseline=not args.no_baseline, port=args.port))
+                         rounds=args.rounds, baseline=not args.no_baseline, port=args.port, engine=args.engine))
     return 0

@@ -46,6 +46,7 @@ clientapp = "silo_agent.client_app:app"
 [tool.flwr.app.config]
 plan-path = ""
 out-dir = ""
+site-dirs = ""
 """
 
 
@@ -191,35 +192,47 @@ class LocalFederation:
     def run_plan(self, plan_path: Path, out_dir: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None,
                  timeout_s: float = 3600.0) -> None:
         """Submit the plan with ``flwr run --stream`` and follow its rounds until it ends."""
-        app_dir = write_flower_app(self.root / "flwr" / "app")
-        run_config = self.root / "flwr" / "run-config.toml"
-        run_config.write_text(f'plan-path = "{plan_path.resolve()}"\nout-dir = "{out_dir.resolve()}"\n', encoding="utf-8")
-        rounds_file = out_dir / "logs" / ROUNDS_FILE
-        rounds_file.unlink(missing_ok=True)
-        runner = self.procs.start("flwr-run", [_bin("flwr"), "run", str(app_dir), LINK, "--run-config", str(run_config), "--stream"])
-        seen, deadline = 0, time.monotonic() + timeout_s
-        while True:
-            rows = _read_rows(rounds_file)
-            for row in rows[seen:]:
-                if row.get("event") == "round" and on_round:
-                    on_round(row)
-                if row.get("event") == "failed":
-                    raise DeploymentError(f"the run failed: {row.get('reason')}", fix=f"read {out_dir / 'audit'} with fedsilo audit show, and {self.logs}")
-                if row.get("event") == "finished":
-                    runner.stop(grace_s=5.0)
-                    return
-            seen = len(rows)
-            self.procs.check_alive()
-            if not runner.alive():
-                # flwr run returned: the run ended; give the last rows a moment to land.
-                time.sleep(0.5)
-                if _read_rows(rounds_file)[seen:]:
-                    continue
-                raise DeploymentError(f"the run ended without finishing (flwr run exit {runner.popen.returncode}): {runner.log_tail()}",
-                                      fix=f"read {runner.log_path} and {self.logs}")
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"the run did not finish within {timeout_s:.0f} s", fix=f"read {self.logs}")
+        submit_and_follow(self.procs, self.root, plan_path, out_dir, LINK, on_round=on_round, timeout_s=timeout_s)
+
+
+def submit_and_follow(procs: ProcessSet, root: Path, plan_path: Path, out_dir: Path, link: str, *,
+                      run_config_extra: dict[str, str] | None = None, flwr_args: Sequence[str] = (),
+                      on_round: Callable[[dict[str, Any]], None] | None = None, timeout_s: float = 3600.0) -> None:
+    """``flwr run`` the fedsilo app on ``link`` and follow the ServerApp's round rows until the run ends.
+
+    The ServerApp appends one JSON row per round to ``out_dir/logs/rounds.jsonl``; each is passed to
+    ``on_round``. A failed run, a dead process or the timeout raise DeploymentError.
+    """
+    app_dir = write_flower_app(root / "flwr" / "app")
+    run_config = root / "flwr" / "run-config.toml"
+    values = {"plan-path": str(plan_path.resolve()), "out-dir": str(out_dir.resolve()), **(run_config_extra or {})}
+    run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
+    rounds_file = out_dir / "logs" / ROUNDS_FILE
+    rounds_file.unlink(missing_ok=True)
+    runner = procs.start("flwr-run", [_bin("flwr"), "run", str(app_dir), link, "--run-config", str(run_config), "--stream", *flwr_args])
+    seen, deadline = 0, time.monotonic() + timeout_s
+    while True:
+        rows = _read_rows(rounds_file)
+        for row in rows[seen:]:
+            if row.get("event") == "round" and on_round:
+                on_round(row)
+            if row.get("event") == "failed":
+                raise DeploymentError(f"the run failed: {row.get('reason')}", fix=f"read {out_dir / 'audit'} with fedsilo audit show, and {procs.logs_dir}")
+            if row.get("event") == "finished":
+                runner.stop(grace_s=5.0)
+                return
+        seen = len(rows)
+        procs.check_alive()
+        if not runner.alive():
+            # flwr run returned: the run ended; give the last rows a moment to land.
             time.sleep(0.5)
+            if _read_rows(rounds_file)[seen:]:
+                continue
+            raise DeploymentError(f"the run ended without finishing (flwr run exit {runner.popen.returncode}): {runner.log_tail()}",
+                                  fix=f"read {runner.log_path} and {procs.logs_dir}")
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"the run did not finish within {timeout_s:.0f} s", fix=f"read {procs.logs_dir}")
+        time.sleep(0.5)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

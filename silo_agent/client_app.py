@@ -11,6 +11,7 @@ error replies carrying a one-line reason and no PHI; details stay in the site's 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import traceback
 from pathlib import Path
@@ -39,8 +40,20 @@ def evaluate(msg: Message, context: Context) -> Message:
     return _handle(msg, context, "evaluate")
 
 
+def _site_dir(context: Context) -> object:
+    """The node's site folder: node config ``site-dir`` (deployment), or in Flower's simulation
+    engine the ``partition-id``-th entry of the run config's ``site-dirs`` (os.pathsep-separated)."""
+    if "site-dir" in context.node_config:
+        return context.node_config["site-dir"]
+    partition = context.node_config.get("partition-id")
+    site_dirs = [d for d in str(context.run_config.get("site-dirs", "")).split(os.pathsep) if d]
+    if isinstance(partition, int) and 0 <= partition < len(site_dirs):
+        return site_dirs[partition]
+    return None
+
+
 def _handle(msg: Message, context: Context, kind: str) -> Message:
-    site_dir = context.node_config.get("site-dir")
+    site_dir = _site_dir(context)
     try:
         if not isinstance(site_dir, str) or not site_dir:
             raise ConfigError("this SuperNode has no site-dir in its node config", fix="start it with --node-config \"site-dir='/path/to/site'\"")
