@@ -197,7 +197,7 @@ class FederatedRun:
 def summarize(state: RunState) -> dict[str, Any]:
     """metrics.json: every round's per-site figures and the final ones."""
     rounds = [{"round": r["round"], "replied": r["replied"], "seconds": r["seconds"],
-               "sites": {s: {k: v for k, v in m.items()} for s, m in sorted(r["sites"].items())}} for r in state.rounds]
+               "sites": dict(sorted(r["sites"].items()))} for r in state.rounds]
     final: dict[str, Any] = {}
     if rounds:
         last = rounds[-1]["sites"]

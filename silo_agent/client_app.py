@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 
 from compliance import AuditLog, EventType
 from fedsilo import protocol as P
-from fedsilo.errors import ConfigError, FedsiloError, RefusalError
+from fedsilo.errors import ConfigError, DataError, FedsiloError, RefusalError
 from silo_agent.egress import check_arrays, check_metrics
 from silo_agent.site import Site
 
@@ -64,18 +64,21 @@ def _handle(msg: Message, context: Context, kind: str) -> Message:
     _set_threads(context.node_config.get("threads"))
     actor = {"kind": "silo", "id": site.site_id, "site": site.site_id}
     with AuditLog.open(site.audit_dir) as audit:
-        run_id = str(msg.content[P.CONFIG].get(P.RUN_ID, "")) if P.CONFIG in msg.content else ""
-        round_ = int(msg.content[P.CONFIG].get(P.ROUND, 0)) if P.CONFIG in msg.content else 0
+        run_id, round_ = _run_and_round(msg)
         try:
             handler = _train if kind == "train" else _evaluate
             content = handler(msg, site, audit, actor)
             return Message(content, reply_to=msg)
         except FedsiloError as exc:
             refused = isinstance(exc, RefusalError)
+            # Data errors name local files, and hospital paths can carry patient names: the full text
+            # stays in the site's own log; the audit record and the reply get the kind of error only.
+            reason = "the site's data cannot be used for this plan (see the site's logs/silo.log)" if isinstance(exc, DataError) else exc.one_line()
+            log.error("%s refused: %s", kind, exc.one_line())
             audit.append(EventType.PLAN_REFUSED if refused else EventType.RUN_FAILED, actor=actor, run_id=run_id or None,
-                         round=round_ or None, outcome="denied" if refused else "failure", reason=exc.one_line())
+                         round=round_ or None, outcome="denied" if refused else "failure", reason=reason)
             code = P.ERR_REFUSED if refused else P.ERR_BAD_INPUT
-            return Message(Error(code, f"{site.site_id}: {exc.one_line()}"), reply_to=msg)
+            return Message(Error(code, f"{site.site_id}: {reason}"), reply_to=msg)
         except Exception as exc:  # noqa: BLE001 - a silo must answer, and must not leak details
             # The local log gets the stack (code locations only); the message text may hold paths.
             frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
@@ -85,11 +88,25 @@ def _handle(msg: Message, context: Context, kind: str) -> Message:
             return Message(Error(P.ERR_INTERNAL, f"{site.site_id}: internal error ({type(exc).__name__}); see the site's logs/silo.log"), reply_to=msg)
 
 
+def _run_and_round(msg: Message) -> tuple[str, int]:
+    """The run id and round a message names, for audit records ("" and 0 when absent or malformed)."""
+    try:
+        cfg = msg.content[P.CONFIG]
+        return str(cfg.get(P.RUN_ID, ""))[:64], int(cfg.get(P.ROUND, 0))
+    except (KeyError, TypeError, ValueError):
+        return "", 0
+
+
 def _configure_logging(logs_dir: Path) -> None:
-    if log.handlers:
+    """Log to this site's logs/silo.log (one process may serve several sites in simulation)."""
+    path = str((logs_dir / "silo.log").resolve())
+    if any(getattr(h, "baseFilename", None) == path for h in log.handlers):
         return
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
     logs_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs_dir / "silo.log")
+    handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -153,8 +170,8 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     plan, run_id, round_ = _plan_from(msg)
     plan_hash = plan.hash()
     audit.append(EventType.PLAN_RECEIVED, actor=actor, object={"type": "plan", "id": plan.name, "sha256": plan_hash}, run_id=run_id, round=round_)
+    model, global_state = _global_model(msg, plan)  # refuse a foreign model before reading any data
     entry, data, random = _load(site, plan, "training")
-    model, global_state = _global_model(msg, plan)
     with PrivacyLedger.for_site(site.privacy_dir) as ledger:
         if plan.privacy.enabled and ledger.has_spent(entry.name, run_id, round_):
             raise RefusalError(f"round {round_} of run {run_id[:12]} already trained on dataset '{entry.name}' (replayed message)")
@@ -192,8 +209,8 @@ def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordD
     from pipelines.metrics import evaluate as evaluate_model
 
     plan, run_id, round_ = _plan_from(msg)
-    entry, data, _ = _load(site, plan, "test")
     model, _ = _global_model(msg, plan)
+    entry, data, _ = _load(site, plan, "test")
     metrics = evaluate_model(model, data, plan)
     check_metrics(metrics)
     audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},

@@ -62,10 +62,12 @@ def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
         assert [r["round"] for r in spends] == [1, 2]
     assert sent == received
 
-    # No PHI planted in the DICOM headers appears in anything the coordinator or the silos wrote.
+    # No PHI planted in the DICOM headers appears in anything the coordinator, the silos (site folders,
+    # pixel cache, audit logs, ledgers) or the Flower processes (logs, state databases) wrote.
     phi = {v for silo in synthetic for v in silo.planted_phi if len(v) >= 4}
-    for path in list(out.rglob("*")) + [p for s in sites for p in s.root.rglob("*") if "cache" not in p.parts]:
-        if path.is_file():
+    source_data = tmp_path / "data"
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and source_data not in path.parents:
             data = path.read_bytes()
             leaked = [v for v in phi if v.encode() in data]
             assert not leaked, f"{path} holds planted PHI"
