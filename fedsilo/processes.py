@@ -78,9 +78,20 @@ class ManagedProcess:
         return " | ".join(line.strip() for line in text[-lines:])
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM the process group by PID, then SIGKILL if it has not exited."""
+        """SIGTERM the process group by PID, then SIGKILL if it has not exited; then its descendants.
+
+        Flower's SuperLink and SuperNode start helpers in new sessions (SuperExec, which starts the
+        ServerApp and ClientApps); those outlive a killed process group, so they are collected
+        before the parent stops and stopped by PID after it.
+        """
         if self.popen.poll() is not None:
             return
+        descendants = descendant_pids(self.pid)
+        self._signal_group(grace_s)
+        for pid in descendants:
+            _stop_pid(pid)
+
+    def _signal_group(self, grace_s: float) -> None:
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:
                 os.killpg(self.pid, sig)
@@ -91,6 +102,49 @@ class ManagedProcess:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """All processes below ``pid`` (children first), from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Field 4 is the parent PID; the command name in field 2 may hold spaces, so split after ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _stop_pid(pid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM, wait, then SIGKILL one process by PID (reaping is its parent's job)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            if not _running(pid):
+                return
+            time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited; only its parent can reap it
 
 
 class ProcessSet:
@@ -140,14 +194,17 @@ class ProcessSet:
             proc.stop()
 
     def __enter__(self) -> "ProcessSet":
-        self._old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        # Ctrl-C and SIGTERM both unwind through __exit__, which stops every child. SIGINT is set
+        # explicitly: a parent that started us in the background may have left it ignored.
+        self._old = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def __exit__(self, *exc: object) -> None:
         try:
             self.stop_all()
         finally:
-            signal.signal(signal.SIGTERM, self._old)
+            for sig, handler in self._old.items():
+                signal.signal(sig, handler)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,32 @@ def test_a_silo_that_cannot_join_fails_the_start_and_nothing_is_left_running(tmp
         assert not proc.alive()
         with pytest.raises(ProcessLookupError):
             os.kill(proc.pid, 0)
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupting_the_demo_stops_every_process_it_started(tmp_path, sig):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    demo = subprocess.Popen([sys.executable, "-m", "fedsilo.cli", "demo", "--out", str(out), "--sizes", "6,6", "--silos", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    for line in demo.stdout:
+        if "federation up" in line or time.monotonic() > deadline:
+            break
+    demo.send_signal(getattr(signal, sig))
+    assert demo.wait(timeout=60) == 130
+    # No process of this run is left: the SuperLink, SuperNodes and every ServerApp/ClientApp they
+    # spawned carry FLWR_HOME inside the run folder in their environment.
+    leftovers = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if str(out).encode() in (proc / "environ").read_bytes() + (proc / "cmdline").read_bytes():
+                    leftovers.append(proc.name)
+            except OSError:
+                continue
+    assert not leftovers
