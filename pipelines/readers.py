@@ -30,23 +30,28 @@ def reader_name(path: Path) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _loader(reader: str):
-    from monai.transforms import LoadImage
+    """LoadImaged + EnsureChannelFirstd for one reader (built once per process)."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
     # MONAI's DICOM reader offers a GPU decoder plugin and warns on every read when CUDA is absent.
     logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    return LoadImage(reader=reader, image_only=True)
+    return Compose([LoadImaged(keys="image", reader=reader, image_only=True), EnsureChannelFirstd(keys="image")])
+
+
+@functools.lru_cache(maxsize=None)
+def _orient(spatial_dims: int):
+    from monai.transforms import Orientationd
+
+    return Orientationd(keys="image", axcodes="RAS"[:spatial_dims])
 
 
 def _load(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(channel-first RAS array, 4x4 affine)."""
-    from monai.transforms import EnsureChannelFirst, Orientation
-
     if not path.exists():
         raise DataError(f"{path}: file or folder not found", fix="check the datalist paths and that the data drive is mounted")
     try:
-        img = _loader(reader_name(path))(str(path))
-        img = EnsureChannelFirst()(img)
-        img = Orientation(axcodes="RAS" if img.ndim == 4 else "RA")(img)
+        item = _loader(reader_name(path))({"image": str(path)})
+        img = _orient(min(item["image"].ndim - 1, 3))(item)["image"]
     except DataError:
         raise
     except Exception as exc:  # MONAI wraps reader failures in many types; report the kind, not header values

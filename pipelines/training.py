@@ -204,6 +204,8 @@ def train_local(
                 grad_sample_mode=grad_sample_mode(plan),
             )
     losses: list[float] = []
+    # The first layer's input needs no gradient; PyTorch says so on every backward hook. Harmless.
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     for epoch in range(epochs):
         epoch_losses = []
         for images, labels in loader:

@@ -29,9 +29,15 @@ def test_open_creates_the_folder_and_database(tmp_path: Path) -> None:
         assert len(log) == 0 and log.head() is None
     with sqlite3.connect(path / DB_NAME) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
-        columns = [(name, kind, notnull, pk) for _, name, kind, notnull, _, pk in conn.execute("PRAGMA table_info(records)")]
-    assert columns == [("seq", "INTEGER", 0, 1), ("leaf", "BLOB", 1, 0), ("hash", "TEXT", 1, 0)]
+        assert conn.execute("PRAGMA user_version").fetchone() == (2,)
+
+        def columns(table: str) -> list[tuple]:
+            return [(name, kind, notnull, pk) for _, name, kind, notnull, _, pk in conn.execute(f"PRAGMA table_info({table})")]
+
+        assert columns("records") == [("seq", "INTEGER", 0, 1), ("leaf", "BLOB", 1, 0), ("hash", "TEXT", 1, 0)]
+        assert columns("checkpoints") == [("size", "INTEGER", 0, 1), ("root", "BLOB", 1, 0), ("note", "BLOB", 1, 0)]
+        origin = conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()[0]
+    assert origin.startswith("fedsilo-audit/") and len(origin) == len("fedsilo-audit/") + 32
 
 
 @pytest.mark.parametrize("kwargs", [{"create": False}, {"read_only": True}])
@@ -53,7 +59,7 @@ def test_a_database_of_another_layout_is_refused(tmp_path: Path) -> None:
     (tmp_path / "audit").mkdir()
     with sqlite3.connect(tmp_path / "audit" / DB_NAME) as conn:
         conn.execute("PRAGMA user_version=7")
-    with pytest.raises(ConfigError, match="layout version 7; this fedsilo reads version 1"):
+    with pytest.raises(ConfigError, match="layout version 7; this fedsilo reads versions 1, 2"):
         AuditLog.open(tmp_path / "audit")
 
 

@@ -1,5 +1,7 @@
 """Every allow-listed network trains under DP-SGD; accounting carries across rounds."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -80,3 +82,16 @@ def test_non_private_training_reports_no_privacy_and_evaluates():
     assert result.privacy is None
     metrics = evaluate(model, data("seg2d"), plan)
     assert set(metrics) == {"num-examples", "loss", "dice"} and 0.0 <= metrics["dice"] <= 1.0
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs" / "plans").glob("*.yaml")), ids=lambda p: p.stem)
+def test_each_example_plan_trains_at_its_demo_data_size(path):
+    from pipelines.plan import load_plan
+    from pipelines.synthetic import DEFAULT_SIZE
+
+    plan = load_plan(path)
+    size = DEFAULT_SIZE[plan.task]
+    images = np.random.RandomState(0).rand(6, 1, *(size,) * plan.spatial_dims).astype(np.float32)
+    labels = (images > 0.5).astype(np.float32) if plan.is_segmentation else (np.arange(6) % 2).astype(np.int64)
+    result = train_local(build_network(plan, seed=0), CaseArrays(images, labels), plan, epochs=1, seed=0)
+    assert result.privacy is not None and 0 < result.privacy.epsilon
