@@ -7,6 +7,11 @@ everywhere. Values are limited to I-JSON (RFC 7493): strings, finite numbers, in
 - Objects: keys sorted by their UTF-16 code units (RFC 8785 section 3.2.3), no whitespace.
 - Strings: ECMAScript ``JSON.stringify`` escaping (section 3.2.2.2), output as UTF-8.
 - Numbers: ECMAScript ``Number.prototype.toString`` (section 3.2.2.3); NaN and Infinity are refused.
+
+Speed: most values (plain dicts, lists, strings, safe integers, and floats that ``repr`` already writes the
+ECMAScript way) are written by the standard library's C encoder, whose output is then byte-identical to
+RFC 8785 (sorted keys, the same string escapes); everything else takes the pure-Python writer below, which
+is also the one that explains errors. ``tests/compliance/test_canonical.py`` checks that both agree.
 """
 
 from __future__ import annotations
@@ -32,6 +37,16 @@ def canonical_json(obj: Any) -> bytes:
         ConfigError: a value is not I-JSON (NaN, Infinity, bytes, a large integer, a non-string key,
             a lone surrogate, ...); the message names the key path, e.g. ``details.loss``.
     """
+    if _plain(obj):
+        try:
+            return _c_encode(obj).encode("utf-8")
+        except (UnicodeEncodeError, ValueError, TypeError):
+            pass  # a lone surrogate, say: the writer below names the path
+    return _canonical_slow(obj)
+
+
+def _canonical_slow(obj: Any) -> bytes:
+    """The reference writer (pure Python): every value, and the error messages."""
     parts: list[str] = []
     _write(obj, "$", parts)
     return "".join(parts).encode("utf-8")
@@ -89,6 +104,34 @@ def format_number(value: float) -> str:
     sign = "+" if n > 0 else "-"
     head = digits if k == 1 else f"{digits[0]}.{digits[1:]}"
     return f"{head}e{sign}{abs(n - 1)}"
+
+
+# The C encoder matches RFC 8785 for the values _plain accepts: keys sorted by code point (equal to UTF-16 order
+# when no key holds a character beyond U+FFFF), the JSON.stringify string escapes (\b \t \n \f \r \" \\ and
+# \u00xx in lowercase for other control characters), int via int.__repr__ and float via float.__repr__.
+_c_encode = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _plain(value: Any) -> bool:
+    """True when the C encoder writes ``value`` exactly as RFC 8785 does (exact built-in types only)."""
+    t = type(value)
+    if t is str or value is None or t is bool:
+        return True
+    if t is int:
+        return -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER
+    if t is float:
+        # repr and ECMAScript print the same shortest digits; they differ in layout only for integral values
+        # ("1.0" vs "1"), -0.0, and exponent forms, which repr uses below 1e-4 and from 1e16 (JS: 1e-6, 1e21).
+        text = float.__repr__(value)
+        return math.isfinite(value) and "e" not in text and not text.endswith(".0")
+    if t is dict:
+        for key, item in value.items():
+            if type(key) is not str or (not key.isascii() and max(key) > "\uffff") or not _plain(item):
+                return False
+        return True
+    if t is list or t is tuple:
+        return all(_plain(item) for item in value)
+    return False
 
 
 def _write(value: Any, path: str, out: list[str]) -> None:

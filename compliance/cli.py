@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
+from compliance import merkle
 from compliance.audit_log import AuditLog
-from compliance.verify import verify_log
+from compliance.verify import VerifyResult, verify_log
+from fedsilo.errors import ConfigError
 
 SHOW_COLUMNS = ("seq", "time", "event", "actor", "round", "outcome")
 
@@ -14,8 +17,17 @@ SHOW_COLUMNS = ("seq", "time", "event", "actor", "round", "outcome")
 def add_commands(sub) -> None:
     audit = sub.add_parser("audit", help="audit log: verify, show, export")
     asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True, parser_class=type(audit))
-    p = asub.add_parser("verify", help="check every record and the hash chain; exit 1 at the first broken record")
+    p = asub.add_parser("verify", help="check every record, the Merkle tree, checkpoints and witnesses' copies; "
+                                       "exit 1 at the first problem")
     p.add_argument("path", type=Path, help="the log's folder, e.g. runs/demo/audit")
+    p.add_argument("--keys", type=Path, metavar="DIR",
+                   help="folder of trusted .vkey files (the log's key, witness keys); checks checkpoint signatures")
+    p.add_argument("--witness", type=Path, action="append", default=[], metavar="SITE_AUDIT_DIR",
+                   help="a silo's audit folder holding its witness state; repeat for each silo")
+    p.add_argument("--inclusion", type=_natural, metavar="SEQ",
+                   help="print and check the inclusion proof of record SEQ in the whole tree")
+    p.add_argument("--consistency", type=_natural, nargs=2, metavar=("OLD", "NEW"),
+                   help="print and check the consistency proof between tree sizes OLD and NEW")
     p.set_defaults(func=_verify)
     p = asub.add_parser("show", help="list the records (not verified: run 'verify' for that)")
     p.add_argument("path", type=Path, help="the log's folder, e.g. runs/demo/audit")
@@ -29,9 +41,54 @@ def add_commands(sub) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    result = verify_log(args.path)
-    print(f"OK: {result.records} records intact, head {result.head[:12]}")
+    result = verify_log(args.path, keys=args.keys, witnesses=args.witness)
+    print(f"OK: {result.records} records intact, head {result.head[:12]}, root {result.root[:12]}")
+    _print_anchors(result)
+    for warning in result.warnings:
+        print(f"fedsilo: warning: {warning}", file=sys.stderr)
+    if args.inclusion is not None or args.consistency is not None:
+        with AuditLog.open(args.path, read_only=True) as log:
+            hashes = log.leaf_hashes(result.records)
+        if args.inclusion is not None:
+            _inclusion(args.inclusion, hashes)
+        if args.consistency is not None:
+            _consistency(*args.consistency, hashes)
     return 0
+
+
+def _print_anchors(result: VerifyResult) -> None:
+    if result.checkpoints:
+        how = "signatures verified" if result.signatures_checked else "signatures NOT checked"
+        print(f"checkpoints: {result.checkpoints} match the records ({how}); anchored up to size {result.anchored}")
+    for w in result.witnesses:
+        how = "cosignatures verified" if w.cosignatures_checked else "cosignatures NOT checked"
+        print(f"witness {w.folder}: {w.checkpoints} checkpoints consistent, latest size {w.latest} ({how})")
+
+
+def _inclusion(seq: int, hashes: list[bytes]) -> None:
+    size = len(hashes)
+    if seq >= size:
+        raise ConfigError(f"--inclusion {seq}: the log has {size} records (seq 0..{size - 1})")
+    root = merkle.root(hashes)
+    proof = merkle.inclusion_proof(seq, hashes)
+    print(f"inclusion of seq {seq} in tree size {size}, root {root.hex()}")
+    print(f"leaf hash {hashes[seq].hex()}")
+    for i, h in enumerate(proof):
+        print(f"  {i}: {h.hex()}")
+    merkle.verify_inclusion(seq, size, hashes[seq], proof, root)
+    print(f"inclusion proof OK ({len(proof)} hashes)")
+
+
+def _consistency(old: int, new: int, hashes: list[bytes]) -> None:
+    if not 0 <= old <= new <= len(hashes):
+        raise ConfigError(f"--consistency {old} {new}: need 0 <= OLD <= NEW <= {len(hashes)} (the log's size)")
+    old_root, new_root = merkle.root(hashes[:old]), merkle.root(hashes[:new])
+    proof = merkle.consistency_proof(old, new, hashes)
+    print(f"consistency from size {old} (root {old_root.hex()}) to size {new} (root {new_root.hex()})")
+    for i, h in enumerate(proof):
+        print(f"  {i}: {h.hex()}")
+    merkle.verify_consistency(old, new, old_root, new_root, proof)
+    print(f"consistency proof OK ({len(proof)} hashes)")
 
 
 def _show(args: argparse.Namespace) -> int:
@@ -68,4 +125,14 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
+    return value
+
+
+def _natural(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, not {text!r}")
     return value

@@ -27,6 +27,7 @@ ACTOR_FIELDS = ("kind", "id", "site")
 OBJECT_FIELDS = ("type", "id", "sha256")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -72,11 +73,15 @@ def utc_now() -> str:
 
 def parse_time(text: str) -> datetime:
     """Parse a record time; only the exact record format is accepted (RFC 3339, microseconds, "Z")."""
-    try:
-        moment = datetime.strptime(text, TIME_FORMAT).replace(tzinfo=timezone.utc)
-    except (TypeError, ValueError):
-        moment = None
-    if moment is None or format_time(moment) != text:
+    # The regex fixes the layout (what strptime plus a round trip used to check, ten times faster);
+    # fromisoformat checks the ranges (month 1-12, day of that month, hour 0-23, ...).
+    moment = None
+    if isinstance(text, str) and _TIME.fullmatch(text):
+        try:
+            moment = datetime.fromisoformat(text[:-1]).replace(tzinfo=timezone.utc)
+        except ValueError:
+            moment = None
+    if moment is None:
         raise ConfigError(f"record field 'time' is {text!r}, not UTC RFC 3339 like '2025-03-01T09:30:00.000000Z'")
     return moment
 

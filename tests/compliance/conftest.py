@@ -1,4 +1,4 @@
-"""Shared fixtures: real SQLite audit logs in tmp_path."""
+"""Shared fixtures: real SQLite audit logs in tmp_path, and Ed25519 keys for the log and two witnesses."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from compliance import AuditLog, EventType
+from compliance import AuditLog, Signer, generate_signer
 
-COORDINATOR = {"kind": "coordinator", "id": "coordinator", "site": None}
+from audit_helpers import COORDINATOR, LOG_KEY, WITNESS_KEYS, append_rounds
 
 
 @pytest.fixture
@@ -24,12 +24,40 @@ def make_log(tmp_path: Path) -> Callable[[int], Path]:
     def make(n: int, folder: str = "run/audit") -> Path:
         path = tmp_path / folder
         with AuditLog.open(path) as log:
-            for i in range(n):
-                if i == 0:
-                    log.append(EventType.RUN_STARTED, actor=COORDINATOR, run_id="run-1",
-                               object={"type": "plan", "id": "demo", "sha256": "ab" * 32})
-                else:
-                    log.append(EventType.ROUND_STARTED, actor=COORDINATOR, run_id="run-1", round=i, details={"nodes": 3})
+            append_rounds(log, 0, n)
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def key_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the log's key and two witness keys (private .key and public .vkey files)."""
+    folder = tmp_path_factory.mktemp("keys")
+    generate_signer(folder, LOG_KEY, role="log")
+    for name in WITNESS_KEYS:
+        generate_signer(folder, name, role="witness")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trusted_dir(key_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Only the public .vkey files: what a compliance officer is handed."""
+    folder = tmp_path_factory.mktemp("trusted")
+    for vkey in key_dir.glob("*.vkey"):
+        (folder / vkey.name).write_bytes(vkey.read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def log_signer(key_dir: Path) -> Signer:
+    from compliance import load_signer
+
+    return load_signer(key_dir, LOG_KEY)
+
+
+@pytest.fixture(scope="session")
+def witness_signers(key_dir: Path) -> tuple[Signer, Signer]:
+    from compliance import load_signer
+
+    return load_signer(key_dir, WITNESS_KEYS[0]), load_signer(key_dir, WITNESS_KEYS[1])
