@@ -51,6 +51,8 @@ class EventType:
     DP_SPENT = "dp.spent"
     NODE_STARTED = "node.started"
     VERIFICATION_RUN = "verification.run"
+    CHECKPOINT_SIGNED = "checkpoint.signed"
+    CHECKPOINT_COSIGNED = "checkpoint.cosigned"
 
 
 EVENT_TYPES = frozenset(value for name, value in vars(EventType).items() if name.isupper())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ from typing import Any
 import numpy as np
 
 from compliance import AuditLog, EventType
+from compliance.checkpoint import Signer, VerifierKey, verify_checkpoint
 from coordinator.aggregation import build_rule
 from coordinator.validation import UpdateRejected, validate_reply
 from fedsilo import protocol as P
-from fedsilo.errors import DeploymentError, FedsiloError
+from fedsilo.errors import DeploymentError, FedsiloError, VerificationError
 from pipelines.plan import Plan
 from pipelines.serialization import l2_norm, save_model, state_digest, state_nbytes
 
@@ -55,9 +57,12 @@ class FederatedRun:
         out_dir: the run folder (audit/, logs/, model.safetensors, metrics.json, plan.yaml).
         run_id: Flower's run id.
         initial: the initial global model (name -> array), built from the plan.
+        signer: the coordinator's checkpoint key; without it the audit log is not signed or witnessed.
+        witness_keys: the silos' witness keys, to check their cosignatures before keeping them.
     """
 
-    def __init__(self, grid, plan: Plan, plan_text: str, out_dir: Path, run_id: str, initial: dict[str, np.ndarray]) -> None:
+    def __init__(self, grid, plan: Plan, plan_text: str, out_dir: Path, run_id: str, initial: dict[str, np.ndarray], *,
+                 signer: Signer | None = None, witness_keys: Sequence[VerifierKey] = ()) -> None:
         self.grid = grid
         self.plan = plan
         self.plan_text = plan_text
@@ -69,7 +74,13 @@ class FederatedRun:
         self.state = RunState(plan_hash=self.plan_hash, run_id=run_id)
         self.actor = {"kind": "coordinator", "id": "coordinator", "site": None}
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.audit = AuditLog.open(out_dir / "audit")
+        # One origin per run: witnesses keep one history per origin (RFC 9162 log identity).
+        self.audit = AuditLog.open(out_dir / "audit", origin=f"fedsilo.coordinator/{run_id}", signer=signer)
+        self.signer = signer
+        self.trusted = ([signer.verifier] if signer else []) + list(witness_keys)
+        self.node_site: dict[int, str] = {}
+        self.witnessed_size: dict[str, int] = {}  # site -> size of the last checkpoint it cosigned
+        self.checkpoint_size = 0
 
     # --- messages ---------------------------------------------------------------------
 
@@ -81,12 +92,49 @@ class FederatedRun:
         config = ConfigRecord({P.PLAN_YAML: self.plan_text, P.PLAN_HASH: self.plan_hash, P.RUN_ID: self.run_id, P.ROUND: round_})
         return RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
 
-    def _send(self, nodes: list[int], round_: int, message_type: str) -> list:
+    def _send(self, nodes: list[int], round_: int, message_type: str, note: bytes | None = None) -> list:
         from flwr.app import Message
 
-        content = self._content(round_)
-        messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in nodes]
+        messages = []
+        for node in nodes:
+            content = self._content(round_)
+            if note is not None and node in self.node_site:
+                content[P.WITNESS] = self._witness_request(self.node_site[node], note)
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return list(self.grid.send_and_receive(messages, timeout=self.plan.federation.round_timeout_s))
+
+    # --- signed checkpoints, witnessed by the silos -----------------------------------
+
+    def _sign_checkpoint(self, round_: int | None) -> bytes | None:
+        """Sign a checkpoint over the whole log, this event's own record included."""
+        if self.signer is None:
+            return None
+        size = len(self.audit) + 1
+        self.audit.append(EventType.CHECKPOINT_SIGNED, actor=self.actor, object={"type": "checkpoint", "id": f"{self.audit.origin}/{size}", "sha256": None},
+                          run_id=self.run_id, round=round_, details={"size": size, "key": self.signer.name})
+        note = self.audit.sign_checkpoint()
+        self.checkpoint_size = size
+        return note
+
+    def _witness_request(self, site: str, note: bytes):
+        from flwr.app import ConfigRecord
+
+        old = self.witnessed_size.get(site, 0)
+        proof = self.audit.consistency_proof(old, self.checkpoint_size) if old else []
+        return ConfigRecord({P.CHECKPOINT: note, P.PROOF: [bytes(h) for h in proof], P.OLD_SIZE: old})
+
+    def _keep_cosignature(self, site: str, node: int, cosigned: bytes, round_: int) -> None:
+        """Check a silo's cosignature against its provisioned witness key, then keep it with the checkpoint."""
+        try:
+            verified = verify_checkpoint(cosigned, self.trusted, origin=self.audit.origin, min_cosignatures=1)
+        except VerificationError as exc:
+            self.audit.append(EventType.CHECKPOINT_COSIGNED, actor=self.actor, run_id=self.run_id, round=round_, outcome="failure",
+                              reason=f"cosignature of {site} does not verify: {exc.one_line()}"[:300], details={"site": site})
+            return
+        self.audit.store_cosigned(cosigned)
+        self.witnessed_size[site] = verified.checkpoint.size
+        self.audit.append(EventType.CHECKPOINT_COSIGNED, actor=self.actor, object={"type": "checkpoint", "id": f"{self.audit.origin}/{verified.checkpoint.size}",
+                          "sha256": verified.checkpoint.root.hex()}, run_id=self.run_id, round=round_, details={"site": site, "node": str(node)})
 
     def _wait_for_silos(self) -> list[int]:
         need = self.plan.federation.min_silos
@@ -120,6 +168,7 @@ class FederatedRun:
                 self.audit.append(EventType.UPDATE_REJECTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
                                   run_id=self.run_id, round=round_, outcome="denied", reason=exc.code, details={"message": exc.message})
                 continue
+            self.node_site[node] = update.site
             digest = state_digest(update.delta)
             self.audit.append(EventType.UPDATE_RECEIVED, actor=self.actor, object={"type": "update", "id": f"{update.site}/{round_}", "sha256": digest},
                               run_id=self.run_id, round=round_,
@@ -141,11 +190,19 @@ class FederatedRun:
                           details={"rule": self.rule.name, "server_lr": lr, "inputs": [d for _, d in valid], "aggregate_sha256": state_digest(aggregate)})
         return sites, len(valid)
 
-    def _evaluate_round(self, round_: int, nodes: list[int], sites: dict[str, dict[str, Any]]) -> None:
-        for reply in self._send(nodes, round_, "evaluate"):
-            if reply.has_error() or P.IDENTITY not in reply.content or P.METRICS not in reply.content:
+    def _evaluate_round(self, round_: int, nodes: list[int], sites: dict[str, dict[str, Any]], note: bytes | None) -> None:
+        for reply in self._send(nodes, round_, "evaluate", note):
+            if reply.has_error():
+                node = reply.metadata.src_node_id
+                self.audit.append(EventType.CHECKPOINT_COSIGNED if note else EventType.RUN_FAILED, actor=self.actor, run_id=self.run_id,
+                                  round=round_, outcome="failure", reason=(reply.error.reason or "no reason given")[:300],
+                                  details={"site": self.node_site.get(node), "node": str(node), "phase": "evaluate"})
+                continue
+            if P.IDENTITY not in reply.content or P.METRICS not in reply.content:
                 continue
             site = reply.content[P.IDENTITY].get(P.SITE)
+            if note is not None and P.WITNESS in reply.content and site == self.node_site.get(reply.metadata.src_node_id):
+                self._keep_cosignature(str(site), reply.metadata.src_node_id, bytes(reply.content[P.WITNESS][P.COSIGNED]), round_)
             metrics = {k: float(v) for k, v in dict(reply.content[P.METRICS]).items() if isinstance(v, (int, float))}
             entry = sites.setdefault(str(site), {})
             for key in ("dice", "accuracy", "auc", "loss"):
@@ -166,7 +223,8 @@ class FederatedRun:
                 nodes = self._wait_for_silos()
                 self.audit.append(EventType.ROUND_STARTED, actor=self.actor, run_id=self.run_id, round=round_, details={"nodes": len(nodes)})
                 sites, n_valid = self._train_round(round_, nodes)
-                self._evaluate_round(round_, nodes, sites)
+                note = self._sign_checkpoint(round_)
+                self._evaluate_round(round_, nodes, sites, note)
                 row = {"round": round_, "replied": n_valid, "silos": len(nodes), "seconds": round(time.perf_counter() - start, 2), "sites": sites}
                 self.state.rounds.append(row)
                 self._checkpoint(row)
@@ -178,6 +236,7 @@ class FederatedRun:
             raise
         self.audit.append(EventType.MODEL_EXPORTED, actor=self.actor, object={"type": "model", "id": "model.safetensors", "sha256": state_digest(self.global_state)}, run_id=self.run_id)
         self.audit.append(EventType.RUN_FINISHED, actor=self.actor, run_id=self.run_id, details={"rounds": len(self.state.rounds)})
+        self._sign_checkpoint(None)  # anchors the run's last records
         self._progress({"event": "finished"})
         self.audit.close()
         return self.state

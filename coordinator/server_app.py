@@ -38,8 +38,25 @@ def main(grid: Grid, context: Context) -> None:
         plan_text = plan_path.read_text(encoding="utf-8")
         plan = parse_plan_text(plan_text, source=str(plan_path))
         initial = to_numpy(build_network(plan, seed=plan.training.seed).state_dict())
-        FederatedRun(grid, plan, plan_text, out_dir, str(context.run_id), initial).execute()
+        signer, witness_keys = _audit_keys(cfg)
+        FederatedRun(grid, plan, plan_text, out_dir, str(context.run_id), initial, signer=signer, witness_keys=witness_keys).execute()
     except FedsiloError as exc:
         # The ServerApp's exit is reported by Flower; the reason goes to its log in one line.
         log.error("fedsilo: error: %s", exc.one_line())
         raise SystemExit(exc.exit_code) from None
+
+
+def _audit_keys(cfg) -> tuple:
+    """The coordinator's checkpoint key (run config ``audit-key-dir``) and the silos' witness keys
+    (``witness-keys-dir``). Without a key the log is still hash-chained but not signed or witnessed."""
+    from compliance.keys import load_signer, load_verifier_keys
+    from fedsilo.protocol import COORDINATOR_LOG_KEY
+
+    key_dir = str(cfg.get("audit-key-dir", ""))
+    if not key_dir:
+        log.warning("fedsilo: no audit-key-dir in the run config: checkpoints will not be signed or witnessed")
+        return None, ()
+    signer = load_signer(key_dir, COORDINATOR_LOG_KEY)
+    witness_dir = str(cfg.get("witness-keys-dir", ""))
+    witness_keys = load_verifier_keys(witness_dir) if witness_dir and any(Path(witness_dir).glob("*.vkey")) else ()
+    return signer, witness_keys

@@ -190,6 +190,7 @@ def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any
     metrics["seconds_total"] = round(time.perf_counter() - t0, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     _summary(metrics, metric, say)
+    say(f"verify the audit trail: {verify_hint(out, sites)}")
     return metrics
 
 
@@ -208,3 +209,9 @@ def _summary(metrics: dict[str, Any], metric: str, say: Callable[[str], None]) -
     say(f"{'mean':>12}  {mean if mean is not None else float('nan'):>20.3f}  {max(eps.values(), default=0.0):>8.2f}  "
         f"{'-' if base_mean is None else format(base_mean, '.3f'):>21}")
     say(f"done in {metrics['seconds_total']:.0f} s")
+
+
+def verify_hint(out: Path, sites: list[Any]) -> str:
+    """The command a compliance officer runs to check this run's audit trail."""
+    witnesses = " ".join(f"--witness {s.audit_dir}" for s in sites)
+    return f"fedsilo audit verify {out / 'audit'} --keys {out / 'pki' / 'audit-trust'} {witnesses}"

@@ -47,7 +47,34 @@ clientapp = "silo_agent.client_app:app"
 plan-path = ""
 out-dir = ""
 site-dirs = ""
+audit-key-dir = ""
+witness-keys-dir = ""
 """
+
+
+def provision_audit_keys(root: Path, silos: Sequence["SiloSpec"]) -> dict[str, str]:
+    """The coordinator's checkpoint key, trusted by every silo; the silos' witness keys, known to the coordinator.
+
+    ``pki/audit/`` holds the coordinator's key pair; ``pki/audit-trust/`` every public key (the
+    coordinator's and each silo's witness key): what ``fedsilo audit verify --keys`` needs.
+    Returns the run-config entries that tell the ServerApp where the keys are.
+    """
+    from compliance.keys import generate_signer
+    from fedsilo.protocol import COORDINATOR_LOG_KEY
+    from silo_agent.witnessing import ensure_witness_key, trust_coordinator, witness_key_name
+
+    audit_keys = root / "pki" / "audit"
+    witness_keys = root / "pki" / "audit-trust"
+    witness_keys.mkdir(parents=True, exist_ok=True)
+    generate_signer(audit_keys, COORDINATOR_LOG_KEY, role="log")
+    vkey = audit_keys / f"{COORDINATOR_LOG_KEY}.vkey"
+    shutil.copyfile(vkey, witness_keys / vkey.name)
+    for spec in silos:
+        ensure_witness_key(spec.site_dir, spec.site)
+        trust_coordinator(spec.site_dir, vkey)
+        name = witness_key_name(spec.site)
+        shutil.copyfile(spec.site_dir / "keys" / f"{name}.vkey", witness_keys / f"{name}.vkey")
+    return {"audit-key-dir": str(audit_keys.resolve()), "witness-keys-dir": str(witness_keys.resolve())}
 
 
 def _bin(name: str) -> str:
@@ -121,6 +148,7 @@ class LocalFederation:
     def _start(self) -> None:
         pki = self.root / "pki"
         tls = create_server_tls(pki)
+        self.audit_config = provision_audit_keys(self.root, self.silos)
         self._write_cli_config(tls.ca_cert)
         link_env = flower_env(self.flwr_home / "superlink")
         self.procs.env = link_env
@@ -192,7 +220,8 @@ class LocalFederation:
     def run_plan(self, plan_path: Path, out_dir: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None,
                  timeout_s: float = 3600.0) -> None:
         """Submit the plan with ``flwr run --stream`` and follow its rounds until it ends."""
-        submit_and_follow(self.procs, self.root, plan_path, out_dir, LINK, on_round=on_round, timeout_s=timeout_s)
+        submit_and_follow(self.procs, self.root, plan_path, out_dir, LINK, run_config_extra=self.audit_config,
+                          on_round=on_round, timeout_s=timeout_s)
 
 
 def submit_and_follow(procs: ProcessSet, root: Path, plan_path: Path, out_dir: Path, link: str, *,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.errors import ConfigError
-from fedsilo.local_federation import SiloSpec, _bin, submit_and_follow
+from fedsilo.local_federation import SiloSpec, _bin, provision_audit_keys, submit_and_follow
 from fedsilo.processes import LOOPBACK, ProcessSet, flower_env, free_port
 
 LINK = "fedsilo-sim"
@@ -71,5 +71,6 @@ class LocalSimulation:
     def run_plan(self, plan_path: Path, out_dir: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None,
                  timeout_s: float = 3600.0) -> None:
         site_dirs = os.pathsep.join(str(s.site_dir.resolve()) for s in self.silos)
-        submit_and_follow(self.procs, self.root, plan_path, out_dir, LINK, run_config_extra={"site-dirs": site_dirs},
+        extra = {"site-dirs": site_dirs, **provision_audit_keys(self.root, self.silos)}
+        submit_and_follow(self.procs, self.root, plan_path, out_dir, LINK, run_config_extra=extra,
                           flwr_args=["--federation-config", f"num-supernodes={len(self.silos)}"], on_round=on_round, timeout_s=timeout_s)

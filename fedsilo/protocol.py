@@ -7,12 +7,18 @@ ARRAYS = "arrays"  # ArrayRecord: global weights (to silos) or the weight delta 
 CONFIG = "config"  # ConfigRecord to silos: PLAN_YAML, PLAN_HASH, RUN_ID, ROUND
 METRICS = "metrics"  # MetricRecord from silos: numeric, allow-listed keys only
 IDENTITY = "identity"  # ConfigRecord from silos: SITE only
+WITNESS = "witness"  # ConfigRecord to silos: CHECKPOINT, PROOF, OLD_SIZE; from silos: COSIGNED
 
 PLAN_YAML = "plan-yaml"
 PLAN_HASH = "plan-hash"
 RUN_ID = "run-id"
 ROUND = "round"
 SITE = "site"
+CHECKPOINT = "checkpoint"  # a signed checkpoint note (bytes, C2SP tlog-checkpoint)
+PROOF = "proof"  # RFC 9162 consistency proof: list of 32-byte hashes
+OLD_SIZE = "old-size"  # the size the proof starts from (the last checkpoint this silo cosigned)
+COSIGNED = "cosigned"  # the checkpoint note with the silo's cosignature added
+COORDINATOR_LOG_KEY = "fedsilo-coordinator"  # name of the coordinator's checkpoint key
 NUM_EXAMPLES = "num-examples"
 
 # Error codes of refusal replies (Flower Error.code); the reason is a one-line message.

@@ -215,4 +215,29 @@ def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordD
     check_metrics(metrics)
     audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
                  run_id=run_id, round=round_, details={"cases": len(data), "split": "test", **{k: v for k, v in metrics.items() if k != P.NUM_EXAMPLES}})
-    return RecordDict({P.METRICS: MetricRecord(metrics), P.IDENTITY: ConfigRecord({P.SITE: site.site_id})})
+    content = RecordDict({P.METRICS: MetricRecord(metrics), P.IDENTITY: ConfigRecord({P.SITE: site.site_id})})
+    if P.WITNESS in msg.content:
+        content[P.WITNESS] = ConfigRecord({P.COSIGNED: _witness(msg.content[P.WITNESS], site, audit, actor, run_id, round_)})
+    return content
+
+
+def _witness(record: ConfigRecord, site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int) -> bytes:
+    """Cosign the coordinator's checkpoint if it extends the one this silo cosigned before."""
+    from compliance.checkpoint import parse_checkpoint, parse_note
+    from fedsilo.errors import VerificationError
+    from silo_agent.witnessing import check_cosigned, open_witness
+
+    witness = open_witness(site.root, site.site_id, site.audit_dir)
+    if witness is None:
+        raise RefusalError("asked to witness a checkpoint, but the site trusts no coordinator key",
+                           fix=f"install the coordinator's .vkey in {site.root / 'trust'}")
+    note = bytes(record[P.CHECKPOINT])
+    try:
+        cosigned = witness.cosign(note, [bytes(h) for h in record.get(P.PROOF, [])], old_size=int(record[P.OLD_SIZE]))
+    except VerificationError as exc:  # audited by _handle as a refusal, with this reason
+        raise RefusalError(f"witness refused the coordinator's checkpoint: {exc.one_line()}") from None
+    check_cosigned(note, cosigned)
+    checkpoint = parse_checkpoint(parse_note(note).text)
+    audit.append(EventType.CHECKPOINT_COSIGNED, actor=actor, object={"type": "checkpoint", "id": f"{checkpoint.origin}/{checkpoint.size}",
+                 "sha256": checkpoint.root.hex()}, run_id=run_id, round=round_, details={"size": checkpoint.size})
+    return cosigned

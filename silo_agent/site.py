@@ -3,7 +3,9 @@
 Layout of SITE_DIR::
 
     site.yaml        site id and registered datasets (name -> task, datalist)
-    audit/           the silo's local audit log (compliance.AuditLog)
+    audit/           the silo's local audit log (compliance.AuditLog) and its witness state
+    keys/            the silo's witness key (private, never leaves the site)
+    trust/           public checkpoint keys (.vkey) of the coordinators the silo trusts
     privacy/         the privacy ledger (one accountant history per dataset)
     cache/           decoded pixels (pipelines.dataset cache); pixels only, no headers
     logs/
@@ -104,8 +106,11 @@ def init_site(root: str | Path, site_id: str) -> Site:
         if existing.site_id != site_id:
             raise ConfigError(f"{root} already belongs to site {existing.site_id}", fix="choose another folder")
         return existing
-    for sub in ("audit", "privacy", "cache", "logs"):
+    from silo_agent.witnessing import ensure_witness_key
+
+    for sub in ("audit", "privacy", "cache", "logs", "trust"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    ensure_witness_key(root, site_id)
     _write(path, {"site": site_id, "datasets": {}})
     return Site.open(root)
 

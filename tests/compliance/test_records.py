@@ -42,16 +42,16 @@ def test_defaults_time_now_fresh_event_id_and_actor_site() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", a["time"])
 
 
-def test_the_sixteen_event_types() -> None:
+def test_the_eighteen_event_types() -> None:
     assert EVENT_TYPES == {
         "run.started", "run.finished", "run.failed", "round.started", "round.finished", "update.received",
         "update.rejected", "aggregate.computed", "model.exported", "plan.received", "plan.refused", "dataset.used",
-        "dp.spent", "update.sent", "node.started", "verification.run",
+        "dp.spent", "update.sent", "node.started", "verification.run", "checkpoint.signed", "checkpoint.cosigned",
     }
 
 
 def test_unknown_event_type_lists_the_valid_ones() -> None:
-    with pytest.raises(ConfigError, match=r"unknown event type 'run\.paused'; valid: aggregate\.computed, dataset\.used"):
+    with pytest.raises(ConfigError, match=r"unknown event type 'run\.paused'; valid: aggregate\.computed, checkpoint\.cosigned"):
         _record(event="run.paused")
 
 

@@ -51,8 +51,14 @@ def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
     state = load_model(out / "model.safetensors")
     assert set(state) == set(build_network(plan).state_dict())
 
-    # Both sides' audit logs verify, and every update a silo sent is the one the coordinator received.
-    verify_log(out / "audit")
+    # The coordinator's log verifies against its key, with every silo as a witness: a checkpoint signed at
+    # each round end and cosigned by both silos, and one at run end that anchors the tail.
+    result = verify_log(out / "audit", keys=tmp_path / "pki" / "audit-trust", witnesses=[s.audit_dir for s in sites])
+    assert result.signatures_checked and result.unanchored == 0
+    assert len(result.witnesses) == 2
+    cosigned = _events(out / "audit", "checkpoint.cosigned")
+    assert len([e for e in cosigned if e["outcome"] == "success"]) == 4  # 2 silos x 2 rounds
+    # Every update a silo sent is the one the coordinator received.
     received = {(r["round"], r["object"]["sha256"]) for r in _events(out / "audit", "update.received")}
     assert len(received) == 4
     sent = set()
