@@ -1,4 +1,4 @@
-"""``fedsilo audit``: the compliance officer's commands (verify, show, export)."""
+"""``fedsilo audit``: the compliance officer's commands (verify, show, export, report)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from compliance import merkle
 from compliance.audit_log import AuditLog
+from compliance.report import build_report, write_csv
 from compliance.verify import VerifyResult, verify_log
 from fedsilo.errors import ConfigError
 
@@ -38,6 +39,18 @@ def add_commands(sub) -> None:
     p.add_argument("path", type=Path, help="the log's folder, e.g. runs/demo/audit")
     p.add_argument("--out", type=Path, required=True, metavar="FILE.jsonl")
     p.set_defaults(func=_export)
+    p = asub.add_parser("report", help="write the review report (one self-contained HTML file): verdict, runs, "
+                                       "sites per round, rejected updates, privacy, security events; exit 1 if "
+                                       "the log is not intact (the report is still written)")
+    p.add_argument("path", type=Path, help="the log's folder, e.g. runs/demo/audit")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.html")
+    p.add_argument("--keys", type=Path, metavar="DIR", help="folder of trusted .vkey files; checks checkpoint signatures")
+    p.add_argument("--witness", type=Path, action="append", default=[], metavar="SITE_AUDIT_DIR",
+                   help="a silo's audit folder holding its witness state; repeat for each silo")
+    p.add_argument("--sites-root", type=Path, metavar="DIR",
+                   help="folder of site folders, each with audit/ (e.g. runs/demo/sites): privacy spent per dataset")
+    p.add_argument("--csv", type=Path, metavar="FILE.csv", help="also write one CSV row per record (for a SIEM)")
+    p.set_defaults(func=_report)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -108,6 +121,23 @@ def _export(args: argparse.Namespace) -> int:
     with AuditLog.open(args.path, read_only=True) as log:
         count = log.export_jsonl(args.out)
     print(f"exported {count} records to {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    for out in (args.out, args.csv):
+        if out is not None and not out.parent.is_dir():
+            raise ConfigError(f"cannot write {out}: folder {out.parent} does not exist", fix="create it first")
+    report = build_report(args.path, keys=args.keys, witnesses=args.witness, sites_root=args.sites_root)
+    args.out.write_text(report.html, encoding="utf-8")
+    print(f"{report.verdict}: report of {report.records} records written to {args.out}")
+    if args.csv is not None:
+        print(f"exported {write_csv(args.path, args.csv)} records to {args.csv}")
+    for warning in report.warnings:
+        print(f"fedsilo: warning: {warning}", file=sys.stderr)
+    if not report.verified:
+        print(f"fedsilo: error: {report.message}", file=sys.stderr)
+        return 1
     return 0
 
 
