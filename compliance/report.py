@@ -286,8 +286,8 @@ _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Arial,sans-serif;margin:2em auto;max-width:1100px;color:#222;
 line-height:1.4;padding:0 1em}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #bbb;padding:.3em .6em;text-align:left;
-vertical-align:top}th{background:#eee}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em;max-width:100%}th,td{border:1px solid #bbb;padding:.3em .6em;text-align:left;
+vertical-align:top}td{overflow-wrap:anywhere;min-width:5.5em}th{background:#eee}
 td.hash{word-break:break-all;min-width:10em;font-family:monospace}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .verdict{border:3px solid;padding:1em 1.4em;margin:1em 0;border-radius:6px}
 .verdict.intact{border-color:#2a7d2a;background:#eaf6ea}.verdict.tampered{border-color:#b00020;background:#fdecee}
