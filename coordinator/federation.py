@@ -168,6 +168,10 @@ class FederatedRun:
                 self.audit.append(EventType.UPDATE_REJECTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
                                   run_id=self.run_id, round=round_, outcome="denied", reason=exc.code, details={"message": exc.message})
                 continue
+            if self.node_site.get(node) != update.site:
+                # First reply of an authenticated SuperNode (the SuperLink checked its key): record who it is.
+                self.audit.append(EventType.NODE_STARTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
+                                  run_id=self.run_id, round=round_, details={"site": update.site, "authenticated": "supernode key (Flower node auth)"})
             self.node_site[node] = update.site
             digest = state_digest(update.delta)
             self.audit.append(EventType.UPDATE_RECEIVED, actor=self.actor, object={"type": "update", "id": f"{update.site}/{round_}", "sha256": digest},
