@@ -84,20 +84,16 @@ class FederatedRun:
 
     # --- messages ---------------------------------------------------------------------
 
-    def _content(self, round_: int):
+    def _send(self, nodes: list[int], round_: int, message_type: str, note: bytes | None = None) -> list:
+        """Send the global model and the plan to ``nodes``; the model is serialized once for all of them."""
         import torch
-        from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
         arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.global_state.items()})
         config = ConfigRecord({P.PLAN_YAML: self.plan_text, P.PLAN_HASH: self.plan_hash, P.RUN_ID: self.run_id, P.ROUND: round_})
-        return RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
-
-    def _send(self, nodes: list[int], round_: int, message_type: str, note: bytes | None = None) -> list:
-        from flwr.app import Message
-
         messages = []
         for node in nodes:
-            content = self._content(round_)
+            content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
             if note is not None and node in self.node_site:
                 content[P.WITNESS] = self._witness_request(self.node_site[node], note)
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))

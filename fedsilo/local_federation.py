@@ -150,30 +150,26 @@ class LocalFederation:
         tls = create_server_tls(pki)
         self.audit_config = provision_audit_keys(self.root, self.silos)
         self._write_cli_config(tls.ca_cert)
-        link_env = flower_env(self.flwr_home / "superlink")
-        self.procs.env = link_env
         superlink = self.procs.start("superlink", [
             _bin("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
             "--enable-supernode-auth", "--host", LOOPBACK, "--port", str(self.port), "--database", str(self.root / "flwr" / "superlink-state.db"),
             "--disable-runtime-dependency-installation",
-        ])
+        ], env=flower_env(self.flwr_home / "superlink"))
         self.procs.wait_for_port(superlink, self.port)
-        cli_env = flower_env(self.flwr_home / "cli")
+        cli_env = self.procs.env  # the flwr CLI's home holds the connection config
         for spec in self.silos:
             key = create_node_key(pki / "nodes", spec.site)
             if spec.register:
                 self._register(key.public_key, spec.site, cli_env)
-            self.procs.env = flower_env(self.flwr_home / spec.site)
             node_port = free_port()
             node_config = f"site-dir='{spec.site_dir.resolve()}' threads={self.threads}"
             node = self.procs.start(f"supernode-{spec.site}", [
                 _bin("flower-supernode"), "--root-certificates", str(tls.ca_cert), "--superlink", f"{LOOPBACK}:{self.port}",
                 "--auth-supernode-private-key", str(key.private_key), "--host", LOOPBACK, "--port", str(node_port),
                 "--node-config", node_config,
-            ])
+            ], env=flower_env(self.flwr_home / spec.site))
             self.procs.wait_for_port(node, node_port)
             self.nodes[spec.site] = node
-        self.procs.env = cli_env
         self._wait_online(cli_env)
 
     def _wait_online(self, env: dict[str, str], timeout_s: float = 90.0) -> None:

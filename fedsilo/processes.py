@@ -156,12 +156,13 @@ class ProcessSet:
         self.processes: list[ManagedProcess] = []
         logs_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None) -> ManagedProcess:
+    def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> ManagedProcess:
+        """Start ``argv`` in its own session, output to logs/NAME.log, with ``env`` (default: the set's)."""
         log_path = self.logs_dir / f"{name}.log"
         log_file = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         try:
             popen = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self.env, cwd=cwd, start_new_session=True)
+                                     env=dict(env) if env is not None else self.env, cwd=cwd, start_new_session=True)
         except FileNotFoundError:
             raise DeploymentError(f"cannot start {name}: {argv[0]} not found", fix="run 'make venv' (or activate .venv) so Flower's commands are on PATH") from None
         finally:

@@ -27,6 +27,9 @@ from pipelines.dataset import CaseArrays
 from pipelines.networks import grad_sample_mode
 from pipelines.plan import Plan
 
+# The first layer's input needs no gradient; PyTorch says so on every Opacus backward hook. Harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
 # One accountant step record: (noise_multiplier, sample_rate, steps), Opacus' own history format.
 HistoryEntry = tuple[float, float, int]
 
@@ -204,8 +207,6 @@ def train_local(
                 grad_sample_mode=grad_sample_mode(plan),
             )
     losses: list[float] = []
-    # The first layer's input needs no gradient; PyTorch says so on every backward hook. Harmless.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     for epoch in range(epochs):
         epoch_losses = []
         for images, labels in loader:
