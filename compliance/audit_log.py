@@ -36,7 +36,7 @@ from compliance import merkle
 from compliance.canonical import canonical_json
 from compliance.checkpoint import KEY_TYPE_NOTE, Checkpoint, Signer, parse_checkpoint, parse_note
 from compliance.checkpoint import sign_checkpoint as sign_checkpoint_note
-from compliance.records import GENESIS_PREV, chain_hash, make_record, utc_now
+from compliance.records import GENESIS_PREV, chain_hash, default_source, make_record, utc_now
 from fedsilo.errors import ConfigError, VerificationError
 
 DB_NAME = "audit.sqlite"
@@ -103,7 +103,7 @@ class AuditLog:
 
     @classmethod
     def open(cls, path: str | Path, *, create: bool = True, read_only: bool = False, origin: str | None = None,
-             signer: Signer | None = None, checkpoint_every: int | None = None) -> AuditLog:
+             signer: Signer | None = None, checkpoint_every: int | None = None, source: str | None = None) -> AuditLog:
         """Open the log in folder ``path``, creating folder and database when ``create`` is true.
 
         Args:
@@ -116,6 +116,7 @@ class AuditLog:
             signer: the log's checkpoint key (role "log"); the default for :meth:`sign_checkpoint`.
             checkpoint_every: with ``signer``, sign a checkpoint whenever the log reaches a multiple of this
                 many records, in the same transaction as the record that reaches it.
+            source: the component writing (e.g. "coordinator"); records carry ``<source>@<host> fedsilo/<version>``.
 
         Raises:
             ConfigError: the log does not exist (and ``create`` is false), ``path`` is a file, the database is
@@ -144,6 +145,7 @@ class AuditLog:
         conn = sqlite3.connect(target, uri=read_only, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         log = cls(folder, conn, read_only=read_only)
         log._signer, log._every = signer, checkpoint_every
+        log._source = default_source(source or "fedsilo")
         try:
             log._prepare(origin)
         except sqlite3.DatabaseError as exc:
@@ -238,7 +240,7 @@ class AuditLog:
         assert self._tail is not None
         tail = self._tail
         seq = tail.next_seq
-        record = make_record(event, seq=seq, prev=tail.prev, time=max(utc_now(), tail.time), **fields)
+        record = make_record(event, seq=seq, prev=tail.prev, time=max(utc_now(), tail.time), source=self._source, **fields)
         leaf = canonical_json(record)
         digest = chain_hash(leaf)
         self._conn.execute("INSERT INTO records(seq, leaf, hash) VALUES (?, ?, ?)", (seq, leaf, digest))
@@ -451,7 +453,9 @@ class AuditLog:
             page = self._conn.execute("SELECT seq, leaf, hash FROM records WHERE seq > ? ORDER BY seq LIMIT ?",
                                       (after, PAGE_ROWS)).fetchall()
             for seq, leaf, digest in page:
-                yield seq, bytes(leaf), digest
+                # A leaf stored as TEXT was written by something other than fedsilo; show it anyway
+                # (the verifier reports it), as its UTF-8 bytes.
+                yield seq, leaf.encode("utf-8") if isinstance(leaf, str) else bytes(leaf), digest
             if len(page) < PAGE_ROWS:
                 return
             after = page[-1][0]

@@ -35,6 +35,7 @@ CHECKPOINT_EVERY = 1000  # checkpoint interval of the generated logs
 UNBATCHED_MAX = 2000  # one fsync each: enough records for a steady rate
 _ACTOR = {"kind": "coordinator", "id": "coordinator", "site": None}
 _SITES = tuple(f"hospital{i}" for i in range(8))
+_SOURCE = "coordinator@bench fedsilo/bench"
 
 
 def run_audit_bench(*, append_records: int, verify_records: int, repeats: int) -> dict[str, Any]:
@@ -191,6 +192,6 @@ def _synthetic_leaf(i: int, prev: str, stamp: str) -> bytes:
         norm = repr(0.5 + (i % 1000) / 1e4)
         details = f'{{"bytes":{4_000_000 + i},"l2_norm":{norm},"node":"{i % 97}","site":"{site}"}}'
         event, obj = "update.received", f'{{"id":"{site}/{round_}","sha256":"{i:064x}","type":"update"}}'
-    return (f'{{"actor":{{"id":"coordinator","kind":"coordinator","site":null}},"details":{details},'
+    return (f'{{"actor":{{"id":"coordinator","key":null,"kind":"coordinator","role":"coordinator","site":null}},"details":{details},'
             f'"event":"{event}","event_id":"{i:032x}","object":{obj},"outcome":"success","prev":"{prev}",'
-            f'"reason":null,"round":{round_},"run_id":"bench","schema":1,"seq":{i},"time":"{stamp}"}}').encode()
+            f'"reason":null,"round":{round_},"run_id":"bench","schema":2,"seq":{i},"source":"{_SOURCE}","time":"{stamp}"}}').encode()

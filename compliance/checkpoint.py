@@ -100,6 +100,11 @@ class VerifierKey:
     def key_id(self) -> bytes:
         return key_id(self.name, self.key_type, self.public_key)
 
+    @property
+    def fingerprint(self) -> str:
+        """``ed25519:<SHA-256 of the raw public key, hex>``: how audit records name this key."""
+        return "ed25519:" + hashlib.sha256(self.public_key).hexdigest()
+
     def vkey(self) -> str:
         """``<name>+<hex key ID>+<base64(type || public key)>``."""
         material = base64.b64encode(bytes([self.key_type]) + self.public_key).decode("ascii")
@@ -158,6 +163,10 @@ class Signer:
     @property
     def key_id(self) -> bytes:
         return self._public.key_id
+
+    @property
+    def fingerprint(self) -> str:
+        return self._public.fingerprint
 
     def vkey(self) -> str:
         return self._public.vkey()

@@ -9,8 +9,9 @@ from pathlib import Path
 from compliance import merkle
 from compliance.audit_log import AuditLog
 from compliance.report import build_report, write_csv
-from compliance.verify import VerifyResult, verify_log
-from fedsilo.errors import ConfigError
+from compliance.records import EventType
+from compliance.verify import AuditVerificationError, VerifyResult, verify_log
+from fedsilo.errors import ConfigError, VerificationError
 
 SHOW_COLUMNS = ("seq", "time", "event", "actor", "round", "outcome")
 
@@ -29,6 +30,9 @@ def add_commands(sub) -> None:
                    help="print and check the inclusion proof of record SEQ in the whole tree")
     p.add_argument("--consistency", type=_natural, nargs=2, metavar=("OLD", "NEW"),
                    help="print and check the consistency proof between tree sizes OLD and NEW")
+    p.add_argument("--record-as", metavar="NAME",
+                   help="append the verdict to the log as a verification.run record by NAME (role compliance-officer); "
+                        "the log is otherwise only read")
     p.set_defaults(func=_verify)
     p = asub.add_parser("show", help="list the records (not verified: run 'verify' for that)")
     p.add_argument("path", type=Path, help="the log's folder, e.g. runs/demo/audit")
@@ -54,11 +58,23 @@ def add_commands(sub) -> None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    result = verify_log(args.path, keys=args.keys, witnesses=args.witness)
+    if args.record_as is not None and not args.record_as.strip():
+        raise ConfigError("--record-as needs a name", fix="give your name or staff id, e.g. --record-as j.smith")
+    try:
+        result = verify_log(args.path, keys=args.keys, witnesses=args.witness)
+    except VerificationError as exc:
+        if args.record_as:
+            _record_verification(args, outcome="failure", reason=exc.one_line()[:300],
+                                 details={"first_bad_seq": exc.seq if isinstance(exc, AuditVerificationError) else None})
+        raise
     print(f"OK: {result.records} records intact, head {result.head[:12]}, root {result.root[:12]}")
     _print_anchors(result)
     for warning in result.warnings:
         print(f"fedsilo: warning: {warning}", file=sys.stderr)
+    if args.record_as:
+        _record_verification(args, outcome="success", reason=None, details={
+            "records": result.records, "root": result.root, "anchored": result.anchored, "checkpoints": result.checkpoints,
+            "signatures_checked": result.signatures_checked, "witnesses": len(result.witnesses)})
     if args.inclusion is not None or args.consistency is not None:
         with AuditLog.open(args.path, read_only=True) as log:
             hashes = log.leaf_hashes(result.records)
@@ -67,6 +83,15 @@ def _verify(args: argparse.Namespace) -> int:
         if args.consistency is not None:
             _consistency(*args.consistency, hashes)
     return 0
+
+
+def _record_verification(args: argparse.Namespace, *, outcome: str, reason: str | None, details: dict) -> None:
+    """Append a verification.run record: who verified, with which keys and witnesses, and the verdict."""
+    actor = {"kind": "person", "id": args.record_as.strip(), "site": None, "role": "compliance-officer", "key": None}
+    details = {**details, "keys_given": args.keys is not None, "witness_folders": len(args.witness)}
+    with AuditLog.open(args.path, create=False, source="audit-cli") as log:
+        record = log.append(EventType.VERIFICATION_RUN, actor=actor, outcome=outcome, reason=reason, details=details)
+    print(f"recorded: verification.run by {actor['id']} ({outcome}) at seq {record['seq']}")
 
 
 def _print_anchors(result: VerifyResult) -> None:

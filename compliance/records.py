@@ -1,40 +1,56 @@
-"""The audit record, schema 1: one event, its actor and object, chained to the previous record.
+"""The audit record, schema 2: one event, its actor, source and object, chained to the previous record.
 
 A record is a plain dict; its bytes are ``canonical_json(record)`` (RFC 8785) and its chain hash is
 SHA-256 (FIPS 180-4) of those bytes, in lowercase hex. ``prev`` holds the chain hash of the record
 before it (64 zeros for seq 0), so editing, removing or reordering a record breaks the chain.
 Times are UTC in RFC 3339 form with microseconds and "Z", e.g. ``2025-03-01T09:30:00.000000Z``.
+
+Schema 2 (schema 1 plus): the actor's ``role`` and ``key`` (the fingerprint of the key that
+authenticates it, ``ed25519:<sha256 hex>``, or null) and the record's ``source`` (the component and
+host that wrote it). Who did what, in which capacity, proven by which key, seen from where: the
+attribution HIPAA 164.312(b) audit controls and 164.312(d) person or entity authentication ask for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import socket
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
 from compliance.canonical import canonical_json
+from fedsilo import __version__
 from fedsilo.errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GENESIS_PREV = "0" * 64
 OUTCOMES = ("success", "failure", "denied")
-FIELDS = ("schema", "seq", "event_id", "time", "event", "actor", "object", "run_id", "round", "outcome", "reason",
-          "details", "prev")
-ACTOR_FIELDS = ("kind", "id", "site")
+FIELDS = ("schema", "seq", "event_id", "time", "event", "actor", "source", "object", "run_id", "round", "outcome",
+          "reason", "details", "prev")
+ACTOR_FIELDS = ("kind", "id", "site", "role", "key")
 OBJECT_FIELDS = ("type", "id", "sha256")
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 _TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX32 = re.compile(r"[0-9a-f]{32}")
+_KEY = re.compile(r"[a-z0-9-]{1,16}:[0-9a-f]{64}")
 
 
 class EventType:
     """The event types a record may carry; anything else is refused."""
 
+    NODE_REGISTERED = "node.registered"
+    PLAN_SUBMITTED = "plan.submitted"
+    PLAN_APPROVED = "plan.approved"
+    PLAN_REJECTED = "plan.rejected"
+    DATASET_REGISTERED = "dataset.registered"
+    DATASET_REMOVED = "dataset.removed"
+    POLICY_CHANGED = "policy.changed"
+    CONFIG_CHANGED = "config.changed"
     RUN_STARTED = "run.started"
     RUN_FINISHED = "run.finished"
     RUN_FAILED = "run.failed"
@@ -68,6 +84,11 @@ def format_time(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).strftime(TIME_FORMAT)
 
 
+def default_source(component: str) -> str:
+    """``<component>@<host> fedsilo/<version>``: which program on which machine wrote a record."""
+    return f"{component}@{socket.gethostname() or 'unknown-host'} fedsilo/{__version__}"
+
+
 def utc_now() -> str:
     """The current time in the record format."""
     return format_time(datetime.now(timezone.utc))
@@ -88,17 +109,21 @@ def parse_time(text: str) -> datetime:
     return moment
 
 
-def make_record(event: str, *, seq: int, prev: str, actor: Mapping[str, Any], object: Mapping[str, Any] | None = None,
+def make_record(event: str, *, seq: int, prev: str, actor: Mapping[str, Any], source: str | None = None,
+                object: Mapping[str, Any] | None = None,
                 run_id: str | None = None, round: int | None = None, outcome: str = "success",
                 reason: str | None = None, details: Mapping[str, Any] | None = None, time: str | None = None,
                 event_id: str | None = None) -> dict[str, Any]:
-    """Build and check one record (schema 1).
+    """Build and check one record (schema 2).
 
     Args:
         event: one of :class:`EventType`.
         seq: the record's position in its log, from 0.
         prev: the chain hash of the record at ``seq - 1``; :data:`GENESIS_PREV` for seq 0.
-        actor: ``{"kind": "coordinator" | "silo" | ..., "id": str, "site": str | None}``; ``site`` may be left out.
+        actor: ``{"kind": "coordinator" | "silo" | "person" | ..., "id": str, "site": str | None, "role": str,
+            "key": "ed25519:<sha256 hex>" | None}``; ``site`` and ``key`` may be left out (null), ``role``
+            defaults to ``kind`` (services whose kind is their role).
+        source: the component and host that wrote the record; defaults to ``default_source("fedsilo")``.
         object: what the event is about, ``{"type": str, "id": str, "sha256": hex | None}``, or None.
         run_id, round: the run and round the event belongs to, or None.
         outcome: "success", "failure" or "denied".
@@ -116,7 +141,8 @@ def make_record(event: str, *, seq: int, prev: str, actor: Mapping[str, Any], ob
         "event_id": event_id if event_id is not None else uuid.uuid4().hex,
         "time": time if time is not None else utc_now(),
         "event": event,
-        "actor": {"site": None, **actor} if isinstance(actor, Mapping) else actor,
+        "actor": {"site": None, "role": actor.get("kind"), "key": None, **actor} if isinstance(actor, Mapping) else actor,
+        "source": source if source is not None else default_source("fedsilo"),
         "object": dict(object) if isinstance(object, Mapping) else object,
         "run_id": run_id,
         "round": round,
@@ -130,7 +156,7 @@ def make_record(event: str, *, seq: int, prev: str, actor: Mapping[str, Any], ob
 
 
 def check_record(record: Any) -> None:
-    """Check that ``record`` follows schema 1: the fields, their types and their allowed values.
+    """Check that ``record`` follows schema 2: the fields, their types and their allowed values.
 
     Raises:
         ConfigError: naming the first field that is wrong.
@@ -154,11 +180,15 @@ def check_record(record: Any) -> None:
 
     actor = record["actor"]
     if not isinstance(actor, Mapping):
-        raise ConfigError("record field 'actor' must be an object {kind, id, site}")
+        raise ConfigError("record field 'actor' must be an object {kind, id, site, role, key}")
     _exact_keys(actor, ACTOR_FIELDS, "actor")
     _text(actor["kind"], "actor.kind", optional=False)
     _text(actor["id"], "actor.id", optional=False)
     _text(actor["site"], "actor.site", optional=True)
+    _text(actor["role"], "actor.role", optional=False)
+    if actor["key"] is not None:
+        _match(actor["key"], _KEY, "actor.key", "a key fingerprint like 'ed25519:<sha256 hex>', or null")
+    _text(record["source"], "source", optional=False)
 
     obj = record["object"]
     if obj is not None:

@@ -43,6 +43,8 @@ class SiteLog:
     records: int
     spends: tuple[dict[str, Any], ...]
     problems: tuple[dict[str, Any], ...]  # records whose outcome is not "success"
+    admin: tuple[dict[str, Any], ...] = ()  # governance and configuration events (ADMIN_EVENTS)
+    actors: tuple[dict[str, Any], ...] = ()  # every record's actor and source (for the "who acted" table)
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,14 @@ def _read_site(folder: Path) -> SiteLog:
         return SiteLog(folder.name, False, exc.one_line(), 0, (), ())
     spends = tuple(r for r in records if r.get("event") == EventType.DP_SPENT)
     problems = tuple(r for r in records if r.get("outcome") != "success")
-    return SiteLog(folder.name, verified, message, len(records), spends, problems)
+    admin = tuple(r for r in records if r.get("event") in ADMIN_EVENTS)
+    return SiteLog(folder.name, verified, message, len(records), spends, problems, admin, tuple(records))
+
+
+# Who changed what the federation may do: registrations, approvals, policy and configuration, verifications.
+ADMIN_EVENTS = frozenset({EventType.NODE_REGISTERED, EventType.PLAN_SUBMITTED, EventType.PLAN_APPROVED, EventType.PLAN_REJECTED,
+                          EventType.DATASET_REGISTERED, EventType.DATASET_REMOVED, EventType.POLICY_CHANGED,
+                          EventType.CONFIG_CHANGED, EventType.VERIFICATION_RUN})
 
 
 def _map(value: Any) -> Mapping[str, Any]:
@@ -335,6 +344,8 @@ def _render(path: Path, records: list[dict[str, Any]], unreadable: int, result: 
     parts.append(_rejected_section(facts))
     parts.append(_privacy_section(facts, sites))
     parts.append(_security_section(facts, sites))
+    parts.append(_governance_section(records, sites))
+    parts.append(_actors_section(records, sites))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -477,6 +488,40 @@ def _security_section(facts: _Facts, sites: tuple[SiteLog, ...]) -> str:
             + "<h3>Refusals and failures</h3>"
             + _table("security-events", ("Log", "Seq", "Time (UTC)", "Event", "Actor", "Round", "Outcome", "Reason"),
                      rows, "No refusal or failure recorded.") + "</section>")
+
+
+def _governance_section(records: list[dict[str, Any]], sites: tuple[SiteLog, ...]) -> str:
+    rows = []
+    for log_name, entries in [("coordinator", [r for r in records if r.get("event") in ADMIN_EVENTS])] + [(s.site, s.admin) for s in sites]:
+        for r in entries:
+            actor, obj = _map(r.get("actor")), _map(r.get("object"))
+            what = f"{obj.get('type')} {obj.get('id')}" if obj else "-"
+            rows.append([log_name, _fmt(r.get("seq")), _fmt(r.get("time")), _fmt(r.get("event")),
+                         f"{actor.get('id')} ({actor.get('role')})", what,
+                         (_fmt(r.get("outcome")), "" if r.get("outcome") == "success" else "rejected")])
+    return ('<section id="governance-section"><h2>Approvals, registrations, policy and verification</h2>'
+            '<p class="note">Who registered data, approved or rejected plans, changed a policy or configuration, '
+            "or verified a log (HIPAA 164.308(a)(1)(ii)(D), 164.312(b)).</p>"
+            + _table("governance-events", ("Log", "Seq", "Time (UTC)", "Event", "By (role)", "Object", "Outcome"),
+                     rows, "No registration, approval, policy change or verification recorded.") + "</section>")
+
+
+def _actors_section(records: list[dict[str, Any]], sites: tuple[SiteLog, ...]) -> str:
+    seen: dict[tuple[str, ...], list[Any]] = {}
+    for log_name, entries in [("coordinator", records)] + [(s.site, s.actors) for s in sites]:
+        for r in entries:
+            a = _map(r.get("actor"))
+            key = (log_name, _fmt(a.get("kind")), _fmt(a.get("id")), _fmt(a.get("site")), _fmt(a.get("role")),
+                   _fmt(a.get("key")), _fmt(r.get("source")))
+            entry = seen.setdefault(key, [0, r.get("time"), r.get("time")])
+            entry[0] += 1
+            entry[2] = r.get("time")
+    rows = [[*k[:5], (k[5], "hash"), k[6], str(v[0]), _fmt(v[1]), _fmt(v[2])] for k, v in seen.items()]
+    return ('<section id="actors-section"><h2>Who acted</h2><p class="note">Every actor, in which role, '
+            "authenticated by which key (fingerprint), writing from which component and host (HIPAA 164.312(b), "
+            "164.312(d)).</p>"
+            + _table("actors", ("Log", "Kind", "Id", "Site", "Role", "Key fingerprint", "Source", "Records",
+                                "First (UTC)", "Last (UTC)"), rows) + "</section>")
 
 
 # --- plots (inline SVG) ------------------------------------------------------------------------------------

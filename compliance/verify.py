@@ -266,7 +266,7 @@ def _read_witness(folder: Path, origin: str | None) -> _Held:
 
 # --- one chunk of records ----------------------------------------------------------------------------------
 
-# The canonical layout of a schema-1 record, all-ASCII (anything else takes the full path). Keys in RFC 8785
+# The canonical layout of a schema-2 record, all-ASCII (anything else takes the full path). Keys in RFC 8785
 # order; strings with exactly the JCS escapes; integers without leading zeros, below 10**15 (so within I-JSON's
 # 2**53). ``details`` is matched as a flat object of up to _FLAT_MAX simple keys (captured, so their order can be
 # checked) and scalar values, or as any brace-delimited text, which takes the full path. Floats must be
@@ -287,10 +287,11 @@ _FLAT += rb')?' * (_FLAT_MAX - 1) + rb'\})'
 _EVENTS = b"|".join(re.escape(e.encode()) for e in sorted(EVENT_TYPES))
 _OUTCOMES = b"|".join(re.escape(o.encode()) for o in OUTCOMES)
 _RECORD_FIELDS = ("actor", "details", "event", "event_id", "object", "outcome", "prev", "reason", "round",
-                  "run_id", "schema", "seq", "time")
+                  "run_id", "schema", "seq", "source", "time")
 assert tuple(sorted(FIELDS)) == _RECORD_FIELDS, "the fast record pattern must follow records.FIELDS"
 _RECORD = re.compile(
-    rb'\{"actor":\{"id":' + _TEXT + rb',"kind":' + _TEXT + rb',"site":(?:null|' + _TEXT + rb')\},'
+    rb'\{"actor":\{"id":' + _TEXT + rb',"key":(?:null|"[a-z0-9-]{1,16}:[0-9a-f]{64}"),"kind":' + _TEXT
+    + rb',"role":' + _TEXT + rb',"site":(?:null|' + _TEXT + rb')\},'
     rb'"details":(?:null|' + _FLAT + rb'|(\{.*?\})),'
     rb'"event":"(' + _EVENTS + rb')",'
     rb'"event_id":"[0-9a-f]{32}",'
@@ -300,8 +301,9 @@ _RECORD = re.compile(
     rb'"reason":(?:null|' + _TEXT + rb'),'
     rb'"round":(?:null|' + _SMALL_INT + rb'),'
     rb'"run_id":(?:null|' + _TEXT + rb'),'
-    rb'"schema":1,'
+    rb'"schema":2,'
     rb'"seq":(' + _SMALL_INT + rb'),'
+    rb'"source":' + _TEXT + rb','
     rb'"time":"(([0-9]{4}-[0-9]{2}-[0-9]{2})T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]\.[0-9]{6}Z)"\}')
 _FLOATS = re.compile(rb':(' + _FLOAT + rb')[,}]')  # inside a string too, at worst: then only a slower path
 _GENESIS = GENESIS_PREV.encode()

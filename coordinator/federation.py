@@ -72,10 +72,11 @@ class FederatedRun:
         self.global_state = initial
         self.rule = build_rule(plan.federation.aggregation.rule, plan.federation.aggregation.args)
         self.state = RunState(plan_hash=self.plan_hash, run_id=run_id)
-        self.actor = {"kind": "coordinator", "id": "coordinator", "site": None}
+        self.actor = {"kind": "coordinator", "id": "coordinator", "site": None, "role": "aggregator",
+                      "key": signer.fingerprint if signer else None}
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)
         # One origin per run: witnesses keep one history per origin (RFC 9162 log identity).
-        self.audit = AuditLog.open(out_dir / "audit", origin=f"fedsilo.coordinator/{run_id}", signer=signer)
+        self.audit = AuditLog.open(out_dir / "audit", origin=f"fedsilo.coordinator/{run_id}", signer=signer, source="coordinator")
         self.signer = signer
         self.trusted = ([signer.verifier] if signer else []) + list(witness_keys)
         self.node_site: dict[int, str] = {}

@@ -62,8 +62,8 @@ def _handle(msg: Message, context: Context, kind: str) -> Message:
         return Message(Error(P.ERR_BAD_INPUT, exc.one_line()), reply_to=msg)
     _configure_logging(site.logs_dir)
     _set_threads(context.node_config.get("threads"))
-    actor = {"kind": "silo", "id": site.site_id, "site": site.site_id}
-    with AuditLog.open(site.audit_dir) as audit:
+    actor = site.actor()
+    with AuditLog.open(site.audit_dir, source="silo-agent") as audit:
         run_id, round_ = _run_and_round(msg)
         try:
             handler = _train if kind == "train" else _evaluate

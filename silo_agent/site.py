@@ -15,6 +15,8 @@ Nothing here ever copies or rewrites the hospital's source images.
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from compliance.records import EventType
 from fedsilo.errors import ConfigError
 
 SITE_FILE = "site.yaml"
@@ -57,6 +60,21 @@ class Site:
     @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
+
+    def actor(self) -> dict[str, str | None]:
+        """The silo agent as an audit actor; its key is the site's witness key."""
+        from silo_agent.witnessing import witness_fingerprint
+
+        return {"kind": "silo", "id": self.site_id, "site": self.site_id, "role": "silo-agent",
+                "key": witness_fingerprint(self.root, self.site_id)}
+
+    def operator(self, role: str = "hospital-it") -> dict[str, str | None]:
+        """The person running a ``fedsilo silo`` command, by their login name (a workforce identity, not PHI)."""
+        try:
+            user = getpass.getuser() or "unknown-user"
+        except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER (some containers)
+            user = "unknown-user"
+        return {"kind": "person", "id": user, "site": self.site_id, "role": role, "key": None}
 
     def dataset(self, name: str) -> DatasetEntry:
         try:
@@ -112,7 +130,10 @@ def init_site(root: str | Path, site_id: str) -> Site:
         (root / sub).mkdir(parents=True, exist_ok=True)
     ensure_witness_key(root, site_id)
     _write(path, {"site": site_id, "datasets": {}})
-    return Site.open(root)
+    site = Site.open(root)
+    _audit(site, EventType.CONFIG_CHANGED, object={"type": "site", "id": site_id, "sha256": _sha256_file(path)},
+           details={"change": "site created"})
+    return site
 
 
 def register_dataset(site: Site, name: str, *, task: str, datalist: Path) -> Site:
@@ -124,9 +145,24 @@ def register_dataset(site: Site, name: str, *, task: str, datalist: Path) -> Sit
     if not datalist.is_file():
         raise ConfigError(f"no datalist at {datalist}", fix="give the path of a MONAI datalist JSON")
     raw = yaml.safe_load((site.root / SITE_FILE).read_text(encoding="utf-8")) or {}
+    replaced = name in (raw.get("datasets") or {})
     raw.setdefault("datasets", {})[name] = {"task": task, "datalist": str(datalist.resolve())}
     _write(site.root / SITE_FILE, raw)
+    # The datalist's path may name patients (hospital folders often do): record its hash, never the path.
+    _audit(site, EventType.DATASET_REGISTERED, object={"type": "dataset", "id": name, "sha256": _sha256_file(datalist)},
+           details={"task": task, "replaced": replaced})
     return Site.open(site.root)
+
+
+def _audit(site: Site, event: str, **fields) -> None:
+    from compliance import AuditLog
+
+    with AuditLog.open(site.audit_dir, source="silo-cli") as log:
+        log.append(event, actor=site.operator(), **fields)
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _write(path: Path, data: dict) -> None:

@@ -31,6 +31,12 @@ def ensure_witness_key(site_root: Path, site_id: str) -> None:
         generate_signer(site_root / "keys", name, role="witness")
 
 
+def witness_fingerprint(site_root: Path, site_id: str) -> str | None:
+    """The fingerprint of the site's witness key (how audit records name the silo's key), or None if it has none."""
+    path = site_root / "keys" / f"{key_stem(witness_key_name(site_id))}.vkey"
+    return read_vkey_file(path).fingerprint if path.is_file() else None
+
+
 def trust_coordinator(site_root: Path, vkey_file: Path) -> Path:
     """Install a coordinator's public checkpoint key (.vkey) in the site's trust/ folder."""
     key = read_vkey_file(vkey_file)  # refuses anything that is not a valid vkey

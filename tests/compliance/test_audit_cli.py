@@ -166,3 +166,46 @@ def test_export(make_log: Callable[..., Path], tmp_path: Path, capsys: pytest.Ca
     assert main(["audit", "export", str(path), "--out", str(out)]) == 0
     assert capsys.readouterr().out == f"exported 3 records to {out}\n"
     assert out.read_bytes() == b"".join(leaf + b"\n" for _, leaf, _ in _rows(path))
+
+
+def test_verify_record_as_appends_the_verdict(make_log: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_log(3)
+    assert main(["audit", "verify", str(path), "--record-as", "j.smith"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "recorded: verification.run by j.smith (success) at seq 3"
+    with AuditLog.open(path, read_only=True) as log:
+        record = list(log.records())[-1]
+        root = log.root(3).hex()
+    assert record["event"] == "verification.run" and record["outcome"] == "success"
+    assert record["actor"] == {"kind": "person", "id": "j.smith", "site": None, "role": "compliance-officer", "key": None}
+    assert record["details"]["records"] == 3 and record["details"]["root"] == root
+    assert main(["audit", "verify", str(path)]) == 0  # the record extends the log like any other
+
+
+def test_verify_record_as_records_a_failure_and_still_exits_1(make_log: Callable[..., Path],
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_log(4)
+    with sqlite3.connect(path / DB_NAME) as conn:
+        leaf = bytes(conn.execute("SELECT leaf FROM records WHERE seq = 1").fetchone()[0])
+        conn.execute("UPDATE records SET leaf = ? WHERE seq = 1", (leaf.replace(b'"round":1', b'"round":9'),))
+    assert main(["audit", "verify", str(path), "--record-as", "j.smith"]) == 1
+    with AuditLog.open(path, read_only=True) as log:
+        record = list(log.records())[-1]
+    assert record["event"] == "verification.run" and record["outcome"] == "failure"
+    assert record["details"]["first_bad_seq"] == 1 and "seq 1" in record["reason"]
+
+
+def test_verify_record_as_needs_a_name(make_log: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_log(2)
+    assert main(["audit", "verify", str(path), "--record-as", " "]) == 2
+    assert "--record-as needs a name" in capsys.readouterr().err
+    assert len(_rows(path)) == 2
+
+
+def test_show_lists_a_leaf_stored_as_text(make_log: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path = make_log(2)
+    with sqlite3.connect(path / DB_NAME) as conn:
+        leaf = bytes(conn.execute("SELECT leaf FROM records WHERE seq = 1").fetchone()[0])
+        conn.execute("UPDATE records SET leaf = ? WHERE seq = 1", (leaf.decode(),))
+    assert main(["audit", "show", str(path)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert main(["audit", "verify", str(path)]) == 1

@@ -86,7 +86,8 @@ def test_non_bmp_keys_sort_by_utf16_code_units() -> None:
 # --- the verifier's record pattern --------------------------------------------------------------------------
 
 ACTORS = [{"kind": "coordinator", "id": "coordinator"}, {"kind": "silo", "id": "h0", "site": "hospital0"},
-          {"kind": "silo", "id": "é", "site": "x\ty"}]
+          {"kind": "silo", "id": "é", "site": "x\ty"},
+          {"kind": "person", "id": "officer1", "site": "hospital0", "role": "site-officer", "key": "ed25519:" + "0f" * 32}]
 OBJECTS = [None, {"type": "update", "id": "h0/1", "sha256": "ab" * 32}, {"type": "plan", "id": "p", "sha256": None}]
 
 
@@ -163,7 +164,7 @@ def _log_with(tmp_path: Path, make_log, leaf_edit) -> Path:
     (b'"nodes":3', b'"zz":1,"nodes":3'),  # keys out of order
     (b'"run_id":"run-1"', b'"run_id":"\\u0072un-1"'),  # an unneeded escape
     (b'"outcome"', b'"outcom\\u0065"'),
-    (b'"schema":1', b'"schema":1.0'),
+    (b'"schema":2', b'"schema":2.0'),
 ])
 def test_non_canonical_json_is_caught_at_its_seq(tmp_path: Path, make_log, old: bytes, new: bytes) -> None:
     path = _log_with(tmp_path, make_log, lambda leaf: leaf.replace(old, new, 1))

@@ -12,7 +12,7 @@ from compliance.records import (EVENT_TYPES, GENESIS_PREV, EventType, chain_hash
                                 make_record, parse_time, utc_now)
 from fedsilo.errors import ConfigError
 
-ACTOR = {"kind": "silo", "id": "hospital0", "site": "hospital0"}
+ACTOR = {"kind": "silo", "id": "hospital0", "site": "hospital0", "role": "silo-agent", "key": "ed25519:" + "cd" * 32}
 TIME = "2025-03-01T09:30:00.000000Z"
 
 
@@ -24,27 +24,29 @@ def _record(**overrides: object) -> dict:
 
 def test_make_record_fills_every_field() -> None:
     record = _record(object={"type": "plan", "id": "demo", "sha256": "ab" * 32}, run_id="run-1", round=2,
-                     details={"cases": 12, "split": "training"})
+                     details={"cases": 12, "split": "training"}, source="silo@host fedsilo/0.1.0")
     assert record == {
-        "schema": 1, "seq": 0, "event_id": record["event_id"], "time": TIME, "event": "plan.received",
-        "actor": ACTOR, "object": {"type": "plan", "id": "demo", "sha256": "ab" * 32}, "run_id": "run-1",
+        "schema": 2, "seq": 0, "event_id": record["event_id"], "time": TIME, "event": "plan.received",
+        "actor": ACTOR, "source": "silo@host fedsilo/0.1.0", "object": {"type": "plan", "id": "demo", "sha256": "ab" * 32}, "run_id": "run-1",
         "round": 2, "outcome": "success", "reason": None, "details": {"cases": 12, "split": "training"},
         "prev": "0" * 64,
     }
     assert re.fullmatch(r"[0-9a-f]{32}", record["event_id"])
 
 
-def test_defaults_time_now_fresh_event_id_and_actor_site() -> None:
+def test_defaults_time_now_fresh_event_id_actor_site_role_key_and_source() -> None:
     a = make_record(EventType.NODE_STARTED, seq=0, prev=GENESIS_PREV, actor={"kind": "coordinator", "id": "c"})
     b = make_record(EventType.NODE_STARTED, seq=0, prev=GENESIS_PREV, actor={"kind": "coordinator", "id": "c"})
-    assert a["actor"] == {"kind": "coordinator", "id": "c", "site": None}
+    assert a["actor"] == {"kind": "coordinator", "id": "c", "site": None, "role": "coordinator", "key": None}
+    assert re.fullmatch(r"fedsilo@\S+ fedsilo/\S+", a["source"])
     assert a["event_id"] != b["event_id"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", a["time"])
 
 
-def test_the_eighteen_event_types() -> None:
+def test_the_event_types() -> None:
     assert EVENT_TYPES == {
-        "run.started", "run.finished", "run.failed", "round.started", "round.finished", "update.received",
+        "node.registered", "plan.submitted", "plan.approved", "plan.rejected", "dataset.registered", "dataset.removed",
+        "policy.changed", "config.changed", "run.started", "run.finished", "run.failed", "round.started", "round.finished", "update.received",
         "update.rejected", "aggregate.computed", "model.exported", "plan.received", "plan.refused", "dataset.used",
         "dp.spent", "update.sent", "node.started", "verification.run", "checkpoint.signed", "checkpoint.cosigned",
     }
@@ -71,6 +73,10 @@ def test_unknown_event_type_lists_the_valid_ones() -> None:
     ({"actor": {**ACTOR, "email": "x@y"}}, r"unknown fields \['email'\]"),
     ({"actor": {"kind": "silo", "id": None}}, r"'actor\.id' is None"),
     ({"actor": "hospital0"}, r"'actor' must be an object"),
+    ({"actor": {**ACTOR, "role": ""}}, r"'actor\.role' is ''"),
+    ({"actor": {**ACTOR, "key": "cd" * 32}}, r"'actor\.key' is .*'ed25519:<sha256 hex>'"),
+    ({"actor": {**ACTOR, "key": "ed25519:" + "CD" * 32}}, r"'actor\.key'"),
+    ({"source": ""}, r"'source' is ''"),
     ({"object": {"type": "update", "id": "u", "sha256": "xyz"}}, r"'object\.sha256' is 'xyz'"),
     ({"object": {"type": "update"}}, r"object has missing fields \['id', 'sha256'\]"),
     ({"details": [1]}, r"'details' must be an object or null"),
@@ -85,8 +91,8 @@ def test_bad_fields_are_refused_naming_the_field(overrides: dict, message: str) 
 
 def test_check_record_refuses_other_schemas_and_shapes() -> None:
     record = _record()
-    with pytest.raises(ConfigError, match=r"record schema 2 is not supported"):
-        check_record({**record, "schema": 2})
+    with pytest.raises(ConfigError, match=r"record schema 1 is not supported"):
+        check_record({**record, "schema": 1})
     with pytest.raises(ConfigError, match=r"unknown fields \['extra'\]"):
         check_record({**record, "extra": 1})
     with pytest.raises(ConfigError, match=r"a record is a JSON object, not list"):

@@ -60,8 +60,10 @@ def _write_run(folder: Path, signer: Signer) -> int:
 
 
 def _write_site(folder: Path, site: str, epsilons: list[float]) -> None:
-    actor = {"kind": "silo", "id": site, "site": site}
-    with AuditLog.open(folder / site / "audit") as log:
+    actor = {"kind": "silo", "id": site, "site": site, "role": "silo-agent", "key": "ed25519:" + "0a" * 32}
+    with AuditLog.open(folder / site / "audit", source="silo-agent") as log:
+        log.append(EventType.DATASET_REGISTERED, actor={"kind": "person", "id": "it-admin", "site": site, "role": "hospital-it"},
+                   object={"type": "dataset", "id": "ct-2024", "sha256": "0b" * 32}, details={"task": "seg3d"})
         for round_, eps in enumerate(epsilons, start=1):
             log.append(EventType.DP_SPENT, actor=actor, object={"type": "dataset", "id": "ct-2024", "sha256": None},
                        run_id="run-1", round=round_,
@@ -232,6 +234,12 @@ def test_rendered_report_shows_the_verdict_and_the_tables(run: tuple[Path, Path,
     assert dom.tables["runs"][1][:6] == ["run-1", "liver-seg", PLAN_SHA, "2", "fedavg", "1"]
     assert dom.tables["runs"][1][8] == "not recorded by this version"
     assert dom.tables["checkpoint-counts"][1:] == [["checkpoint.signed", "2", "0"], ["checkpoint.cosigned", "0", "0"]]
+    assert [row[:2] + row[3:] for row in dom.tables["governance-events"][1:]] == [
+        [site, "0", "dataset.registered", "it-admin (hospital-it)", "dataset ct-2024", "success"] for site in ("hospital0", "hospital1")]
+    actors = {(row[0], row[2], row[4], row[5]) for row in dom.tables["actors"][1:]}
+    assert actors == {("coordinator", "coordinator", "coordinator", "-"), ("hospital0", "it-admin", "hospital-it", "-"),
+                      ("hospital1", "it-admin", "hospital-it", "-"), ("hospital0", "hospital0", "silo-agent", "ed25519:" + "0a" * 32),
+                      ("hospital1", "hospital1", "silo-agent", "ed25519:" + "0a" * 32)}
 
 
 @needs_chromium

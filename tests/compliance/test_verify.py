@@ -168,10 +168,10 @@ def test_an_unknown_event_type(path: Path, db: sqlite3.Connection) -> None:
 
 
 def test_an_unknown_schema(path: Path, db: sqlite3.Connection) -> None:
-    _edit(db, 0, schema=2)
+    _edit(db, 0, schema=1)  # schema 1 had no role, key or source
     _rechain(db, 1)
     err = _broken(path)
-    assert err.seq == 0 and err.reason.startswith("invalid record: record schema 2 is not supported")
+    assert err.seq == 0 and err.reason.startswith("invalid record: record schema 1 is not supported")
 
 
 def test_a_wrong_genesis_prev(path: Path, db: sqlite3.Connection) -> None:

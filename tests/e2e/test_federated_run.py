@@ -9,17 +9,20 @@ from pathlib import Path
 import pytest
 
 from compliance import AuditLog, verify_log
+from compliance.keys import read_vkey_file
+from fedsilo.protocol import COORDINATOR_LOG_KEY
 from fedsilo.local_federation import LocalFederation, SiloSpec
 from pipelines.networks import build_network
 from pipelines.plan import load_plan
 from pipelines.serialization import load_model
+from silo_agent.witnessing import witness_fingerprint
 
 pytestmark = pytest.mark.e2e
 
 
 def _events(path, event):
     with AuditLog.open(path, create=False) as log:
-        return [r for r in log.records() if r["event"] == event]
+        return [r for r in log.records() if event is None or r["event"] == event]
 
 
 def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
@@ -61,9 +64,18 @@ def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
     # Every update a silo sent is the one the coordinator received.
     received = {(r["round"], r["object"]["sha256"]) for r in _events(out / "audit", "update.received")}
     assert len(received) == 4
+    # Every record names who acted, in which role, with which key, and which component wrote it.
+    coordinator_key = read_vkey_file(tmp_path / "pki" / "audit" / f"{COORDINATOR_LOG_KEY}.vkey").fingerprint
+    for record in _events(out / "audit", None):
+        assert record["actor"]["role"] == "aggregator" and record["actor"]["key"] == coordinator_key
+        assert record["source"].startswith("coordinator@")
     sent = set()
     for s in sites:
         verify_log(s.audit_dir)
+        silo_records = [r for r in _events(s.audit_dir, None) if r["actor"]["kind"] == "silo"]
+        assert silo_records and {r["actor"]["key"] for r in silo_records} == {witness_fingerprint(s.root, s.site_id)}
+        registered = _events(s.audit_dir, "dataset.registered")
+        assert len(registered) == 1 and registered[0]["actor"]["role"] == "hospital-it"
         sent |= {(r["round"], r["object"]["sha256"]) for r in _events(s.audit_dir, "update.sent")}
         spends = _events(s.audit_dir, "dp.spent")
         assert [r["round"] for r in spends] == [1, 2]

@@ -62,8 +62,9 @@ def plan_and_arrays():
 
 
 def audit_events(site) -> list[dict]:
+    """What the silo agent recorded (site setup by hospital IT comes first in the log)."""
     with AuditLog.open(site.audit_dir, create=False) as log:
-        return list(log.records())
+        return [r for r in log.records() if r["source"].startswith("silo-agent@")]
 
 
 def test_altered_plan_is_refused_before_any_data_is_read(site):

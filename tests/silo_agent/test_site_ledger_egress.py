@@ -1,10 +1,13 @@
 """Site folder, privacy ledger and egress guard."""
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 
+from compliance import AuditLog, verify_log
+from compliance.keys import read_vkey_file
 from fedsilo.errors import ConfigError, RefusalError
 from pipelines.training import composed_epsilon
 from silo_agent.egress import check_arrays, check_metrics
@@ -21,6 +24,34 @@ def test_site_init_register_and_reopen(tmp_path):
     assert again.site_id == "hospital0" and again.dataset("ct").datalist == datalist.resolve()
     with pytest.raises(ConfigError, match="no dataset 'mr'.*registered: ct"):
         again.dataset("mr")
+
+
+def test_site_creation_and_dataset_registration_are_audited_without_paths(tmp_path):
+    site = init_site(tmp_path / "s", "hospital0")
+    datalist = tmp_path / "Doe_John_studies" / "datalist.json"  # hospital folders can name patients
+    datalist.parent.mkdir()
+    datalist.write_text(json.dumps({"training": []}))
+    register_dataset(site, "ct", task="seg3d", datalist=datalist)
+    register_dataset(site, "ct", task="seg3d", datalist=datalist)
+    verify_log(site.audit_dir)
+    with AuditLog.open(site.audit_dir, read_only=True) as log:
+        records = list(log.records())
+        leaves = b"".join(leaf for _, leaf, _ in log.rows())
+    assert [r["event"] for r in records] == ["config.changed", "dataset.registered", "dataset.registered"]
+    assert all(r["actor"]["kind"] == "person" and r["actor"]["role"] == "hospital-it" for r in records)
+    assert all(r["source"].startswith("silo-cli@") for r in records)
+    registered = records[1]
+    assert registered["object"] == {"type": "dataset", "id": "ct", "sha256": hashlib.sha256(datalist.read_bytes()).hexdigest()}
+    assert [r["details"]["replaced"] for r in records[1:]] == [False, True]
+    assert b"Doe_John" not in leaves
+
+
+def test_the_silo_actor_names_its_witness_key(tmp_path):
+    site = init_site(tmp_path / "s", "hospital0")
+    actor = site.actor()
+    vkey = read_vkey_file(tmp_path / "s" / "keys" / "hospital0-witness.vkey")
+    assert actor == {"kind": "silo", "id": "hospital0", "site": "hospital0", "role": "silo-agent", "key": vkey.fingerprint}
+    assert vkey.fingerprint == "ed25519:" + hashlib.sha256(vkey.public_key).hexdigest()
 
 
 @pytest.mark.parametrize("name", ["Hospital 0", "../x", ""])
