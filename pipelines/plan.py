@@ -26,7 +26,11 @@ ACCOUNTANTS = ("rdp", "prv", "gdp")
 METRICS = ("loss", "dice", "accuracy", "auc")
 # Aggregation rules a plan may name. The coordinator's registry holds the implementations;
 # the schema only knows their names so that pipelines stays free of coordinator imports.
-AGGREGATION_RULES = ("fedavg",)
+AGGREGATION_RULES = (
+    "fedavg", "median", "trimmed_mean", "krum", "multikrum", "bulyan", "geometric_median", "centered_clipping", "norm_bounded_mean",
+)
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
+NORM_ACTIONS = ("reject", "clip")
 
 
 def _fail(key: str, problem: str, fix: str) -> ConfigError:
@@ -98,11 +102,25 @@ class AggregationSpec:
 
 
 @dataclass(frozen=True)
+class ServerOptimizerSpec:
+    """How the aggregated delta moves the global model: ``sgd`` (x += lr * delta), or the adaptive
+    server optimizers ``adam`` / ``yogi`` of Reddi et al. 2021 ("Adaptive Federated Optimization",
+    arXiv:2003.00295) with ``args`` beta1, beta2, tau."""
+
+    name: str = "sgd"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class FederationSpec:
     rounds: int = 3
     min_silos: int = 2
     aggregation: AggregationSpec = field(default_factory=AggregationSpec)
     server_lr: float = 1.0
+    server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
+    # L2 bound on each silo's delta (None: no bound); over it, the update is rejected or clipped.
+    update_norm_bound: float | None = None
+    update_norm_action: str = "reject"
     round_timeout_s: float = 600.0
     wait_for_silos_s: float = 120.0
 
@@ -299,18 +317,31 @@ def _parse_privacy(raw: Any) -> PrivacySpec:
 
 def _parse_federation(raw: Any) -> FederationSpec:
     f = _mapping(raw, "federation")
-    _check_keys(f, ("rounds", "min_silos", "aggregation", "server_lr", "round_timeout_s", "wait_for_silos_s"), "federation")
+    _check_keys(f, ("rounds", "min_silos", "aggregation", "server_lr", "server_optimizer", "update_norm_bound", "update_norm_action",
+                    "round_timeout_s", "wait_for_silos_s"), "federation")
     a = _mapping(f.get("aggregation"), "federation.aggregation")
     _check_keys(a, ("rule", "args"), "federation.aggregation")
     aggregation = AggregationSpec(
         rule=_choice(a, "rule", "federation.aggregation", AGGREGATION_RULES, "fedavg"),
         args=_args(a.get("args"), "federation.aggregation.args"),
     )
+    o = _mapping(f.get("server_optimizer"), "federation.server_optimizer")
+    _check_keys(o, ("name", "args"), "federation.server_optimizer")
+    server_optimizer = ServerOptimizerSpec(
+        name=_choice(o, "name", "federation.server_optimizer", SERVER_OPTIMIZERS, "sgd"),
+        args=_args(o.get("args"), "federation.server_optimizer.args"),
+    )
+    bound = f.get("update_norm_bound")
+    if bound is not None:
+        bound = _number(f, "update_norm_bound", "federation", 10.0, low=0, low_open=True)
     return FederationSpec(
         rounds=_number(f, "rounds", "federation", 3, integer=True, low=1, high=10000),
         min_silos=_number(f, "min_silos", "federation", 2, integer=True, low=1, high=10000),
         aggregation=aggregation,
         server_lr=_number(f, "server_lr", "federation", 1.0, low=0, low_open=True, high=100),
+        server_optimizer=server_optimizer,
+        update_norm_bound=bound,
+        update_norm_action=_choice(f, "update_norm_action", "federation", NORM_ACTIONS, "reject"),
         round_timeout_s=_number(f, "round_timeout_s", "federation", 600.0, low=1),
         wait_for_silos_s=_number(f, "wait_for_silos_s", "federation", 120.0, low=1),
     )

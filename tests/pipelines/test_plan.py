@@ -52,6 +52,11 @@ def test_hash_changes_with_any_value():
         (lambda r: r["training"].update(epochs=3), "training.epochs"),
         (lambda r: r["federation"].update(rounds=0), "federation.rounds"),
         (lambda r: r["federation"]["aggregation"].update(rule="mystery"), "federation.aggregation.rule"),
+        (lambda r: r["federation"].update(server_optimizer={"name": "rmsprop"}), "federation.server_optimizer.name"),
+        (lambda r: r["federation"].update(server_optimizer={"name": "adam", "beta": 0.9}), "federation.server_optimizer.beta"),
+        (lambda r: r["federation"].update(update_norm_bound=-1), "federation.update_norm_bound"),
+        (lambda r: r["federation"].update(update_norm_bound="big"), "federation.update_norm_bound"),
+        (lambda r: r["federation"].update(update_norm_action="shrink"), "federation.update_norm_action"),
         (lambda r: r["model"]["args"].update(channelz=[1]), "model.args.channelz"),
         (lambda r: r["model"]["args"].update(act="$torch.nn.ReLU"), "model.args.act"),
         (lambda r: r["data"].update(transforms=[{"name": "Exec"}]), "data.transforms[0].name"),
@@ -81,3 +86,14 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("name: x\n  task: [seg3d\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_plan(bad)
+
+
+def test_robust_rule_server_optimizer_and_norm_bound_are_read():
+    raw = yaml.safe_load(PLANS[0].read_text())
+    raw["federation"].update(aggregation={"rule": "trimmed_mean", "args": {"beta": 0.2}}, server_optimizer={"name": "yogi", "args": {"tau": 0.01}},
+                             update_norm_bound=5, update_norm_action="clip")
+    f = parse_plan(raw).federation
+    assert (f.aggregation.rule, f.aggregation.args) == ("trimmed_mean", {"beta": 0.2})
+    assert (f.server_optimizer.name, f.server_optimizer.args) == ("yogi", {"tau": 0.01})
+    assert (f.update_norm_bound, f.update_norm_action) == (5, "clip")
+    assert parse_plan(raw).hash() != parse_plan(yaml.safe_load(PLANS[0].read_text())).hash()
