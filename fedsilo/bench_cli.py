@@ -26,6 +26,25 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_audit)
 
+    p = bsub.add_parser("aggregate", help="aggregation rules: time and peak memory against the plain mean, a copy, and Flower's strategies")
+    p.add_argument("--n", type=int, default=10, help="number of updates (default 10)")
+    p.add_argument("--d", type=int, default=30_000_000, help="float32 parameters per update (default 30,000,000)")
+    p.add_argument("--f", type=int, default=2, help="Byzantine updates the robust rules are set to tolerate (default 2)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_aggregate)
+
+    p = bsub.add_parser("robustness", help="synthetic federation under attack: final Dice per attack and rule")
+    p.add_argument("--silos", type=int, default=10)
+    p.add_argument("--malicious", type=int, default=2, help="how many of the silos attack (default 2)")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds (default: the harness's short setting)")
+    p.add_argument("--seeds", type=int, default=3, help="repetitions with different seeds (default 3)")
+    p.add_argument("--attacks", default=None, help="comma-separated attacks (default: all)")
+    p.add_argument("--rules", default=None, help="comma-separated rules (default: all)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_robustness)
+
 
 def _positive(**values: int) -> None:
     for name, value in values.items():
@@ -42,11 +61,44 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _aggregate(args: argparse.Namespace) -> int:
+    from coordinator.aggregation_bench import run_aggregate_bench
+
+    _positive(n=args.n, d=args.d, repeats=args.repeats)
+    result = run_aggregate_bench(n=args.n, d=args.d, f=args.f, repeats=args.repeats, seed=args.seed)
+    print_result(result, as_json=args.json)
+    return 0
+
+
+def _robustness(args: argparse.Namespace) -> int:
+    from fedsilo.robustness import run_robustness_bench
+
+    _positive(silos=args.silos, seeds=args.seeds)
+    if args.rounds is not None:
+        _positive(rounds=args.rounds)
+    result = run_robustness_bench(
+        silos=args.silos, malicious=args.malicious, rounds=args.rounds, seeds=args.seeds,
+        attacks=_names(args.attacks), rules=_names(args.rules), progress=not args.json,
+    )
+    print_result(result, as_json=args.json)
+    return 0
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ConfigError("an empty list was given", fix="name at least one, comma-separated")
+    return names
+
+
 def print_result(result: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result))
         return
-    params = ", ".join(f"{k}={v}" for k, v in result["params"].items())
+    # Nested parameters (per-rule arguments, summaries) are in --json; the header keeps the scalar ones.
+    params = ", ".join(f"{k}={v}" for k, v in result["params"].items() if not isinstance(v, (dict, list)))
     machine = ", ".join(f"{k}={v}" for k, v in result["machine"].items())
     print(f"bench {result['bench']} ({params}) on {machine}")
     header = ("case", "metric", "value", "baseline", "ratio")
