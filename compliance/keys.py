@@ -9,7 +9,9 @@ with every character outside ``[A-Za-z0-9._-]`` replaced by ``_``:
   ``<name>+<hex key ID>+<base64(type || public key)>``. Hand this file to whoever verifies.
 
 The role fixes the key type: ``log`` signs checkpoints (0x01, signed-note Ed25519); ``witness`` cosigns
-them (0x04, tlog-cosignature/v1). A key serves one role only (the cosignature spec asks for it).
+them (0x04, tlog-cosignature/v1); ``person`` signs statements by a researcher or a site officer
+(:mod:`compliance.statements`, signed notes, 0x01). A key serves one role only (the cosignature spec asks
+for it): each purpose has its own key files and its own folder of trusted public keys.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from compliance.checkpoint import KEY_TYPE_COSIGNATURE, KEY_TYPE_NOTE, Signer, VerifierKey, parse_vkey
 from fedsilo.errors import ConfigError
 
-ROLES = {"log": KEY_TYPE_NOTE, "witness": KEY_TYPE_COSIGNATURE}
+ROLES = {"log": KEY_TYPE_NOTE, "witness": KEY_TYPE_COSIGNATURE, "person": KEY_TYPE_NOTE}
 PRIVATE_SUFFIX = ".key"
 PUBLIC_SUFFIX = ".vkey"
 PRIVATE_MODE = 0o600

@@ -10,6 +10,7 @@ metrics.json atomically to the run folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -22,12 +23,13 @@ import numpy as np
 
 from compliance import AuditLog, EventType
 from compliance.checkpoint import Signer, VerifierKey, verify_checkpoint
-from coordinator.aggregation import build_rule
-from coordinator.validation import UpdateRejected, validate_reply
+from coordinator.aggregation import rule_for_plan
+from coordinator.server_optimizer import build_server_optimizer
+from coordinator.validation import Expectation, UpdateRejected, validate_reply
 from fedsilo import protocol as P
 from fedsilo.errors import DeploymentError, FedsiloError, VerificationError
 from pipelines.plan import Plan
-from pipelines.serialization import l2_norm, save_model, state_digest, state_nbytes
+from pipelines.serialization import save_model, state_digest, state_nbytes
 
 ROUNDS_FILE = "rounds.jsonl"
 
@@ -62,15 +64,18 @@ class FederatedRun:
     """
 
     def __init__(self, grid, plan: Plan, plan_text: str, out_dir: Path, run_id: str, initial: dict[str, np.ndarray], *,
-                 signer: Signer | None = None, witness_keys: Sequence[VerifierKey] = ()) -> None:
+                 signer: Signer | None = None, witness_keys: Sequence[VerifierKey] = (), submission=None) -> None:
         self.grid = grid
         self.plan = plan
         self.plan_text = plan_text
         self.plan_hash = plan.hash()
+        self.submission = submission  # compliance.statements.SubmissionBundle, or None (silos will refuse)
         self.out_dir = out_dir
         self.run_id = run_id
         self.global_state = initial
-        self.rule = build_rule(plan.federation.aggregation.rule, plan.federation.aggregation.args)
+        fed = plan.federation
+        self.rule = rule_for_plan(fed)
+        self.optimizer = build_server_optimizer(fed.server_optimizer.name, fed.server_lr, fed.server_optimizer.args)
         self.state = RunState(plan_hash=self.plan_hash, run_id=run_id)
         self.actor = {"kind": "coordinator", "id": "coordinator", "site": None, "role": "aggregator",
                       "key": signer.fingerprint if signer else None}
@@ -92,6 +97,9 @@ class FederatedRun:
 
         arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.global_state.items()})
         config = ConfigRecord({P.PLAN_YAML: self.plan_text, P.PLAN_HASH: self.plan_hash, P.RUN_ID: self.run_id, P.ROUND: round_})
+        if self.submission is not None:
+            config[P.SUBMISSION] = self.submission.note
+            config[P.RESEARCHER_KEY] = self.submission.researcher_key
         messages = []
         for node in nodes:
             content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
@@ -151,6 +159,8 @@ class FederatedRun:
 
     def _train_round(self, round_: int, nodes: list[int]) -> tuple[dict[str, dict[str, float]], int]:
         replies = self._send(nodes, round_, "train")
+        fed = self.plan.federation
+        expect = Expectation(run_id=self.run_id, round=round_, norm_bound=fed.update_norm_bound, norm_action=fed.update_norm_action)
         valid, sites = [], {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -160,7 +170,7 @@ class FederatedRun:
                                   run_id=self.run_id, round=round_, outcome="failure", reason=reason, details={"code": int(reply.error.code)})
                 continue
             try:
-                update = validate_reply(node, reply.content, self.global_state)
+                update = validate_reply(node, reply.content, self.global_state, expect)
             except UpdateRejected as exc:
                 self.audit.append(EventType.UPDATE_REJECTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
                                   run_id=self.run_id, round=round_, outcome="denied", reason=exc.code, details={"message": exc.message})
@@ -173,22 +183,24 @@ class FederatedRun:
             digest = state_digest(update.delta)
             self.audit.append(EventType.UPDATE_RECEIVED, actor=self.actor, object={"type": "update", "id": f"{update.site}/{round_}", "sha256": digest},
                               run_id=self.run_id, round=round_,
-                              details={"site": update.site, "node": str(node), "bytes": state_nbytes(update.delta), "l2_norm": l2_norm(update.delta),
-                                       "num_examples": update.num_examples, "epsilon": update.metrics.get("epsilon")})
+                              details={"site": update.site, "node": str(node), "bytes": state_nbytes(update.delta), "l2_norm": update.l2_norm,
+                                       "clipped": update.clipped, "num_examples": update.num_examples, "epsilon": update.metrics.get("epsilon")})
             valid.append((update, digest))
             sites[update.site] = {"num_examples": update.num_examples, "train_loss": update.metrics.get("train-loss"),
                                   "epsilon": update.metrics.get("epsilon"), "train_seconds": update.metrics.get("seconds")}
-        if len(valid) < self.plan.federation.min_silos:
+        need = max(fed.min_silos, self.rule.min_updates())
+        if len(valid) < need:
             raise FedsiloError(
-                f"round {round_}: {len(valid)} valid update(s) of {len(nodes)} silo(s), the plan needs {self.plan.federation.min_silos}",
+                f"round {round_}: {len(valid)} valid update(s) of {len(nodes)} silo(s), the plan needs {need}",
                 fix="check the silos' error replies in the audit log (fedsilo audit show) and their logs",
             )
         aggregate = self.rule.aggregate([u.delta for u, _ in valid], [float(u.num_examples) for u, _ in valid])
-        lr = self.plan.federation.server_lr
-        self.global_state = {k: (v + lr * aggregate[k]).astype(v.dtype) for k, v in self.global_state.items()}
+        self.global_state = self.optimizer.step(self.global_state, aggregate)
         self.audit.append(EventType.AGGREGATE_COMPUTED, actor=self.actor, object={"type": "model", "id": f"round-{round_}", "sha256": state_digest(self.global_state)},
                           run_id=self.run_id, round=round_,
-                          details={"rule": self.rule.name, "server_lr": lr, "inputs": [d for _, d in valid], "aggregate_sha256": state_digest(aggregate)})
+                          details={"rule": self.rule.name, "rule_args": dict(fed.aggregation.args), "rule_details": _sites_named(self.rule.details, valid),
+                                   "server_optimizer": self.optimizer.name, "server_lr": fed.server_lr,
+                                   "inputs": [d for _, d in valid], "input_sites": [u.site for u, _ in valid], "aggregate_sha256": state_digest(aggregate)})
         return sites, len(valid)
 
     def _evaluate_round(self, round_: int, nodes: list[int], sites: dict[str, dict[str, Any]], note: bytes | None) -> None:
@@ -215,6 +227,11 @@ class FederatedRun:
     def execute(self) -> RunState:
         plan = self.plan
         (self.out_dir / "plan.yaml").write_text(self.plan_text, encoding="utf-8")
+        if self.submission is not None:
+            statement = self.submission.verify(self.plan_hash)
+            researcher = {"kind": "person", "id": statement.signer.name, "site": None, "role": "researcher", "key": statement.signer.fingerprint}
+            self.audit.append(EventType.PLAN_SUBMITTED, actor=researcher, object={"type": "plan", "id": plan.name[:100], "sha256": self.plan_hash},
+                              run_id=self.run_id, details={"signed_at": statement.fields.get("time"), "submission_sha256": hashlib.sha256(self.submission.note).hexdigest()})
         self.audit.append(EventType.RUN_STARTED, actor=self.actor, object={"type": "plan", "id": plan.name, "sha256": self.plan_hash}, run_id=self.run_id,
                           details={"rounds": plan.federation.rounds, "rule": plan.federation.aggregation.rule, "min_silos": plan.federation.min_silos,
                                    "initial_model_sha256": state_digest(self.global_state)})
@@ -252,6 +269,26 @@ class FederatedRun:
         save_model(self.out_dir / "model.safetensors", self.global_state, metadata={"plan_hash": self.plan_hash, "round": str(row["round"])})
         _write_json(self.out_dir / "metrics.json", summarize(self.state))
         self._progress({"event": "round", **row})
+
+
+def _sites_named(details: dict[str, Any], valid: list) -> dict[str, Any]:
+    """A rule's details with update indices (e.g. Krum's selection) also given as site names."""
+    out = {k: _plain(v) for k, v in (details or {}).items()}
+    for key, value in list(out.items()):
+        if key in ("selected", "clipped") and isinstance(value, list) and all(isinstance(i, int) and 0 <= i < len(valid) for i in value):
+            out[f"{key}_sites"] = [valid[i][0].site for i in value]
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and tuples as JSON values (audit records take JSON only)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def summarize(state: RunState) -> dict[str, Any]:

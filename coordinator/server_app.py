@@ -1,7 +1,8 @@
 """The coordinator: a Flower ServerApp.
 
-Run config (``flwr run ... --run-config``): ``plan-path`` (the plan YAML) and ``out-dir``
-(the run folder). It builds the initial model from the plan (same seed at every party), then
+Run config (``flwr run ... --run-config``): ``plan-path`` (a submission bundle from
+``fedsilo plan sign``: the plan with the researcher's signature; a bare plan YAML runs too, but every
+silo refuses an unsigned plan) and ``out-dir`` (the run folder). It builds the initial model from the plan (same seed at every party), then
 hands over to :class:`coordinator.federation.FederatedRun`.
 """
 
@@ -35,15 +36,29 @@ def main(grid: Grid, context: Context) -> None:
         if not str(out_dir) or str(out_dir) == ".":
             raise ConfigError("no out-dir in the run config", fix="pass --run-config \"out-dir='/abs/run'\"")
         out_dir.mkdir(parents=True, exist_ok=True)
-        plan_text = plan_path.read_text(encoding="utf-8")
+        plan_text, submission = read_plan_or_bundle(plan_path)
         plan = parse_plan_text(plan_text, source=str(plan_path))
+        if submission is not None:
+            submission.verify(plan.hash())
         initial = to_numpy(build_network(plan, seed=plan.training.seed).state_dict())
         signer, witness_keys = _audit_keys(cfg)
-        FederatedRun(grid, plan, plan_text, out_dir, str(context.run_id), initial, signer=signer, witness_keys=witness_keys).execute()
+        FederatedRun(grid, plan, plan_text, out_dir, str(context.run_id), initial, signer=signer, witness_keys=witness_keys,
+                     submission=submission).execute()
     except FedsiloError as exc:
         # The ServerApp's exit is reported by Flower; the reason goes to its log in one line.
         log.error("fedsilo: error: %s", exc.one_line())
         raise SystemExit(exc.exit_code) from None
+
+
+def read_plan_or_bundle(path: Path):
+    """(plan text, SubmissionBundle or None): a .json file is a submission bundle, anything else a plan YAML."""
+    from compliance.statements import SubmissionBundle
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        bundle = SubmissionBundle.from_json(text, str(path))
+        return bundle.plan_text, bundle
+    return text, None
 
 
 def _audit_keys(cfg) -> tuple:

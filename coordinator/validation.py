@@ -1,9 +1,12 @@
 """Checks on every silo reply before it may count towards the aggregate.
 
-A reply is accepted only if it carries a site id, a positive example count, and a delta with
-exactly the global model's tensor names, shapes and dtypes, every value finite. Each failed
-check is an :class:`UpdateRejected` with a short reason code and a human message; the caller
-audits it. Arrays arrive as Flower ``Array`` objects deserialized with ``allow_pickle=False``.
+A reply is accepted only if it carries a site id, the run id and round it answers, a positive
+example count, and a delta with exactly the global model's tensor names, shapes and dtypes, each
+tensor's payload no bigger than its shape needs (checked before decoding), every value finite, and
+an L2 norm within the plan's bound (or clipped to it, as the plan says). Each failed check is an
+:class:`UpdateRejected` with a short reason code and a human message; the caller audits it. Arrays
+arrive as Flower ``Array`` objects in numpy's .npy format, decoded with ``allow_pickle=False``:
+nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from fedsilo.errors import VerificationError
 
 SITE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_NUM_EXAMPLES = 10_000_000
+MAX_METRICS = 64
+# An .npy payload is a header (magic, version, a dict literal padded to 64 bytes) plus the raw data.
+NPY_HEADER_MAX = 4096
 
 
 class UpdateRejected(VerificationError):
@@ -31,21 +37,42 @@ class UpdateRejected(VerificationError):
 
 
 @dataclass(frozen=True)
+class Expectation:
+    """What this round's replies must match: the run and round they answer, and the plan's norm bound."""
+
+    run_id: str
+    round: int
+    norm_bound: float | None = None
+    norm_action: str = "reject"  # or "clip"
+
+
+@dataclass(frozen=True)
 class ValidUpdate:
     node_id: int
     site: str
     delta: dict[str, np.ndarray]
     num_examples: int
     metrics: dict[str, float]
+    l2_norm: float = 0.0  # of the delta as received (before any clipping)
+    clipped: bool = False
 
 
-def validate_reply(node_id: int, content, reference: Mapping[str, np.ndarray]) -> ValidUpdate:
-    """Validate one train reply's content against the global model ``reference``."""
+def validate_reply(node_id: int, content, reference: Mapping[str, np.ndarray], expect: Expectation | None = None) -> ValidUpdate:
+    """Validate one train reply's content against the global model ``reference`` and this round's ``expect``."""
     if P.IDENTITY not in content or P.METRICS not in content or P.ARRAYS not in content:
         raise UpdateRejected("missing-record", "reply lacks the identity, metrics or arrays record")
-    site = content[P.IDENTITY].get(P.SITE)
+    identity = content[P.IDENTITY]
+    site = identity.get(P.SITE)
     if not isinstance(site, str) or not SITE_RE.match(site):
         raise UpdateRejected("bad-identity", "reply carries no valid site id")
+    if expect is not None:
+        run_id, round_ = identity.get(P.RUN_ID), identity.get(P.ROUND)
+        if run_id != expect.run_id:
+            raise UpdateRejected("wrong-run", "reply names another run (or none)")
+        if isinstance(round_, bool) or not isinstance(round_, int) or round_ != expect.round:
+            raise UpdateRejected("wrong-round", f"reply answers round {round_!r}, this is round {expect.round} (replayed or late)")
+    if len(content[P.METRICS]) > MAX_METRICS:
+        raise UpdateRejected("too-many-metrics", f"reply carries {len(content[P.METRICS])} metrics, at most {MAX_METRICS} are accepted")
     metrics = dict(content[P.METRICS])
     n = metrics.get(P.NUM_EXAMPLES)
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not 0 < n <= MAX_NUM_EXAMPLES or int(n) != n:
@@ -59,7 +86,13 @@ def validate_reply(node_id: int, content, reference: Mapping[str, np.ndarray]) -
         raise UpdateRejected("wrong-names", f"tensor names differ from the global model ({len(names ^ set(reference))} mismatched)")
     delta = {}
     for name, ref in reference.items():
-        arr = record[name].numpy()
+        payload = record[name]
+        if len(payload.data) > ref.nbytes + NPY_HEADER_MAX:
+            raise UpdateRejected("payload-too-large", f"tensor '{name}' arrives as {len(payload.data)} bytes, its shape needs {ref.nbytes}")
+        try:
+            arr = payload.numpy()
+        except (ValueError, TypeError, OSError, EOFError):
+            raise UpdateRejected("bad-payload", f"tensor '{name}' is not a valid .npy array") from None
         if arr.shape != ref.shape:
             raise UpdateRejected("wrong-shape", f"tensor '{name}' has shape {list(arr.shape)}, expected {list(ref.shape)}")
         if arr.dtype != ref.dtype:
@@ -68,4 +101,22 @@ def validate_reply(node_id: int, content, reference: Mapping[str, np.ndarray]) -
             raise UpdateRejected("non-finite", f"tensor '{name}' holds NaN or Inf")
         delta[name] = arr
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return ValidUpdate(node_id=node_id, site=site, delta=delta, num_examples=int(n), metrics=clean)
+    norm = global_l2_norm(delta)
+    clipped = False
+    if expect is not None and expect.norm_bound is not None and norm > expect.norm_bound:
+        if expect.norm_action != "clip":
+            raise UpdateRejected("norm-too-large", f"update L2 norm {norm:.4g} exceeds the plan's bound {expect.norm_bound:.4g}")
+        scale = expect.norm_bound / norm
+        delta = {k: (v * scale).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in delta.items()}
+        clipped = True
+    return ValidUpdate(node_id=node_id, site=site, delta=delta, num_examples=int(n), metrics=clean, l2_norm=norm, clipped=clipped)
+
+
+def global_l2_norm(delta: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of an update over all its floating-point tensors together, accumulated in float64."""
+    total = 0.0
+    for value in delta.values():
+        if np.issubdtype(value.dtype, np.floating):
+            flat = value.reshape(-1).astype(np.float64, copy=False)
+            total += float(flat @ flat)
+    return math.sqrt(total)

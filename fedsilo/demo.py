@@ -169,6 +169,8 @@ def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any
     plan_path.write_text(plan.to_yaml(), encoding="utf-8")
     say(f"fedsilo demo: plan '{plan.name}' ({plan.hash()[:12]}), {opts.silos} silos, {plan.federation.rounds} rounds, run folder {out}")
     sites = make_sites(out, plan.task, silos=opts.silos, sizes=opts.sizes, seed=opts.seed, say=say)
+    bundle = sign_and_approve(out, plan_path, sites)
+    say(f"plan signed by demo-researcher and approved at each site by its demo-officer ({bundle.name})")
     metric = "dice" if plan.is_segmentation else "accuracy"
     silos = [SiloSpec(site=s.site_id, site_dir=s.root) for s in sites]
     if opts.engine == "simulation":
@@ -180,7 +182,7 @@ def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any
     with runtime as federation:
         say(f"federation up on 127.0.0.1:{federation.port}; training with DP-SGD (target epsilon {plan.privacy.target_epsilon}, delta {plan.privacy.target_delta})")
         table = RoundTable([s.site_id for s in sites], metric, stream)
-        federation.run_plan(plan_path, out, on_round=table.row)
+        federation.run_plan(bundle, out, on_round=table.row)
     say("all federation processes stopped")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     if opts.baseline:
@@ -192,6 +194,43 @@ def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any
     _summary(metrics, metric, say)
     say(f"verify the audit trail: {verify_hint(out, sites)}")
     return metrics
+
+
+def sign_plan(out: Path, plan_path: Path, *, researcher: str = "demo-researcher") -> Path:
+    """Sign the plan as a researcher would ('fedsilo plan sign'), with a key under out/pki/researcher; returns the bundle."""
+    from compliance.keys import generate_signer, load_signer
+    from compliance.records import utc_now
+    from compliance.statements import SubmissionBundle, sign_statement
+    from pipelines.plan import load_plan
+
+    plan = load_plan(plan_path)
+    keys = out / "pki" / "researcher"
+    signer = load_signer(keys, researcher) if (keys / f"{researcher}.key").exists() else generate_signer(keys, researcher, role="person")
+    note = sign_statement("plan-submission", [("plan", plan.hash()), ("plan-name", plan.name[:100]), ("researcher", signer.name),
+                                              ("time", utc_now())], signer)
+    bundle_path = plan_path.with_name(plan_path.stem + ".submission.json")
+    bundle_path.write_text(SubmissionBundle(plan_path.read_text(encoding="utf-8"), note, signer.vkey()).to_json(), encoding="utf-8")
+    return bundle_path
+
+
+def approve_at_sites(bundle_path: Path, sites: list[Any], *, officer: str = "demo-officer") -> None:
+    """An officer at each site imports the bundle and approves it ('fedsilo silo plan import|approve')."""
+    from silo_agent.approvals import add_officer, decide, import_bundle, officers_dir
+
+    for site in sites:
+        if not (officers_dir(site) / f"{officer}.vkey").exists():
+            add_officer(site, officer)
+        decide(site, import_bundle(site, bundle_path), officer=officer, decision="approved")
+
+
+def sign_and_approve(out: Path, plan_path: Path, sites: list[Any]) -> Path:
+    """Do what the people of a real federation do, with their real tools: the researcher signs the plan and an
+    officer at each site approves it. Returns the submission bundle to run. Only the demo and tests approve
+    for the sites; a real site's officer decides with 'fedsilo silo plan approve'.
+    """
+    bundle = sign_plan(out, plan_path)
+    approve_at_sites(bundle, sites)
+    return bundle
 
 
 def _summary(metrics: dict[str, Any], metric: str, say: Callable[[str], None]) -> None:

@@ -235,6 +235,13 @@ def submit_and_follow(procs: ProcessSet, root: Path, plan_path: Path, out_dir: P
     rounds_file = out_dir / "logs" / ROUNDS_FILE
     rounds_file.unlink(missing_ok=True)
     runner = procs.start("flwr-run", [_bin("flwr"), "run", str(app_dir), link, "--run-config", str(run_config), "--stream", *flwr_args])
+    try:
+        _follow(procs, runner, rounds_file, out_dir, on_round, timeout_s)
+    finally:
+        procs.finish(runner)  # the federation stays up for the next run, whatever became of this one
+
+
+def _follow(procs: ProcessSet, runner, rounds_file: Path, out_dir: Path, on_round, timeout_s: float) -> None:
     seen, deadline = 0, time.monotonic() + timeout_s
     while True:
         rows = _read_rows(rounds_file)
@@ -244,7 +251,6 @@ def submit_and_follow(procs: ProcessSet, root: Path, plan_path: Path, out_dir: P
             if row.get("event") == "failed":
                 raise DeploymentError(f"the run failed: {row.get('reason')}", fix=f"read {out_dir / 'audit'} with fedsilo audit show, and {procs.logs_dir}")
             if row.get("event") == "finished":
-                runner.stop(grace_s=5.0)
                 return
         seen = len(rows)
         procs.check_alive()

@@ -185,6 +185,11 @@ class ProcessSet:
             time.sleep(0.2)
         raise DeploymentError(f"{proc.name} did not listen on port {port} within {timeout_s:.0f} s", fix=f"read {proc.log_path}")
 
+    def finish(self, proc: "ManagedProcess") -> None:
+        """Stop ``proc`` if it still runs and forget it: a finished job's exit code is not a failure of the set."""
+        proc.stop(grace_s=5.0)
+        self.processes.remove(proc)
+
     def check_alive(self) -> None:
         for proc in self.processes:
             if not proc.alive() and proc.popen.returncode not in (0, None):

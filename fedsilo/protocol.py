@@ -6,11 +6,13 @@ Constants only, so both sides agree without importing each other.
 ARRAYS = "arrays"  # ArrayRecord: global weights (to silos) or the weight delta (from silos)
 CONFIG = "config"  # ConfigRecord to silos: PLAN_YAML, PLAN_HASH, RUN_ID, ROUND
 METRICS = "metrics"  # MetricRecord from silos: numeric, allow-listed keys only
-IDENTITY = "identity"  # ConfigRecord from silos: SITE only
+IDENTITY = "identity"  # ConfigRecord from silos: SITE, and in train replies RUN_ID and ROUND
 WITNESS = "witness"  # ConfigRecord to silos: CHECKPOINT, PROOF, OLD_SIZE; from silos: COSIGNED
 
 PLAN_YAML = "plan-yaml"
 PLAN_HASH = "plan-hash"
+SUBMISSION = "submission"  # the researcher's signed plan submission (a compliance.statements note), bytes
+RESEARCHER_KEY = "researcher-key"  # the researcher's public key (.vkey line) that signed the submission
 RUN_ID = "run-id"
 ROUND = "round"
 SITE = "site"

@@ -397,3 +397,54 @@ def load_plan(path: str | Path) -> Plan:
     if not p.is_file():
         raise ConfigError(f"no plan file at {p}", fix="give the path of a plan YAML, e.g. configs/plans/seg3d-unet-dp.yaml")
     return parse_plan_text(p.read_text(encoding="utf-8"), source=str(p))
+
+
+# --- the schema reference (docs/plan-schema.md is generated from this; a test keeps them equal) --------------
+
+_CHOICES = {
+    "task": TASKS, "training.optimizer.name": OPTIMIZERS, "training.loss": LOSSES, "privacy.accountant": ACCOUNTANTS,
+    "metrics": METRICS, "federation.aggregation.rule": AGGREGATION_RULES, "federation.server_optimizer.name": SERVER_OPTIMIZERS,
+    "federation.update_norm_action": NORM_ACTIONS,
+}
+
+
+def schema_reference() -> str:
+    """The plan schema as Markdown: every key with its type, default and allowed values, from the dataclasses."""
+    from dataclasses import MISSING, fields, is_dataclass
+    from typing import get_type_hints
+
+    from pipelines.networks import NETWORKS
+    from pipelines.transforms import TRANSFORMS
+
+    choices = {**_CHOICES, "model.network": tuple(sorted(NETWORKS)), "data.transforms[].name": tuple(TRANSFORMS)}
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            key = f"{prefix}{f.name}"
+            kind = hints[f.name]
+            if f.default is not MISSING:
+                default = f.default
+            elif f.default_factory is not MISSING:
+                default = f.default_factory()
+            else:
+                default = MISSING
+            if is_dataclass(kind):
+                walk(kind, key + ".")
+                continue
+            if key == "data.transforms":
+                walk(TransformSpec, key + "[].")
+                continue
+            type_text = str(kind).replace("typing.", "").replace(" | ", " or ") if not isinstance(kind, type) else kind.__name__
+            type_text = {"dict[str, Any]": "mapping", "tuple[str, ...]": "list of str", "float or None": "float or null"}.get(type_text, type_text)
+            default_text = "required" if default is MISSING else json.dumps(default if not isinstance(default, tuple) else list(default))
+            rows.append((key, type_text, default_text, ", ".join(choices.get(key, ())) or "-"))
+
+    walk(Plan, "")
+    lines = ["# Plan schema reference", "",
+             "Generated from `pipelines/plan.py` by `fedsilo plan schema` (do not edit by hand). Unknown keys are errors;",
+             "each error names the key and the fix. `args` take numbers, strings, booleans and lists of them only.", "",
+             "| key | type | default | allowed |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{k}` | {t} | `{d}` | {a} |" for k, t, d, a in rows]
+    return "\n".join(lines) + "\n"

@@ -132,6 +132,17 @@ def plan_noise_multiplier(plan: Plan, num_examples: int) -> float:
         ) from None
 
 
+def planned_round_entry(plan: Plan, num_examples: int) -> HistoryEntry:
+    """The accountant record one round of this plan will add at most (every batch taking a step).
+
+    Poisson sampling can draw empty batches, which take no step, so the real round spends at most this:
+    a budget check made with it before training errs on the safe side.
+    """
+    rate = sample_rate(plan, num_examples)
+    steps = plan.training.local_epochs * math.ceil(num_examples / plan.training.batch_size)
+    return (plan_noise_multiplier(plan, num_examples), rate, steps)
+
+
 def composed_epsilon(history: Sequence[HistoryEntry], *, delta: float, accountant: str) -> float:
     """Epsilon of a whole accountant history at ``delta`` (0.0 for an empty history)."""
     from opacus.accountants import create_accountant

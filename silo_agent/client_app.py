@@ -132,6 +132,23 @@ def _plan_from(msg: Message):
     return plan, str(cfg[P.RUN_ID]), int(cfg[P.ROUND])
 
 
+def _approved(msg: Message, site: Site, plan, audit: AuditLog, actor: dict, run_id: str, round_: int):
+    """Refuse, before any data is read, a plan that is unsigned, unapproved here, or outside the site policy."""
+    from silo_agent.approvals import require_approval, verify_submission
+
+    cfg = msg.content[P.CONFIG]
+    if P.SUBMISSION not in cfg or P.RESEARCHER_KEY not in cfg:
+        raise RefusalError("the plan carries no researcher signature (submit it with 'fedsilo plan sign')")
+    plan_hash = plan.hash()
+    submission = verify_submission(str(cfg[P.PLAN_YAML]), plan_hash, bytes(cfg[P.SUBMISSION]), str(cfg[P.RESEARCHER_KEY]))
+    audit.append(EventType.PLAN_RECEIVED, actor=actor, object={"type": "plan", "id": plan.name[:100], "sha256": plan_hash}, run_id=run_id, round=round_,
+                 details={"researcher": submission.researcher, "researcher_key": submission.fingerprint, "message": msg.metadata.message_type})
+    from silo_agent.site import record_policy_if_changed
+
+    record_policy_if_changed(site, actor=actor)  # a hand-edited policy is recorded before it takes effect
+    return require_approval(site, plan, str(cfg[P.PLAN_YAML]), plan_hash, submission)
+
+
 def _global_model(msg: Message, plan):
     """Build the plan's network and load the global weights, refusing foreign tensors."""
     from pipelines.networks import build_network
@@ -169,13 +186,16 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
 
     plan, run_id, round_ = _plan_from(msg)
     plan_hash = plan.hash()
-    audit.append(EventType.PLAN_RECEIVED, actor=actor, object={"type": "plan", "id": plan.name, "sha256": plan_hash}, run_id=run_id, round=round_)
+    _approved(msg, site, plan, audit, actor, run_id, round_)
     model, global_state = _global_model(msg, plan)  # refuse a foreign model before reading any data
-    entry, data, random = _load(site, plan, "training")
     with PrivacyLedger.for_site(site.privacy_dir) as ledger:
+        entry = site.dataset(plan.data.dataset)
         if plan.privacy.enabled and ledger.has_spent(entry.name, run_id, round_):
             raise RefusalError(f"round {round_} of run {run_id[:12]} already trained on dataset '{entry.name}' (replayed message)")
         history = ledger.history(entry.name) if plan.privacy.enabled else []
+        if plan.privacy.enabled:  # from the registry's case count: no image is read for a round that is refused
+            _check_budget(site, plan, entry.name, history, _case_count(entry, "training"))
+        entry, data, random = _load(site, plan, "training")
         audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
                      run_id=run_id, round=round_, details={"cases": len(data), "split": "training"})
         result = train_local(model, data, plan, history=history, random_transform=random, seed=secrets.randbits(62))
@@ -198,17 +218,20 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     check_metrics(metrics)
     audit.append(EventType.UPDATE_SENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(delta_np)},
                  run_id=run_id, round=round_, details={"bytes": state_nbytes(delta_np), "l2_norm": l2_norm(delta_np), "num_examples": result.num_examples})
-    return RecordDict({
+    content = RecordDict({
         P.ARRAYS: ArrayRecord(delta),
         P.METRICS: MetricRecord(metrics),
-        P.IDENTITY: ConfigRecord({P.SITE: site.site_id}),
+        P.IDENTITY: ConfigRecord({P.SITE: site.site_id, P.RUN_ID: run_id, P.ROUND: round_}),
     })
+    _check_egress(content, site, run_id, round_, to_numpy(global_state))
+    return content
 
 
 def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict:
     from pipelines.metrics import evaluate as evaluate_model
 
     plan, run_id, round_ = _plan_from(msg)
+    _approved(msg, site, plan, audit, actor, run_id, round_)
     model, _ = _global_model(msg, plan)
     entry, data, _ = _load(site, plan, "test")
     metrics = evaluate_model(model, data, plan)
@@ -218,7 +241,41 @@ def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordD
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.IDENTITY: ConfigRecord({P.SITE: site.site_id})})
     if P.WITNESS in msg.content:
         content[P.WITNESS] = ConfigRecord({P.COSIGNED: _witness(msg.content[P.WITNESS], site, audit, actor, run_id, round_)})
+    _check_egress(content, site, run_id, round_, None)
     return content
+
+
+def _check_egress(content: RecordDict, site: Site, run_id: str, round_: int, reference) -> None:
+    """The whole reply against the egress allow-list and the site policy; a block is audited by _handle."""
+    from silo_agent.egress import check_reply
+    from silo_agent.policy import load_policy
+
+    check_reply(content, site_id=site.site_id, run_id=run_id, round_=round_,
+                allowed_metrics=load_policy(site.root).allowed_metrics, reference=reference)
+
+
+def _case_count(entry, split: str) -> int:
+    from pipelines.dataset import read_datalist
+
+    cases = len(read_datalist(entry.datalist).get(split) or [])
+    if not cases:
+        raise DataError(f"{entry.datalist}: the '{split}' split is empty", fix="register a dataset with cases in this split")
+    return cases
+
+
+def _check_budget(site: Site, plan, dataset: str, history: list, num_examples: int) -> None:
+    """Refuse a round that could push the dataset past its lifetime epsilon (site policy), before training."""
+    from pipelines.training import composed_epsilon, planned_round_entry
+    from silo_agent.policy import load_policy
+
+    budget = load_policy(site.root).lifetime_epsilon_per_dataset
+    p = plan.privacy
+    spent = composed_epsilon(history, delta=p.target_delta, accountant=p.accountant)
+    after = composed_epsilon([*history, planned_round_entry(plan, num_examples)], delta=p.target_delta, accountant=p.accountant)
+    if after > budget:
+        raise RefusalError(f"privacy budget: dataset '{dataset}' has spent epsilon {spent:.2f} of its lifetime {budget:g}; "
+                           f"this round would bring it to {after:.2f}",
+                           fix="the site may raise lifetime_epsilon_per_dataset in policy.yaml, or register fresh data")
 
 
 def _witness(record: ConfigRecord, site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int) -> bytes:

@@ -40,3 +40,44 @@ def check_metrics(metrics: Mapping[str, object]) -> None:
             raise RefusalError(f"egress blocked: metric '{key}' is not on the allow-list")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RefusalError(f"egress blocked: metric '{key}' is not a finite number")
+
+
+REPLY_RECORDS = {"arrays", "metrics", "identity", "witness"}  # fedsilo.protocol names, checked below
+POLICY_METRICS = {"loss": "loss", "train-loss": "loss", "dice": "dice", "accuracy": "accuracy", "auc": "auc"}
+
+
+def check_reply(content, *, site_id: str, run_id: str, round_: int, allowed_metrics: tuple[str, ...],
+                reference: Mapping[str, np.ndarray] | None = None) -> None:
+    """The last check on a whole reply before it leaves: which records, which keys, which strings.
+
+    Records: only arrays (the global model's names, shapes and dtypes), metrics (allow-listed, finite, and
+    among the site policy's ``allowed_metrics``), identity (exactly site, run id and round, equal to this
+    site and the message answered) and witness (a cosigned checkpoint, checked by witnessing.check_cosigned).
+    """
+    from fedsilo import protocol as P
+
+    names = set(content.keys())
+    if not names <= {P.ARRAYS, P.METRICS, P.IDENTITY, P.WITNESS}:
+        raise RefusalError(f"egress blocked: reply carries unexpected records {sorted(names - REPLY_RECORDS)}")
+    if P.ARRAYS in content:
+        if reference is None:
+            raise RefusalError("egress blocked: arrays in a reply that sends none")
+        record = content[P.ARRAYS]
+        if set(record.keys()) != set(reference):
+            raise RefusalError("egress blocked: reply tensors differ from the global model")
+        for name, ref in reference.items():
+            array = record[name]
+            if tuple(array.shape) != ref.shape or array.dtype != str(ref.dtype):
+                raise RefusalError(f"egress blocked: tensor '{name}' is {array.dtype}{list(array.shape)}, the global model has {ref.dtype}{list(ref.shape)}")
+    if P.METRICS in content:
+        metrics = dict(content[P.METRICS])
+        check_metrics(metrics)
+        refused = sorted(k for k in metrics if k in POLICY_METRICS and POLICY_METRICS[k] not in allowed_metrics)
+        if refused:
+            raise RefusalError(f"egress blocked: the site policy does not let {', '.join(refused)} leave (allowed_metrics)")
+    identity = dict(content[P.IDENTITY]) if P.IDENTITY in content else {}
+    expected = {P.SITE: site_id, P.RUN_ID: run_id, P.ROUND: round_}
+    if any(k not in expected for k in identity) or identity.get(P.SITE) != site_id or any(identity[k] != v for k, v in expected.items() if k in identity):
+        raise RefusalError("egress blocked: the identity record holds something other than this site, run and round")
+    if P.WITNESS in content and set(content[P.WITNESS].keys()) != {P.COSIGNED}:
+        raise RefusalError("egress blocked: the witness record holds something other than the cosigned checkpoint")

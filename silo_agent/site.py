@@ -3,6 +3,8 @@
 Layout of SITE_DIR::
 
     site.yaml        site id and registered datasets (name -> task, datalist)
+    policy.yaml      what any plan may do here (silo_agent.policy)
+    officers/        site officers' keys; plans/  plans received, their submissions and decisions (silo_agent.approvals)
     audit/           the silo's local audit log (compliance.AuditLog) and its witness state
     keys/            the silo's witness key (private, never leaves the site)
     trust/           public checkpoint keys (.vkey) of the coordinators the silo trusts
@@ -130,9 +132,13 @@ def init_site(root: str | Path, site_id: str) -> Site:
         (root / sub).mkdir(parents=True, exist_ok=True)
     ensure_witness_key(root, site_id)
     _write(path, {"site": site_id, "datasets": {}})
+    from silo_agent.policy import write_default_policy
+
+    write_default_policy(root)
     site = Site.open(root)
-    _audit(site, EventType.CONFIG_CHANGED, object={"type": "site", "id": site_id, "sha256": _sha256_file(path)},
-           details={"change": "site created"})
+    audit_site(site, EventType.CONFIG_CHANGED, object={"type": "site", "id": site_id, "sha256": _sha256_file(path)},
+               details={"change": "site created"})
+    record_policy_if_changed(site)
     return site
 
 
@@ -149,16 +155,42 @@ def register_dataset(site: Site, name: str, *, task: str, datalist: Path) -> Sit
     raw.setdefault("datasets", {})[name] = {"task": task, "datalist": str(datalist.resolve())}
     _write(site.root / SITE_FILE, raw)
     # The datalist's path may name patients (hospital folders often do): record its hash, never the path.
-    _audit(site, EventType.DATASET_REGISTERED, object={"type": "dataset", "id": name, "sha256": _sha256_file(datalist)},
+    audit_site(site, EventType.DATASET_REGISTERED, object={"type": "dataset", "id": name, "sha256": _sha256_file(datalist)},
            details={"task": task, "replaced": replaced})
     return Site.open(site.root)
 
 
-def _audit(site: Site, event: str, **fields) -> None:
+def audit_site(site: Site, event: str, *, actor: dict | None = None, **fields) -> None:
+    """Append one record to the site's audit log, by default as the person running the command."""
     from compliance import AuditLog
 
     with AuditLog.open(site.audit_dir, source="silo-cli") as log:
-        log.append(event, actor=site.operator(), **fields)
+        log.append(event, actor=actor or site.operator(), **fields)
+
+
+def record_policy_if_changed(site: Site, *, actor: dict | None = None) -> bool:
+    """Check policy.yaml and, when its bytes differ from the last recorded version, audit policy.changed.
+
+    Run by ``fedsilo silo policy check|reset`` and by the silo agent before each message, so a hand edit
+    is recorded before it takes effect. Returns whether a change was recorded.
+    """
+    from compliance import AuditLog
+    from silo_agent.policy import load_policy, policy_digest
+
+    policy = load_policy(site.root)  # refuses an invalid policy before recording it
+    digest = policy_digest(site.root)
+    with AuditLog.open(site.audit_dir, source="silo-cli" if actor is None else "silo-agent") as log:
+        last = None
+        for record in log.records():
+            if record["event"] == EventType.POLICY_CHANGED:
+                last = (record.get("object") or {}).get("sha256")
+        if last == digest:
+            return False
+        log.append(EventType.POLICY_CHANGED, actor=actor or site.operator(), object={"type": "policy", "id": "policy.yaml", "sha256": digest},
+                   details={"previous_sha256": last, "max_epsilon_per_plan": policy.max_epsilon_per_plan,
+                            "lifetime_epsilon_per_dataset": policy.lifetime_epsilon_per_dataset, "min_silos": policy.min_silos,
+                            "require_dp": policy.require_dp})
+    return True
 
 
 def _sha256_file(path: Path) -> str:

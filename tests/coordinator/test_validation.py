@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from coordinator.validation import UpdateRejected, validate_reply
+from coordinator.validation import Expectation, UpdateRejected, global_l2_norm, validate_reply
 from fedsilo import protocol as P
 
 REF = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
@@ -40,3 +40,67 @@ def test_defects_rejected_with_their_code(content, code):
     with pytest.raises(UpdateRejected) as err:
         validate_reply(1, content, REF)
     assert err.value.code == code
+
+
+def identified(run_id="run-1", round_=3, **kw):
+    content = reply(**kw)
+    content[P.IDENTITY] = ConfigRecord({P.SITE: "hospital0", P.RUN_ID: run_id, P.ROUND: round_})
+    return content
+
+
+EXPECT = Expectation(run_id="run-1", round=3)
+
+
+@pytest.mark.parametrize("content, code", [
+    (identified(run_id="run-0"), "wrong-run"),
+    (reply(), "wrong-run"),  # no run id at all
+    (identified(round_=2), "wrong-round"),  # replayed from the previous round
+    (identified(round_=True), "wrong-round"),
+    (identified(metrics={P.NUM_EXAMPLES: 1, **{f"m{i}": 0.0 for i in range(70)}}), "too-many-metrics"),
+])
+def test_replies_must_answer_this_run_and_round(content, code):
+    assert validate_reply(1, identified(), REF, EXPECT).site == "hospital0"
+    with pytest.raises(UpdateRejected) as err:
+        validate_reply(1, content, REF, EXPECT)
+    assert err.value.code == code
+
+
+def test_an_oversized_payload_is_refused_before_it_is_decoded():
+    content = identified()
+    big = Array(np.zeros(10_000, np.float32))
+    forged = Array(dtype="float32", shape=(2, 3), stype=big.stype, data=big.data)  # claims a small shape
+    content[P.ARRAYS]["w"] = forged
+    with pytest.raises(UpdateRejected) as err:
+        validate_reply(1, content, REF, EXPECT)
+    assert err.value.code == "payload-too-large"
+
+
+def test_a_pickled_payload_is_never_unpickled():
+    import io
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([Boom()], dtype=object), allow_pickle=True)
+    content = identified()
+    content[P.ARRAYS]["b"] = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=buf.getvalue())
+    assert b"exec" in buf.getvalue() and pickle.PROTO in buf.getvalue()  # a real pickle inside
+    with pytest.raises(UpdateRejected) as err:
+        validate_reply(1, content, REF, EXPECT)
+    assert err.value.code == "bad-payload"
+
+
+def test_norm_bound_rejects_or_clips():
+    big = {k: np.full(v.shape, 10.0, np.float32) for k, v in REF.items()}  # norm 10 * 3 = 30
+    with pytest.raises(UpdateRejected) as err:
+        validate_reply(1, identified(arrays=big), REF, Expectation("run-1", 3, norm_bound=5.0))
+    assert err.value.code == "norm-too-large" and "30" in err.value.message
+    update = validate_reply(1, identified(arrays=big), REF, Expectation("run-1", 3, norm_bound=5.0, norm_action="clip"))
+    assert update.clipped and update.l2_norm == pytest.approx(30.0)
+    assert global_l2_norm(update.delta) == pytest.approx(5.0, rel=1e-6)
+    assert update.delta["w"].dtype == np.float32
+    within = validate_reply(1, identified(arrays=big), REF, Expectation("run-1", 3, norm_bound=31.0))
+    assert not within.clipped and within.delta["w"][0, 0] == 10.0

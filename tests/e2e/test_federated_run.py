@@ -15,6 +15,10 @@ from fedsilo.local_federation import LocalFederation, SiloSpec
 from pipelines.networks import build_network
 from pipelines.plan import load_plan
 from pipelines.serialization import load_model
+from fedsilo.demo import sign_and_approve, sign_plan
+from fedsilo.errors import DeploymentError
+from file_access import FileAccessWatch
+from silo_agent.ledger import PrivacyLedger
 from silo_agent.witnessing import witness_fingerprint
 
 pytestmark = pytest.mark.e2e
@@ -27,11 +31,37 @@ def _events(path, event):
 
 def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
     sites, synthetic = make_sites(tmp_path, [30, 36])
+    bundle = sign_and_approve(tmp_path, e2e_plan, sites)  # researcher signs; each site's officer approves
+    # The same plan with one value changed after approval: signed by the researcher, approved nowhere.
+    altered = tmp_path / "altered" / "plan.yaml"
+    altered.parent.mkdir()
+    altered.write_text(e2e_plan.read_text().replace("local_epochs: 1", "local_epochs: 2"))
+    altered_bundle = sign_plan(tmp_path, altered)
     out = tmp_path / "run"
     rows = []
-    with LocalFederation(tmp_path, [SiloSpec(s.site_id, s.root) for s in sites]) as fed:
-        pids = [p.pid for p in fed.procs.processes]
-        fed.run_plan(e2e_plan, out, on_round=rows.append, timeout_s=900)
+    watch = FileAccessWatch(tmp_path / "data")
+    try:
+        with LocalFederation(tmp_path, [SiloSpec(s.site_id, s.root) for s in sites]) as fed:
+            pids = [p.pid for p in fed.procs.processes]
+            with pytest.raises(DeploymentError, match=r"round 1: 0 valid update\(s\) of 2 silo\(s\)"):
+                fed.run_plan(altered_bundle, tmp_path / "refused-run", timeout_s=600)
+            assert watch.drain() == [], "a refused plan opened patient files"  # what the kernel saw, any process
+            fed.run_plan(bundle, out, on_round=rows.append, timeout_s=900)
+            assert watch.drain(), "the approved run read no data: the file watch is not working"
+            # hospital0 may now spend less than one more round: the next run is refused there before training.
+            policy = sites[0].root / "policy.yaml"
+            policy.write_text(policy.read_text().replace("lifetime_epsilon_per_dataset: 20.0", "lifetime_epsilon_per_dataset: 8.5"))
+            with pytest.raises(DeploymentError, match=r"round 1: 1 valid update\(s\) of 2 silo\(s\)"):
+                fed.run_plan(bundle, tmp_path / "over-budget-run", timeout_s=600)
+    finally:
+        watch.close()
+    for s in sites:
+        refusals = [r["reason"] for r in _events(s.audit_dir, "plan.refused")]
+        assert any(f"plan {load_plan(altered).hash()[:12]} is not approved" in r for r in refusals)
+    [budget_refusal] = [r for r in _events(sites[0].audit_dir, "plan.refused") if "privacy budget" in r["reason"]]
+    assert "lifetime 8.5" in budget_refusal["reason"]
+    with PrivacyLedger.for_site(sites[0].privacy_dir) as ledger:
+        assert [sp.round for sp in ledger.spends("synthetic")] == [1, 2]  # nothing spent by the refused round
     # Every process we started is gone.
     for pid in pids:
         with pytest.raises(ProcessLookupError):
@@ -63,12 +93,17 @@ def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
     assert len([e for e in cosigned if e["outcome"] == "success"]) == 4  # 2 silos x 2 rounds
     # Every update a silo sent is the one the coordinator received.
     received = {(r["round"], r["object"]["sha256"]) for r in _events(out / "audit", "update.received")}
+    run_id = _events(out / "audit", "run.started")[0]["run_id"]
     assert len(received) == 4
     # Every record names who acted, in which role, with which key, and which component wrote it.
     coordinator_key = read_vkey_file(tmp_path / "pki" / "audit" / f"{COORDINATOR_LOG_KEY}.vkey").fingerprint
-    for record in _events(out / "audit", None):
+    records = _events(out / "audit", None)
+    submitted = records[0]
+    assert submitted["event"] == "plan.submitted" and submitted["actor"]["role"] == "researcher"
+    assert submitted["actor"]["key"] == read_vkey_file(tmp_path / "pki" / "researcher" / "demo-researcher.vkey").fingerprint
+    for record in records[1:]:
         assert record["actor"]["role"] == "aggregator" and record["actor"]["key"] == coordinator_key
-        assert record["source"].startswith("coordinator@")
+    assert all(record["source"].startswith("coordinator@") for record in records)
     sent = set()
     for s in sites:
         verify_log(s.audit_dir)
@@ -76,9 +111,14 @@ def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
         assert silo_records and {r["actor"]["key"] for r in silo_records} == {witness_fingerprint(s.root, s.site_id)}
         registered = _events(s.audit_dir, "dataset.registered")
         assert len(registered) == 1 and registered[0]["actor"]["role"] == "hospital-it"
-        sent |= {(r["round"], r["object"]["sha256"]) for r in _events(s.audit_dir, "update.sent")}
+        [approved] = _events(s.audit_dir, "plan.approved")
+        assert approved["actor"]["role"] == "site-officer" and approved["object"]["sha256"] == plan.hash()
+        plans_received = _events(s.audit_dir, "plan.received")
+        assert plans_received and all(r["details"]["researcher"] == "demo-researcher" for r in plans_received)
+        sent |= {(r["round"], r["object"]["sha256"]) for r in _events(s.audit_dir, "update.sent") if r["run_id"] == run_id}
         spends = _events(s.audit_dir, "dp.spent")
-        assert [r["round"] for r in spends] == [1, 2]
+        # hospital1 had budget left and trained round 1 of the over-budget run; hospital0 refused it
+        assert [r["round"] for r in spends] == ([1, 2] if s is sites[0] else [1, 2, 1])
     assert sent == received
 
     # No PHI planted in the DICOM headers appears in anything the coordinator, the silos (site folders,

@@ -8,6 +8,7 @@ import pytest
 
 from compliance import verify_log
 from fedsilo.local_federation import SiloSpec
+from fedsilo.demo import sign_and_approve
 from fedsilo.local_simulation import LocalSimulation
 
 pytestmark = pytest.mark.e2e
@@ -15,9 +16,10 @@ pytestmark = pytest.mark.e2e
 
 def test_simulation_engine_runs_the_plan_on_each_site_folder(tmp_path, e2e_plan, make_sites):
     sites, _ = make_sites(tmp_path, [12, 14])
+    bundle = sign_and_approve(tmp_path, e2e_plan, sites)
     out = tmp_path / "run"
     with LocalSimulation(tmp_path, [SiloSpec(s.site_id, s.root) for s in sites]) as sim:
-        sim.run_plan(e2e_plan, out, timeout_s=600)
+        sim.run_plan(bundle, out, timeout_s=600)
         procs = list(sim.procs.processes)
     assert all(not p.alive() for p in procs)
     metrics = json.loads((out / "metrics.json").read_text())

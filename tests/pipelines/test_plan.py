@@ -97,3 +97,12 @@ def test_robust_rule_server_optimizer_and_norm_bound_are_read():
     assert (f.server_optimizer.name, f.server_optimizer.args) == ("yogi", {"tau": 0.01})
     assert (f.update_norm_bound, f.update_norm_action) == (5, "clip")
     assert parse_plan(raw).hash() != parse_plan(yaml.safe_load(PLANS[0].read_text())).hash()
+
+
+def test_the_schema_reference_in_docs_is_generated_from_the_schema():
+    from pipelines.plan import schema_reference
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "plan-schema.md"
+    assert doc.read_text(encoding="utf-8") == schema_reference(), "regenerate it: fedsilo plan schema --out docs/plan-schema.md"
+    for key in ("federation.aggregation.rule", "privacy.target_epsilon", "data.transforms[].name", "federation.update_norm_action"):
+        assert f"| `{key}` |" in doc.read_text(encoding="utf-8")

@@ -1,7 +1,8 @@
 """The ClientApp's refusals, called in-process with real Flower messages and a real site folder.
 
 Each refusal is an error reply with a one-line reason, is audited at the silo, and carries no
-local path (hospital paths can hold patient names).
+local path (hospital paths can hold patient names). Plans are signed with a real researcher key
+and approved (or not) with a real officer key, through silo_agent.approvals.
 """
 
 from __future__ import annotations
@@ -17,16 +18,42 @@ from compliance import AuditLog
 from fedsilo import protocol as P
 from pipelines.networks import build_network
 from pipelines.plan import parse_plan
+from compliance.checkpoint import Signer
+from fedsilo.errors import ConfigError
+from compliance.statements import sign_statement
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from silo_agent import approvals
+from silo_agent.approvals import add_officer, decide, store_plan, stored_plans, verify_submission
 from silo_agent.client_app import evaluate, train
 from silo_agent.site import init_site, register_dataset
 
 PLAN = {"name": "t", "task": "seg3d", "model": {"network": "UNet", "args": {"channels": [4, 8], "strides": [2]}},
-        "data": {"dataset": "ct"}, "federation": {"rounds": 1, "min_silos": 1}}
+        "data": {"dataset": "ct"}, "federation": {"rounds": 1, "min_silos": 2}}
+RESEARCHER = Signer("a.jones", Ed25519PrivateKey.generate())
 
 
-def message(plan_yaml: str, plan_hash: str, arrays: ArrayRecord, kind: str = "train") -> Message:
+def submission(plan_hash: str, signer: Signer = RESEARCHER) -> bytes:
+    return sign_statement("plan-submission", [("plan", plan_hash), ("plan-name", "t"), ("researcher", signer.name),
+                                              ("time", "2026-01-01T00:00:00.000000Z")], signer)
+
+
+def message(plan_yaml: str, plan_hash: str, arrays: ArrayRecord, kind: str = "train", *, signed: bool = True,
+            signer: Signer = RESEARCHER) -> Message:
     config = ConfigRecord({P.PLAN_YAML: plan_yaml, P.PLAN_HASH: plan_hash, P.RUN_ID: "run1", P.ROUND: 1})
+    if signed:
+        config[P.SUBMISSION] = submission(plan_hash, signer)
+        config[P.RESEARCHER_KEY] = signer.vkey()
     return Message(content=RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), message_type=kind, dst_node_id=1)
+
+
+def approve(site, raw: dict = PLAN, decision: str = "approved", **kw):
+    """Store the plan with a valid submission and record the officer's decision, as 'silo plan approve' does."""
+    import yaml
+
+    text = yaml.safe_dump(raw)
+    plan = parse_plan(raw)
+    store_plan(site, text, plan.hash(), verify_submission(text, plan.hash(), submission(plan.hash()), RESEARCHER.vkey()))
+    decide(site, plan.hash(), officer="j.smith", decision=decision, **kw)
 
 
 def context(site_dir: Path | None) -> Context:
@@ -49,7 +76,9 @@ def site(tmp_path):
     site = init_site(tmp_path / "DOE^JANE-site", "hospital0")  # a path carrying a patient-like name
     datalist = tmp_path / "DOE^JANE-data" / "datalist.json"
     datalist.parent.mkdir()
-    datalist.write_text(json.dumps({"training": [{"image": "missing-case", "label": "missing.nii.gz"}], "test": []}))
+    datalist.write_text(json.dumps({"training": [{"image": "missing-case", "label": "missing.nii.gz"}],
+                                    "test": [{"image": "missing-case", "label": "missing.nii.gz"}]}))
+    add_officer(site, "j.smith")
     return register_dataset(site, "ct", task="seg3d", datalist=datalist)
 
 
@@ -77,6 +106,7 @@ def test_altered_plan_is_refused_before_any_data_is_read(site):
 
 
 def test_data_errors_do_not_leave_the_site_with_their_paths(site):
+    approve(site)
     plan, text, arrays = plan_and_arrays()
     reply = train(message(text, plan.hash(), arrays), context(site.root))
     assert reply.has_error() and reply.error.code == P.ERR_BAD_INPUT
@@ -89,6 +119,7 @@ def test_unknown_dataset_is_refused_naming_the_registered_ones(site):
     raw = dict(PLAN, data={"dataset": "mr"})
     import yaml
 
+    approve(site, raw)
     plan = parse_plan(raw)
     reply = evaluate(message(yaml.safe_dump(raw), plan.hash(), ArrayRecord(build_network(plan, seed=0).state_dict()), "evaluate"),
                      context(site.root))
@@ -96,6 +127,7 @@ def test_unknown_dataset_is_refused_naming_the_registered_ones(site):
 
 
 def test_foreign_model_tensors_are_refused(site):
+    approve(site)
     plan, text, _ = plan_and_arrays()
     foreign = ArrayRecord({"evil": torch.zeros(3)})
     reply = train(message(text, plan.hash(), foreign), context(site.root))
@@ -106,3 +138,95 @@ def test_a_node_without_a_site_folder_answers_with_the_fix(tmp_path):
     plan, text, arrays = plan_and_arrays()
     reply = train(message(text, plan.hash(), arrays), context(None))
     assert reply.has_error() and "site-dir" in reply.error.reason
+
+
+# --- approval, policy and budget, all before any data is read ------------------------------------------------
+
+
+def refused(site, kind: str = "train", raw: dict = PLAN, **message_kw) -> str:
+    """Send the plan; assert a refusal (not a data error: the datalist's cases do not exist) and return its reason."""
+    import yaml
+
+    plan = parse_plan(raw)
+    msg = message(yaml.safe_dump(raw), plan.hash(), ArrayRecord(build_network(plan, seed=0).state_dict()), kind, **message_kw)
+    reply = (train if kind == "train" else evaluate)(msg, context(site.root))
+    assert reply.has_error() and reply.error.code == P.ERR_REFUSED, reply.error.reason
+    assert audit_events(site)[-1]["event"] == "plan.refused" and audit_events(site)[-1]["outcome"] == "denied"
+    return reply.error.reason
+
+
+@pytest.mark.parametrize("kind", ["train", "evaluate"])
+def test_an_unapproved_plan_is_refused_and_queued_for_review(site, kind):
+    reason = refused(site, kind)
+    assert f"plan {parse_plan(PLAN).hash()[:12]} is not approved at site hospital0" in reason
+    [stored] = stored_plans(site)
+    assert stored.status() == "pending" and stored.submission.researcher == "a.jones"
+
+
+def test_an_unsigned_plan_is_refused(site):
+    approve(site)
+    assert "carries no researcher signature" in refused(site, signed=False)
+
+
+def test_a_plan_signed_by_another_researcher_key_is_refused(site):
+    approve(site)
+    other = Signer("a.jones", Ed25519PrivateKey.generate())  # same name, another key
+    assert "approved as submitted by a.jones, this request is signed by another key" in refused(site, signer=other)
+
+
+def test_a_rejected_plan_is_refused_with_the_officers_reason(site):
+    approve(site, decision="rejected", reason="use a robust rule")
+    assert "was rejected by j.smith" in refused(site) and "use a robust rule" in refused(site)
+
+
+def test_an_expired_approval_is_refused(site):
+    from datetime import datetime, timedelta, timezone
+    import time
+
+    approve(site, expires=datetime.now(timezone.utc) + timedelta(seconds=1))
+    time.sleep(1.2)
+    assert "expired" in refused(site)
+
+
+def test_an_approval_for_another_toolkit_version_is_refused(site, monkeypatch):
+    approve(site)
+    monkeypatch.setattr(approvals, "TOOLKIT", "fedsilo/9.9.9")
+    assert "was approved for fedsilo/0.1.0, this silo runs fedsilo/9.9.9" in refused(site)
+
+
+def test_a_forged_approval_is_refused(site):
+    approve(site)
+    plan_hash = parse_plan(PLAN).hash()
+    forger = Signer("j.smith", Ed25519PrivateKey.generate())  # the officer's name, not the officer's key
+    note = sign_statement("plan-approval", [("site", "hospital0"), ("plan", plan_hash), ("decision", "approved")], forger)
+    (site.root / "plans" / f"{plan_hash}.decision").write_bytes(note)
+    assert "the stored approval does not verify" in refused(site)
+
+
+def test_a_policy_tightened_after_approval_is_enforced_and_recorded(site):
+    approve(site)
+    path = site.root / "policy.yaml"
+    path.write_text(path.read_text().replace("allowed_metrics:\n- loss\n- dice", "allowed_metrics:\n- loss"))
+    reason = refused(site)
+    assert "now breaks the site policy" in reason and "metrics: dice may not leave this site" in reason
+    changed = [e for e in audit_events(site) if e["event"] == "policy.changed"]
+    assert len(changed) == 1 and changed[0]["actor"]["role"] == "silo-agent"
+
+
+def test_approval_refuses_a_plan_that_breaks_the_policy(site):
+    import yaml
+
+    raw = {**PLAN, "privacy": {"target_epsilon": 50.0}}
+    plan = parse_plan(raw)
+    text = yaml.safe_dump(raw)
+    store_plan(site, text, plan.hash(), verify_submission(text, plan.hash(), submission(plan.hash()), RESEARCHER.vkey()))
+    with pytest.raises(ConfigError, match=r"breaks the site policy: privacy.target_epsilon: 50.0 exceeds the site's 8.0"):
+        decide(site, plan.hash(), officer="j.smith", decision="approved")
+
+
+def test_a_round_past_the_lifetime_budget_is_refused_before_training(site):
+    approve(site)
+    path = site.root / "policy.yaml"
+    path.write_text(path.read_text().replace("lifetime_epsilon_per_dataset: 20.0", "lifetime_epsilon_per_dataset: 0.5"))
+    reason = refused(site)
+    assert "privacy budget: dataset 'ct' has spent epsilon 0.00 of its lifetime 0.5; this round would bring it to 8." in reason

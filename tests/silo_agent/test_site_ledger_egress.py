@@ -10,7 +10,7 @@ from compliance import AuditLog, verify_log
 from compliance.keys import read_vkey_file
 from fedsilo.errors import ConfigError, RefusalError
 from pipelines.training import composed_epsilon
-from silo_agent.egress import check_arrays, check_metrics
+from silo_agent.egress import check_arrays, check_metrics, check_reply
 from silo_agent.ledger import PrivacyLedger, Spend
 from silo_agent.site import Site, init_site, register_dataset
 
@@ -37,12 +37,12 @@ def test_site_creation_and_dataset_registration_are_audited_without_paths(tmp_pa
     with AuditLog.open(site.audit_dir, read_only=True) as log:
         records = list(log.records())
         leaves = b"".join(leaf for _, leaf, _ in log.rows())
-    assert [r["event"] for r in records] == ["config.changed", "dataset.registered", "dataset.registered"]
+    assert [r["event"] for r in records] == ["config.changed", "policy.changed", "dataset.registered", "dataset.registered"]
     assert all(r["actor"]["kind"] == "person" and r["actor"]["role"] == "hospital-it" for r in records)
     assert all(r["source"].startswith("silo-cli@") for r in records)
-    registered = records[1]
+    registered = records[2]
     assert registered["object"] == {"type": "dataset", "id": "ct", "sha256": hashlib.sha256(datalist.read_bytes()).hexdigest()}
-    assert [r["details"]["replaced"] for r in records[1:]] == [False, True]
+    assert [r["details"]["replaced"] for r in records[2:]] == [False, True]
     assert b"Doe_John" not in leaves
 
 
@@ -109,3 +109,46 @@ def test_egress_allows_only_the_models_tensors_and_listed_metrics():
     for bad in ({"patient-name": 1.0}, {"dice": float("inf")}, {"dice": "0.9"}):
         with pytest.raises(RefusalError, match="egress blocked"):
             check_metrics(bad)
+
+
+def _reply(**extra):
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+    from fedsilo import protocol as P
+
+    content = RecordDict({
+        P.ARRAYS: ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))}),
+        P.METRICS: MetricRecord({"num-examples": 4, "dice": 0.5}),
+        P.IDENTITY: ConfigRecord({P.SITE: "hospital0", P.RUN_ID: "r1", P.ROUND: 2}),
+    })
+    for key, value in extra.items():
+        content[key] = value
+    return content
+
+
+REF = {"w": np.zeros((2, 2), np.float32)}
+ALL = ("loss", "dice", "accuracy", "auc")
+
+
+def test_the_whole_reply_passes_the_egress_guard():
+    check_reply(_reply(), site_id="hospital0", run_id="r1", round_=2, allowed_metrics=ALL, reference=REF)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda c: c.__setitem__("notes", __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord({"x": "DOE^JANE"})), "unexpected records"),
+    (lambda c: c["identity"].__setitem__("patient", "DOE^JANE"), "identity record holds"),
+    (lambda c: c["identity"].__setitem__("site", "hospital9"), "identity record holds"),
+    (lambda c: c["identity"].__setitem__("run-id", "r0"), "identity record holds"),
+    (lambda c: c["metrics"].__setitem__("patient-age", 54.0), "metric 'patient-age' is not on the allow-list"),
+    (lambda c: c["arrays"].__setitem__("extra", __import__("flwr.app", fromlist=["Array"]).Array(np.zeros(1, np.float32))), "tensors differ"),
+])
+def test_anything_else_is_blocked(mutate, message):
+    content = _reply()
+    mutate(content)
+    with pytest.raises(RefusalError, match=message):
+        check_reply(content, site_id="hospital0", run_id="r1", round_=2, allowed_metrics=ALL, reference=REF)
+
+
+def test_the_site_policy_decides_which_metrics_leave():
+    with pytest.raises(RefusalError, match="the site policy does not let dice leave"):
+        check_reply(_reply(), site_id="hospital0", run_id="r1", round_=2, allowed_metrics=("loss",), reference=REF)

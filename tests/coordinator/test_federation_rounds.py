@@ -1,0 +1,153 @@
+"""The round driver over an in-process loopback grid: bad updates are rejected, audited, survived.
+
+The grid here stands in for the SuperLink only (it hands the driver's real Flower messages to a
+function that plays the silos and returns real reply messages); validation, aggregation, the server
+optimizer and the audit log are the real ones. tests/e2e runs the same driver through a real
+SuperLink and SuperNodes with TLS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import yaml
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from compliance import AuditLog, verify_log
+from coordinator.federation import FederatedRun
+from fedsilo import protocol as P
+from fedsilo.errors import ConfigError, FedsiloError
+from pipelines.plan import parse_plan
+
+INITIAL = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+GOOD = {"w": np.full((4, 3), 0.1, np.float32), "b": np.full(3, -0.1, np.float32)}
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch):
+    """Messages are created as a ServerApp would: Flower reads the sender's run and node from here."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class LoopbackGrid:
+    """Answers each message with ``silo(node, message)``; evaluate messages get a plain metrics reply."""
+
+    def __init__(self, nodes: list[int], silo: Callable[[int, Message], RecordDict]) -> None:
+        self.nodes, self.silo = nodes, silo
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if msg.metadata.message_type == "train":
+                content = self.silo(node, msg)
+            else:
+                content = RecordDict({P.METRICS: MetricRecord({"dice": 0.5, P.NUM_EXAMPLES: 4}),
+                                      P.IDENTITY: ConfigRecord({P.SITE: f"hospital{node}"})})
+            replies.append(Message(content, reply_to=msg))  # its src_node_id is the node the message went to
+        return replies
+
+
+def honest(node: int, msg: Message, delta=None, run_id=None, round_=None) -> RecordDict:
+    cfg = msg.content[P.CONFIG]
+    delta = GOOD if delta is None else delta
+    return RecordDict({
+        P.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in delta.items()}),
+        P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, "epsilon": 1.0}),
+        P.IDENTITY: ConfigRecord({P.SITE: f"hospital{node}", P.RUN_ID: cfg[P.RUN_ID] if run_id is None else run_id,
+                                  P.ROUND: int(cfg[P.ROUND]) if round_ is None else round_}),
+    })
+
+
+def plan_text(**federation) -> str:
+    raw = {"name": "t", "task": "seg2d", "model": {"network": "UNet", "args": {"channels": [4, 8], "strides": [2]}},
+           "privacy": {"enabled": False}, "federation": {"rounds": 1, "min_silos": 2, **federation}}
+    return yaml.safe_dump(raw)
+
+
+def run(tmp_path, silo, nodes=(1, 2, 3, 4, 5, 6, 7, 8), **federation) -> tuple[FederatedRun, list[dict]]:
+    text = plan_text(**federation)
+    driver = FederatedRun(LoopbackGrid(list(nodes), silo), parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1",
+                          {k: v.copy() for k, v in INITIAL.items()})
+    try:
+        driver.execute()
+    finally:
+        driver.audit.close()
+    verify_log(tmp_path / "run" / "audit")
+    with AuditLog.open(tmp_path / "run" / "audit", read_only=True) as log:
+        return driver, list(log.records())
+
+
+BAD = {
+    1: ("non-finite", lambda n, m: honest(n, m, {**GOOD, "w": np.full((4, 3), np.nan, np.float32)})),
+    2: ("non-finite", lambda n, m: honest(n, m, {**GOOD, "b": np.array([np.inf, 0, 0], np.float32)})),
+    3: ("wrong-shape", lambda n, m: honest(n, m, {**GOOD, "w": np.zeros((3, 4), np.float32)})),
+    4: ("wrong-dtype", lambda n, m: honest(n, m, {**GOOD, "w": GOOD["w"].astype(np.float64)})),
+    5: ("norm-too-large", lambda n, m: honest(n, m, {k: v * 1e6 for k, v in GOOD.items()})),
+    6: ("wrong-round", lambda n, m: honest(n, m, round_=0)),  # a reply replayed from another round
+}
+
+
+def test_each_bad_update_is_rejected_audited_and_the_round_goes_on(tmp_path):
+    def silo(node, msg):
+        return BAD[node][1](node, msg) if node in BAD else honest(node, msg)
+
+    driver, records = run(tmp_path, silo, update_norm_bound=10.0)
+    rejected = {int(r["object"]["id"]): r for r in records if r["event"] == "update.rejected"}
+    assert {node: r["reason"] for node, r in rejected.items()} == {node: code for node, (code, _) in BAD.items()}
+    assert all(r["outcome"] == "denied" and r["round"] == 1 for r in rejected.values())
+    aggregate = next(r for r in records if r["event"] == "aggregate.computed")
+    assert aggregate["details"]["input_sites"] == ["hospital7", "hospital8"]
+    # Only the two honest updates moved the model (FedAvg of two equal deltas, server lr 1).
+    for name in INITIAL:
+        np.testing.assert_allclose(driver.global_state[name], GOOD[name], rtol=1e-6)
+
+
+def test_clipping_instead_of_rejecting(tmp_path):
+    big = {k: v * 1000 for k, v in GOOD.items()}
+    driver, records = run(tmp_path, lambda n, m: honest(n, m, big), nodes=(1, 2), update_norm_bound=1.0, update_norm_action="clip")
+    received = [r for r in records if r["event"] == "update.received"]
+    assert len(received) == 2 and all(r["details"]["clipped"] for r in received)
+    assert received[0]["details"]["l2_norm"] == pytest.approx(1000 * np.sqrt(12 * 0.01 + 3 * 0.01), rel=1e-5)
+    norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in driver.global_state.values()))
+    assert norm == pytest.approx(1.0, rel=1e-5)
+
+
+def test_too_few_valid_updates_end_the_run_with_a_clear_error(tmp_path):
+    def silo(node, msg):
+        return BAD[1][1](node, msg) if node != 2 else honest(node, msg)
+
+    with pytest.raises(FedsiloError, match=r"round 1: 1 valid update\(s\) of 3 silo\(s\), the plan needs 2"):
+        run(tmp_path, silo, nodes=(1, 2, 3))
+    with AuditLog.open(tmp_path / "run" / "audit", read_only=True) as log:
+        events = [r["event"] for r in log.records()]
+    assert events.count("update.rejected") == 2 and events[-1] == "run.failed"
+
+
+def test_a_robust_rule_needs_enough_silos_before_the_run_starts(tmp_path):
+    with pytest.raises(ConfigError, match=r"krum with these args needs at least 7 updates per round, min_silos is 3"):
+        run(tmp_path, honest, min_silos=3, aggregation={"rule": "krum", "args": {"f": 2}})
+
+
+def test_krum_selection_is_audited_by_site_and_the_outlier_left_out(tmp_path):
+    def silo(node, msg):
+        if node == 1:
+            return honest(node, msg, {k: -50 * v for k, v in GOOD.items()})  # a sign-flipped, scaled update
+        noise = np.random.default_rng(node).normal(0, 0.01, size=1)[0]
+        return honest(node, msg, {k: v + np.float32(noise) for k, v in GOOD.items()})
+
+    driver, records = run(tmp_path, silo, nodes=(1, 2, 3, 4, 5), min_silos=5, aggregation={"rule": "krum", "args": {"f": 1}},
+                          update_norm_bound=1e6)
+    details = next(r for r in records if r["event"] == "aggregate.computed")["details"]
+    assert details["rule"] == "krum" and details["rule_args"] == {"f": 1}
+    assert len(details["rule_details"]["selected_sites"]) == 1 and "hospital1" not in details["rule_details"]["selected_sites"]
+    assert float(driver.global_state["w"][0, 0]) == pytest.approx(0.1, abs=0.05)
