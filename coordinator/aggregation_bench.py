@@ -44,13 +44,18 @@ from coordinator.aggregation.fedavg import weighted_mean
 from fedsilo.errors import ConfigError, FedsiloError
 
 TRIMMED_BETA = 0.2
-KNOWN_ARGS: dict[str, Callable[[int], dict[str, Any]]] = {
-    "fedavg": lambda f: {},
-    "median": lambda f: {},
-    "trimmed_mean": lambda f: {"beta": TRIMMED_BETA},
-    "krum": lambda f: {"f": f},
-    "multikrum": lambda f: {"f": f},
-    "bulyan": lambda f: {"f": f},
+# (f, the median L2 norm of the inputs) -> the rule's arguments. The clipping rules get the median norm as
+# their radius, so that about half the updates are clipped: the work a real round does.
+KNOWN_ARGS: dict[str, Callable[[int, float], dict[str, Any]]] = {
+    "fedavg": lambda f, norm: {},
+    "median": lambda f, norm: {},
+    "trimmed_mean": lambda f, norm: {"beta": TRIMMED_BETA},
+    "krum": lambda f, norm: {"f": f},
+    "multikrum": lambda f, norm: {"f": f},
+    "bulyan": lambda f, norm: {"f": f},
+    "geometric_median": lambda f, norm: {},
+    "centered_clipping": lambda f, norm: {"tau": round(norm, 3)},
+    "norm_bounded_mean": lambda f, norm: {"max_norm": round(norm, 3)},
 }
 FLOWER_TWINS = {"median": "FedMedian", "trimmed_mean": "FedTrimmedAvg", "krum": "Krum", "multikrum": "MultiKrum",
                 "bulyan": "Bulyan"}
@@ -72,15 +77,15 @@ def make_inputs(n: int, d: int, seed: int) -> tuple[list[dict[str, np.ndarray]],
     return updates, weights
 
 
-def rule_args(name: str, f: int, n: int) -> dict[str, Any] | None:
-    """Arguments for a registered rule at this ``f`` and ``n`` (None: unknown rule, use its defaults)."""
+def rule_args(name: str, f: int, n: int, norm: float = 1.0) -> dict[str, Any] | None:
+    """Arguments for a registered rule at this ``f``, ``n`` and median input norm (None: unknown rule, use its defaults)."""
     known = KNOWN_ARGS.get(name)
     if known is None:
         return None
-    args = known(f)
+    args = known(f, norm)
     if "f" in args:
         while args["f"] > 0 and build_rule(name, args).min_updates() > n:
-            args = known(args["f"] - 1)
+            args = known(args["f"] - 1, norm)
     return args
 
 
@@ -266,12 +271,13 @@ def run_aggregate_bench(*, n: int, d: int, f: int, repeats: int, seed: int) -> d
     rows.append(_row("mean", "seconds", seconds["mean"], "copy", seconds["copy"]))
     mem_rows = [_row("mean", "peak extra MiB", memory["mean"])]
 
+    median_norm = float(np.median([np.linalg.norm(u[KEY]) for u in updates]))
     agreements: list[dict[str, Any]] = []
     versus: list[dict[str, Any]] = []
     for name in RULES:
         if name == "fedavg":
             continue  # the plain mean above
-        args = rule_args(name, f, n)
+        args = rule_args(name, f, n, median_norm)
         case = _label(name, args)
         try:
             rule = build_rule(name, args or {})

@@ -35,6 +35,14 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_aggregate)
 
+    p = bsub.add_parser("dp", help="DP-SGD cost: step time and peak memory with and without DP, per network and Opacus mode")
+    p.add_argument("--networks", default=None, help="comma-separated allow-listed networks (default: all)")
+    p.add_argument("--batch-sizes", default="8,16,32", help="comma-separated batch sizes (default 8,16,32)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per case, after warm-up (median quoted)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_dp)
+
     p = bsub.add_parser("robustness", help="synthetic federation under attack: final Dice per attack and rule")
     p.add_argument("--silos", type=int, default=10)
     p.add_argument("--malicious", type=int, default=2, help="how many of the silos attack (default 2)")
@@ -66,6 +74,21 @@ def _aggregate(args: argparse.Namespace) -> int:
 
     _positive(n=args.n, d=args.d, repeats=args.repeats)
     result = run_aggregate_bench(n=args.n, d=args.d, f=args.f, repeats=args.repeats, seed=args.seed)
+    print_result(result, as_json=args.json)
+    return 0
+
+
+def _dp(args: argparse.Namespace) -> int:
+    from pipelines.dp_bench import run_dp_bench
+
+    _positive(repeats=args.repeats)
+    sizes = []
+    for text in _names(args.batch_sizes) or []:
+        if not text.isdigit() or int(text) < 1:
+            raise ConfigError(f"--batch-sizes: '{text}' is not a whole number >= 1", fix="e.g. --batch-sizes 8,16,32")
+        sizes.append(int(text))
+    result = run_dp_bench(networks=_names(args.networks), batch_sizes=sizes, repeats=args.repeats, device=args.device,
+                          progress=not args.json)
     print_result(result, as_json=args.json)
     return 0
 
