@@ -23,7 +23,8 @@ lint-imports: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: $(STAMP) lint-imports
-	$(PY) -m pytest -q
+	# Two workers: the end-to-end runs (one xdist group, run one after another) beside the unit tests.
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean:
 	rm -rf runs .pytest_cache

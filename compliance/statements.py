@@ -18,6 +18,7 @@ and its .vkey line); whoever verifies holds the trusted .vkey files (a site's of
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -124,11 +125,33 @@ class SubmissionBundle:
                               fix="use the file written by 'fedsilo plan sign'") from None
 
     def verify(self, plan_hash: str) -> Statement:
-        """The submission statement, checked against the bundle's own key and ``plan_hash``."""
+        """The submission statement, checked against the bundle's own key, ``plan_hash`` and the exact plan text."""
         from compliance.checkpoint import parse_vkey
 
         key = parse_vkey(self.researcher_key)
         statement = read_statement(self.note, "plan-submission", [key])
-        if statement.fields.get("plan") != plan_hash or statement.fields.get("researcher") != key.name:
-            raise ConfigError("the submission is signed for another plan or researcher", fix="sign the plan again: fedsilo plan sign")
+        check_submission(statement, key, self.plan_text, plan_hash)
         return statement
+
+
+def plan_text_digest(plan_text: str) -> str:
+    return hashlib.sha256(plan_text.encode("utf-8")).hexdigest()
+
+
+def sign_submission(plan_text: str, plan_hash: str, plan_name: str, signer: Signer, time: str) -> SubmissionBundle:
+    """A researcher's submission: a signed statement over the plan's canonical hash and its exact text
+    (comments included: what a site officer reads is what the researcher signed)."""
+    note = sign_statement("plan-submission", [("plan", plan_hash), ("plan-text-sha256", plan_text_digest(plan_text)),
+                                              ("plan-name", plan_name[:100]), ("researcher", signer.name), ("time", time)], signer)
+    return SubmissionBundle(plan_text, note, signer.vkey())
+
+
+def check_submission(statement: Statement, key: VerifierKey, plan_text: str, plan_hash: str) -> None:
+    """Refuse (ConfigError) a verified submission that is for another plan, another text, or another researcher."""
+    if statement.fields.get("plan") != plan_hash:
+        raise ConfigError("the submission is signed for another plan", fix="sign the plan again: fedsilo plan sign")
+    if statement.fields.get("plan-text-sha256") != plan_text_digest(plan_text):
+        raise ConfigError("the plan text differs from the text the researcher signed (an edit after signing, comments included)",
+                          fix="sign the plan again: fedsilo plan sign")
+    if statement.fields.get("researcher") != key.name:
+        raise ConfigError("the submission names another researcher than its key", fix="sign the plan again: fedsilo plan sign")

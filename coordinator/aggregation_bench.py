@@ -221,6 +221,8 @@ def _row(case: str, metric: str, value: float | None, baseline: str | None = Non
     if baseline_value is not None:
         baseline_value = _sig(baseline_value)
     ratio = round(value / baseline_value, 3) if baseline is not None and value is not None and baseline_value else None
+    if ratio is None:
+        baseline = None  # DESIGN.md: a row without a ratio names no baseline (e.g. a baseline that measured 0)
     return {"case": case, "metric": metric, "value": value, "baseline": baseline, "ratio": ratio}
 
 

@@ -69,7 +69,7 @@ def _keygen(args: argparse.Namespace) -> int:
 def _sign(args: argparse.Namespace) -> int:
     from compliance.keys import load_signer
     from compliance.records import utc_now
-    from compliance.statements import SubmissionBundle, sign_statement
+    from compliance.statements import sign_submission
     from fedsilo.errors import ConfigError
     from pipelines.plan import load_plan
 
@@ -78,9 +78,7 @@ def _sign(args: argparse.Namespace) -> int:
     if key_path.suffix != ".key":
         raise ConfigError(f"--key {key_path} is not a .key file", fix="give DIR/NAME.key as written by 'fedsilo plan keygen'")
     signer = load_signer(key_path.parent, key_path.stem)
-    note = sign_statement("plan-submission", [("plan", plan.hash()), ("plan-name", plan.name[:100]), ("researcher", signer.name),
-                                              ("time", utc_now())], signer)
-    bundle = SubmissionBundle(args.plan.read_text(encoding="utf-8"), note, signer.vkey())
+    bundle = sign_submission(args.plan.read_text(encoding="utf-8"), plan.hash(), plan.name, signer, utc_now())
     args.out.write_text(bundle.to_json(), encoding="utf-8")
     print(f"signed plan '{plan.name}' ({plan.hash()[:12]}) as {signer.name}: {args.out}")
     return 0

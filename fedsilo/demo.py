@@ -200,16 +200,15 @@ def sign_plan(out: Path, plan_path: Path, *, researcher: str = "demo-researcher"
     """Sign the plan as a researcher would ('fedsilo plan sign'), with a key under out/pki/researcher; returns the bundle."""
     from compliance.keys import generate_signer, load_signer
     from compliance.records import utc_now
-    from compliance.statements import SubmissionBundle, sign_statement
+    from compliance.statements import sign_submission
     from pipelines.plan import load_plan
 
     plan = load_plan(plan_path)
     keys = out / "pki" / "researcher"
     signer = load_signer(keys, researcher) if (keys / f"{researcher}.key").exists() else generate_signer(keys, researcher, role="person")
-    note = sign_statement("plan-submission", [("plan", plan.hash()), ("plan-name", plan.name[:100]), ("researcher", signer.name),
-                                              ("time", utc_now())], signer)
+    bundle = sign_submission(plan_path.read_text(encoding="utf-8"), plan.hash(), plan.name, signer, utc_now())
     bundle_path = plan_path.with_name(plan_path.stem + ".submission.json")
-    bundle_path.write_text(SubmissionBundle(plan_path.read_text(encoding="utf-8"), note, signer.vkey()).to_json(), encoding="utf-8")
+    bundle_path.write_text(bundle.to_json(), encoding="utf-8")
     return bundle_path
 
 

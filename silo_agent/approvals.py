@@ -27,11 +27,11 @@ import yaml
 from compliance.checkpoint import VerifierKey, parse_vkey
 from compliance.keys import generate_signer, load_signer, load_verifier_keys
 from compliance.records import EventType, format_time, parse_time
-from compliance.statements import Statement, SubmissionBundle, read_statement, sign_statement
+from compliance.statements import Statement, SubmissionBundle, check_submission, read_statement, sign_statement
 from fedsilo import __version__
 from fedsilo.errors import ConfigError, FedsiloError, RefusalError, VerificationError
 from pipelines.plan import Plan, parse_plan_text
-from silo_agent.policy import load_policy
+from silo_agent.policy import load_policy, policy_digest
 from silo_agent.site import NAME_RE, Site
 
 TOOLKIT = f"fedsilo/{__version__}"
@@ -62,10 +62,10 @@ def verify_submission(plan_text: str, plan_hash: str, note: bytes, vkey: str) ->
         statement = read_statement(note, "plan-submission", [key])
     except (ConfigError, VerificationError) as exc:
         raise RefusalError(f"the plan's submission signature does not verify ({exc.message})") from None
-    if statement.fields.get("plan") != plan_hash:
-        raise RefusalError("the researcher's signature is for another plan than the one sent")
-    if statement.fields.get("researcher") != key.name:
-        raise RefusalError("the submission names another researcher than its key")
+    try:
+        check_submission(statement, key, plan_text, plan_hash)
+    except ConfigError as exc:
+        raise RefusalError(f"the researcher's signature does not cover this plan: {exc.message}") from None
     return Submission(plan_text, statement, key)
 
 
@@ -128,6 +128,10 @@ def import_bundle(site: Site, bundle_path: Path) -> str:
     except RefusalError as exc:
         raise ConfigError(f"{bundle_path}: {exc.message}", fix="ask the researcher to sign the plan again") from None
     store_plan(site, plan_text, plan.hash(), submission)
+    from silo_agent.site import audit_site
+
+    audit_site(site, EventType.PLAN_RECEIVED, object={"type": "plan", "id": plan.name[:100], "sha256": plan.hash()},
+               details={"via": "bundle import", "researcher": submission.researcher, "researcher_key": submission.fingerprint})
     return plan.hash()
 
 
@@ -211,6 +215,9 @@ def decide(site: Site, plan_hash: str, *, officer: str, decision: str, expires: 
     if decision not in DECISIONS:
         raise ConfigError(f"decision must be one of {', '.join(DECISIONS)}")
     stored = load_stored(site, plan_hash)
+    from silo_agent.site import audit_site, record_policy_if_changed
+
+    record_policy_if_changed(site)  # a hand edit is on record before a decision rests on it
     if decision == "approved":
         problems = load_policy(site.root).violations(stored.plan)
         if problems:
@@ -237,14 +244,12 @@ def decide(site: Site, plan_hash: str, *, officer: str, decision: str, expires: 
         fields.append(("reason", " ".join(reason.split())[:400]))
     note = sign_statement("plan-approval", fields, signer)
     _write(plans_dir(site) / f"{plan_hash}.decision", note)
-    from silo_agent.site import audit_site
-
     audit_site(site, EventType.PLAN_APPROVED if decision == "approved" else EventType.PLAN_REJECTED,
                actor={"kind": "person", "id": officer, "site": site.site_id, "role": "site-officer", "key": signer.fingerprint},
                object={"type": "plan", "id": stored.plan.name[:100], "sha256": plan_hash},
                outcome="success" if decision == "approved" else "denied", reason=" ".join(reason.split())[:300] if reason else None,
                details={"toolkit": TOOLKIT, "expires": format_time(expires) if expires else None,
-                        "researcher": fields[5][1], "researcher_key": fields[6][1]})
+                        "researcher": fields[5][1], "researcher_key": fields[6][1], "policy_sha256": policy_digest(site.root)})
     return read_statement(note, "plan-approval", [signer.verifier])
 
 

@@ -178,7 +178,7 @@ def _plan_approve(args: argparse.Namespace) -> int:
     from silo_agent.site import Site
 
     if args.expires and args.days is not None:
-        raise ConfigError("give --expires or --days, not both")
+        raise ConfigError("give --expires or --days, not both", fix="keep one: --expires YYYY-MM-DD or --days N")
     expires = None
     if args.expires:
         try:

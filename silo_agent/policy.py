@@ -103,13 +103,13 @@ def load_policy(site_root: Path) -> SitePolicy:
         where = f"{path.name}: '{key}'"
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise ConfigError(f"{where} must be true or false, got {value!r}")
+                raise ConfigError(f"{where} must be true or false, got {value!r}", fix=f"write true or false (default {str(default).lower()})")
         elif isinstance(default, int):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where} must be a whole number >= 1, got {value!r}")
+                raise ConfigError(f"{where} must be a whole number >= 1, got {value!r}", fix=f"write a whole number, e.g. {default}")
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ConfigError(f"{where} must be a positive number, got {value!r}")
+                raise ConfigError(f"{where} must be a positive number, got {value!r}", fix=f"write a positive number, e.g. {default}")
             value = float(value)
         else:
             allowed = {"allowed_networks": tuple(NETWORKS), "allowed_aggregation_rules": AGGREGATION_RULES,

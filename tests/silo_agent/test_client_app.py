@@ -20,7 +20,7 @@ from pipelines.networks import build_network
 from pipelines.plan import parse_plan
 from compliance.checkpoint import Signer
 from fedsilo.errors import ConfigError
-from compliance.statements import sign_statement
+from compliance.statements import sign_statement, sign_submission
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from silo_agent import approvals
 from silo_agent.approvals import add_officer, decide, store_plan, stored_plans, verify_submission
@@ -32,16 +32,15 @@ PLAN = {"name": "t", "task": "seg3d", "model": {"network": "UNet", "args": {"cha
 RESEARCHER = Signer("a.jones", Ed25519PrivateKey.generate())
 
 
-def submission(plan_hash: str, signer: Signer = RESEARCHER) -> bytes:
-    return sign_statement("plan-submission", [("plan", plan_hash), ("plan-name", "t"), ("researcher", signer.name),
-                                              ("time", "2026-01-01T00:00:00.000000Z")], signer)
+def submission(plan_text: str, plan_hash: str, signer: Signer = RESEARCHER) -> bytes:
+    return sign_submission(plan_text, plan_hash, "t", signer, "2026-01-01T00:00:00.000000Z").note
 
 
 def message(plan_yaml: str, plan_hash: str, arrays: ArrayRecord, kind: str = "train", *, signed: bool = True,
             signer: Signer = RESEARCHER) -> Message:
     config = ConfigRecord({P.PLAN_YAML: plan_yaml, P.PLAN_HASH: plan_hash, P.RUN_ID: "run1", P.ROUND: 1})
     if signed:
-        config[P.SUBMISSION] = submission(plan_hash, signer)
+        config[P.SUBMISSION] = submission(plan_yaml, plan_hash, signer)
         config[P.RESEARCHER_KEY] = signer.vkey()
     return Message(content=RecordDict({P.ARRAYS: arrays, P.CONFIG: config}), message_type=kind, dst_node_id=1)
 
@@ -52,7 +51,7 @@ def approve(site, raw: dict = PLAN, decision: str = "approved", **kw):
 
     text = yaml.safe_dump(raw)
     plan = parse_plan(raw)
-    store_plan(site, text, plan.hash(), verify_submission(text, plan.hash(), submission(plan.hash()), RESEARCHER.vkey()))
+    store_plan(site, text, plan.hash(), verify_submission(text, plan.hash(), submission(text, plan.hash()), RESEARCHER.vkey()))
     decide(site, plan.hash(), officer="j.smith", decision=decision, **kw)
 
 
@@ -219,7 +218,7 @@ def test_approval_refuses_a_plan_that_breaks_the_policy(site):
     raw = {**PLAN, "privacy": {"target_epsilon": 50.0}}
     plan = parse_plan(raw)
     text = yaml.safe_dump(raw)
-    store_plan(site, text, plan.hash(), verify_submission(text, plan.hash(), submission(plan.hash()), RESEARCHER.vkey()))
+    store_plan(site, text, plan.hash(), verify_submission(text, plan.hash(), submission(text, plan.hash()), RESEARCHER.vkey()))
     with pytest.raises(ConfigError, match=r"breaks the site policy: privacy.target_epsilon: 50.0 exceeds the site's 8.0"):
         decide(site, plan.hash(), officer="j.smith", decision="approved")
 
@@ -230,3 +229,16 @@ def test_a_round_past_the_lifetime_budget_is_refused_before_training(site):
     path.write_text(path.read_text().replace("lifetime_epsilon_per_dataset: 20.0", "lifetime_epsilon_per_dataset: 0.5"))
     reason = refused(site)
     assert "privacy budget: dataset 'ct' has spent epsilon 0.00 of its lifetime 0.5; this round would bring it to 8." in reason
+
+
+def test_a_plan_text_edited_after_signing_is_refused(site):
+    """Comments do not change the plan hash, but the researcher signed the exact text an officer reads."""
+    import yaml
+
+    approve(site)
+    plan = parse_plan(PLAN)
+    text = yaml.safe_dump(PLAN)
+    msg = message(text, plan.hash(), ArrayRecord(build_network(plan, seed=0).state_dict()))
+    msg.content[P.CONFIG][P.PLAN_YAML] = "# cleared by the ethics board\n" + text  # same hash, other text
+    reply = train(msg, context(site.root))
+    assert reply.has_error() and "plan text differs from the text the researcher signed" in reply.error.reason
