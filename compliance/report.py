@@ -339,7 +339,7 @@ def _render(path: Path, records: list[dict[str, Any]], unreadable: int, result: 
              "<code>fedsilo audit report</code>. HIPAA Security Rule 164.308(a)(1)(ii)(D), information system "
              "activity review.</p>"]
     parts.append(_verdict(result, error, len(records), unreadable))
-    parts.append(_runs_section(facts))
+    parts.append(_runs_section(facts, records, sites))
     parts.append(_sites_section(facts))
     parts.append(_rejected_section(facts))
     parts.append(_privacy_section(facts, sites))
@@ -379,9 +379,28 @@ def _verdict(result: VerifyResult | None, error: VerificationError | None, reada
             f"verification ({readable} readable records).{_e(skipped)} Do not rely on it without an intact copy.</p>")
 
 
-def _runs_section(facts: _Facts) -> str:
+def _approvals(plan_sha256: Any, records: list[dict[str, Any]], sites: tuple[SiteLog, ...]) -> str:
+    """Who decided on this plan at each site (from the sites' own logs) and who submitted it (the coordinator's)."""
+    parts = []
+    for r in records:
+        if r.get("event") == EventType.PLAN_SUBMITTED and _map(r.get("object")).get("sha256") == plan_sha256:
+            a = _map(r.get("actor"))
+            parts.append(f"submitted by {a.get('id')} (researcher, key {str(a.get('key'))[:20]}...)")
+    for s in sites:
+        for r in s.admin:
+            if r.get("event") in (EventType.PLAN_APPROVED, EventType.PLAN_REJECTED) and _map(r.get("object")).get("sha256") == plan_sha256:
+                a = _map(r.get("actor"))
+                verb = "approved" if r.get("event") == EventType.PLAN_APPROVED else "REJECTED"
+                parts.append(f"{s.site}: {verb} by {a.get('id')} on {str(r.get('time'))[:10]}")
+    if not parts:
+        return "no approval in the logs read (give --sites-root to read the sites' logs)" if not sites else "no approval recorded"
+    return "; ".join(parts)
+
+
+def _runs_section(facts: _Facts, records: list[dict[str, Any]], sites: tuple[SiteLog, ...]) -> str:
     rows = [[r["run_id"], _fmt(r["plan"]), (_fmt(r["plan_sha256"]), "hash"), _fmt(r["rounds"]), _fmt(r["rule"]),
-             _fmt(r["min_silos"]), _fmt(r["started"]), r["status"], "not recorded by this version"] for r in facts.runs]
+             _fmt(r["min_silos"]), _fmt(r["started"]), r["status"], _approvals(r["plan_sha256"], records, sites)]
+            for r in facts.runs]
     table = _table("runs", ("Run", "Plan", "Plan SHA-256", "Rounds planned", "Aggregation rule", "Minimum sites",
                             "Started (UTC)", "Outcome", "Plan approvals per site"), rows, "No run.started record.")
     return f'<section id="runs-section"><h2>Runs and plans</h2>{table}</section>'
@@ -441,6 +460,23 @@ def _privacy_section(facts: _Facts, sites: tuple[SiteLog, ...]) -> str:
     return "".join(out)
 
 
+def _site_lifetime_budget(site: SiteLog) -> float | None:
+    """The lifetime epsilon per dataset in the site's policy, as its last policy.changed record states it."""
+    value = None
+    for r in site.admin:
+        if r.get("event") == EventType.POLICY_CHANGED:
+            value = _number(_map(r.get("details")).get("lifetime_epsilon_per_dataset"))
+    return value
+
+
+def _budget_cell(spent: float | None, lifetime: float | None, fallback: str) -> str:
+    if lifetime is None:
+        return fallback
+    if spent is None:
+        return f"site lifetime budget {_fmt(lifetime)}"
+    return f"{_fmt(spent)} of the site's lifetime {_fmt(lifetime)} ({100 * spent / lifetime:.0f}%)"
+
+
 def _site_spends(sites: tuple[SiteLog, ...], budget: str) -> str:
     status = _table("site-logs", ("Site", "Own log", "Records"),
                     [[s.site, (("INTACT: " if s.verified else "NOT VERIFIED: ") + s.message,
@@ -459,7 +495,9 @@ def _site_spends(sites: tuple[SiteLog, ...], budget: str) -> str:
             detail.append([s.site, dataset, _fmt(r.get("run_id")), _fmt(r.get("round")), _fmt(d.get("accountant")),
                            _fmt(d.get("noise_multiplier")), _fmt(d.get("max_grad_norm")), _fmt(d.get("sample_rate")),
                            _fmt(d.get("steps")), _fmt(d.get("delta")), (_fmt(d.get("epsilon_cumulative")), "num")])
-    rows = [[site, dataset, (_fmt(v["epsilon"]), "num"), _fmt(v["delta"]), str(v["rounds"]), budget]
+    lifetime = {s.site: _site_lifetime_budget(s) for s in sites}
+    rows = [[site, dataset, (_fmt(v["epsilon"]), "num"), _fmt(v["delta"]), str(v["rounds"]),
+             _budget_cell(v["epsilon"], lifetime.get(site), budget)]
             for (site, dataset), v in sorted(summary.items())]
     return ("<h3>As recorded by each hospital (dp.spent)</h3>" + status +
             _table("site-epsilon", ("Site", "Dataset", "Epsilon spent (cumulative)", "Delta", "Spend records", "Budget"),

@@ -23,6 +23,7 @@ CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-s
 needs_chromium = pytest.mark.skipif(not CHROMIUM.is_file(), reason="/usr/bin/chromium is not installed: the rendered "
                                                                    "report cannot be checked")
 EVIL = "<script>alert(1)</script>"
+TODAY = __import__("datetime").datetime.now(__import__("datetime").timezone.utc).strftime("%Y-%m-%d")
 PLAN_SHA = "cd" * 32
 
 
@@ -64,6 +65,8 @@ def _write_site(folder: Path, site: str, epsilons: list[float]) -> None:
     with AuditLog.open(folder / site / "audit", source="silo-agent") as log:
         log.append(EventType.DATASET_REGISTERED, actor={"kind": "person", "id": "it-admin", "site": site, "role": "hospital-it"},
                    object={"type": "dataset", "id": "ct-2024", "sha256": "0b" * 32}, details={"task": "seg3d"})
+        log.append(EventType.PLAN_APPROVED, actor={"kind": "person", "id": "j.smith", "site": site, "role": "site-officer"},
+                   object={"type": "plan", "id": "liver-seg", "sha256": PLAN_SHA}, details={"toolkit": "fedsilo/0.1.0"})
         for round_, eps in enumerate(epsilons, start=1):
             log.append(EventType.DP_SPENT, actor=actor, object={"type": "dataset", "id": "ct-2024", "sha256": None},
                        run_id="run-1", round=round_,
@@ -101,7 +104,7 @@ def test_report_of_an_intact_log(run: tuple[Path, Path, int], trusted_dir: Path)
                                "no signature covers them yet",)
     page = report.html
     assert 'data-verdict="INTACT"' in page and "NOT VERIFIED" not in page
-    assert "approvals" not in page.lower() or "not recorded by this version" in page
+    assert "hospital0: approved by j.smith on " in page and "hospital1: approved by j.smith on " in page
     assert "budget: not recorded" in page
     assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page  # every value escaped
     assert [s.site for s in report.sites] == ["hospital0", "hospital1"] and all(s.verified for s in report.sites)
@@ -232,13 +235,16 @@ def test_rendered_report_shows_the_verdict_and_the_tables(run: tuple[Path, Path,
     assert dom.tables["site-epsilon"][1:] == [["hospital0", "ct-2024", "1", "1e-05", "2", "budget: not recorded"],
                                               ["hospital1", "ct-2024", "0.75", "1e-05", "1", "budget: not recorded"]]
     assert dom.tables["runs"][1][:6] == ["run-1", "liver-seg", PLAN_SHA, "2", "fedavg", "1"]
-    assert dom.tables["runs"][1][8] == "not recorded by this version"
+    assert dom.tables["runs"][1][8] == "hospital0: approved by j.smith on " + TODAY + "; hospital1: approved by j.smith on " + TODAY
     assert dom.tables["checkpoint-counts"][1:] == [["checkpoint.signed", "2", "0"], ["checkpoint.cosigned", "0", "0"]]
     assert [row[:2] + row[3:] for row in dom.tables["governance-events"][1:]] == [
-        [site, "0", "dataset.registered", "it-admin (hospital-it)", "dataset ct-2024", "success"] for site in ("hospital0", "hospital1")]
+        row for site in ("hospital0", "hospital1") for row in (
+            [site, "0", "dataset.registered", "it-admin (hospital-it)", "dataset ct-2024", "success"],
+            [site, "1", "plan.approved", "j.smith (site-officer)", "plan liver-seg", "success"])]
     actors = {(row[0], row[2], row[4], row[5]) for row in dom.tables["actors"][1:]}
     assert actors == {("coordinator", "coordinator", "coordinator", "-"), ("hospital0", "it-admin", "hospital-it", "-"),
                       ("hospital1", "it-admin", "hospital-it", "-"), ("hospital0", "hospital0", "silo-agent", "ed25519:" + "0a" * 32),
+                      ("hospital0", "j.smith", "site-officer", "-"), ("hospital1", "j.smith", "site-officer", "-"),
                       ("hospital1", "hospital1", "silo-agent", "ed25519:" + "0a" * 32)}
 
 
@@ -249,3 +255,13 @@ def test_rendered_report_screenshot(run: tuple[Path, Path, int], trusted_dir: Pa
     _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,2000", "--hide-scrollbars", out.as_uri())
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_the_budget_column_uses_each_sites_recorded_lifetime_budget(run: tuple[Path, Path, int], trusted_dir: Path) -> None:
+    path, sites, _ = run
+    with AuditLog.open(sites / "hospital0" / "audit") as log:
+        log.append(EventType.POLICY_CHANGED, actor={"kind": "person", "id": "it-admin", "site": "hospital0", "role": "hospital-it"},
+                   object={"type": "policy", "id": "policy.yaml", "sha256": "0c" * 32}, details={"lifetime_epsilon_per_dataset": 4.0})
+    page = build_report(path, keys=trusted_dir, sites_root=sites).html
+    assert "1 of the site&#x27;s lifetime 4 (25%)" in page  # hospital0 spent 1.0 of 4
+    assert "budget: not recorded" in page  # hospital1 recorded no policy
