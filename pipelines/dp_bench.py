@@ -305,6 +305,8 @@ def _row(case: str, metric: str, value: float | None, baseline: str | None = Non
     ratio = None
     if baseline is not None and value is not None and base_value:
         ratio = _sig(value / base_value)
+    if ratio is None:
+        baseline = None  # DESIGN.md: a row without a ratio names no baseline
     return {"case": case, "metric": metric, "value": _sig(value), "baseline": baseline, "ratio": ratio}
 
 

@@ -42,9 +42,11 @@ def test_isolated_cases_give_times_memory_and_ratios() -> None:
     dp = rows[("UNet b=2 hooks", "step seconds")]
     assert base["value"] > 0 and base["baseline"] is None
     assert dp["baseline"] == "UNet b=2 non-private" and dp["ratio"] > 0
-    for metric in ("peak RSS MiB", "peak extra RSS MiB"):
-        assert rows[("UNet b=2 hooks", metric)]["ratio"] > 0
-        assert rows[("UNet b=2 non-private", metric)]["value"] > 0
+    assert rows[("UNet b=2 hooks", "peak RSS MiB")]["ratio"] > 0
+    assert rows[("UNet b=2 non-private", "peak RSS MiB")]["value"] > 0
+    # at this tiny size the non-private step may add no measurable RSS: then the row has no ratio
+    extra, base_extra = rows[("UNet b=2 hooks", "peak extra RSS MiB")], rows[("UNet b=2 non-private", "peak extra RSS MiB")]
+    assert extra["value"] >= 0 and (extra["ratio"] is None) == (not base_extra["value"])
     chosen = [r for r in result["rows"] if "fastest DP mode" in r["case"]]
     assert len(chosen) == 1 and "hooks" in chosen[0]["case"] and chosen[0]["value"] == dp["ratio"]
 

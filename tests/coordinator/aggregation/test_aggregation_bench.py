@@ -32,7 +32,7 @@ def test_run_aggregate_bench_returns_the_design_format() -> None:
         assert row["ratio"] == pytest.approx(row["value"] / mean["value"], rel=1e-2)
         assert rows[(case, "seconds", "copy")]["value"] == row["value"]
     assert rows[("flower Krum (f=2)", "seconds", "mean")]["value"] > 0
-    assert rows[("bulyan (f=1)", "seconds", "flower Bulyan (f=1)")]["ratio"] > 0
+    assert rows[("bulyan (f=1)", "seconds", "flower Bulyan (f=1)")]["ratio"] >= 0  # rounded to 3 places: tiny d may give 0.0
     assert len({r["case"].split(" (")[0] for r in result["rows"] if r["baseline"] == "mean"}) >= len(RULES) - 1
     agreement = [r for r in result["rows"] if r["metric"] == "max relative difference"]
     assert len(agreement) == 5
