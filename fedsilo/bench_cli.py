@@ -9,11 +9,21 @@ same figures. Timings are medians of several repetitions; peak memory comes from
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 from typing import Any
 
 from fedsilo.errors import ConfigError
+
+# Benchmarks that live beside the code they measure register themselves: each module has
+# ``add_bench_command(bench_subparsers)`` and keeps its heavy imports inside its handler.
+BENCH_MODULES = (
+    "pipelines.ingest_bench",
+    "fedsilo.utility_bench",
+    "fedsilo.round_bench",
+    "fedsilo.comm_bench",
+)
 
 
 def add_commands(sub) -> None:
@@ -52,6 +62,15 @@ def add_commands(sub) -> None:
     p.add_argument("--rules", default=None, help="comma-separated rules (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_robustness)
+
+    for name in BENCH_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a benchmark not built yet must not break the others
+            if exc.name != name:
+                raise
+            continue
+        module.add_bench_command(bsub)
 
 
 def _positive(**values: int) -> None:
