@@ -32,6 +32,8 @@ from pipelines.plan import Plan
 from pipelines.serialization import save_model, state_digest, state_nbytes
 
 ROUNDS_FILE = "rounds.jsonl"
+#: Prefix of the progress lines the ServerApp prints; ``flwr run --stream`` carries them to whoever submitted the plan.
+PROGRESS_PREFIX = "fedsilo-progress "
 
 
 @dataclass
@@ -260,10 +262,12 @@ class FederatedRun:
         return self.state
 
     def _progress(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row)
         with open(self.out_dir / "logs" / ROUNDS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
+        print(PROGRESS_PREFIX + line, flush=True)
 
     def _checkpoint(self, row: dict[str, Any]) -> None:
         save_model(self.out_dir / "model.safetensors", self.global_state, metadata={"plan_hash": self.plan_hash, "round": str(row["round"])})
