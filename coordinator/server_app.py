@@ -1,24 +1,41 @@
 """The coordinator: a Flower ServerApp.
 
-Run config (``flwr run ... --run-config``): ``plan-path`` (a submission bundle from
-``fedsilo plan sign``: the plan with the researcher's signature; a bare plan YAML runs too, but every
-silo refuses an unsigned plan) and ``out-dir`` (the run folder). It builds the initial model from the plan (same seed at every party), then
-hands over to :class:`coordinator.federation.FederatedRun`.
+Run config (``flwr run ... --run-config``):
+
+- ``submission``: the text of a submission bundle from ``fedsilo plan sign`` (the plan with the
+  researcher's signature), as ``fedsilo plan submit`` sends it from the researcher's machine; or
+  ``plan-path``: such a bundle (.json) or a bare plan YAML on the coordinator's disk (a bare plan runs,
+  but every silo refuses an unsigned plan).
+- ``out-dir``: the run folder; ``audit-key-dir`` / ``witness-keys-dir``: the coordinator's checkpoint
+  key and the silos' witness keys.
+
+A coordinator started with ``fedsilo coordinator start`` sets ``FEDSILO_COORDINATOR_DIR`` (its state
+folder) for the SuperLink, whose ServerApp processes inherit it; run-config keys left out then default to
+``$FEDSILO_COORDINATOR_DIR/runs/<run id>``, ``.../audit-keys`` and ``.../audit-trust``.
+
+The ServerApp builds the initial model from the plan (same seed at every party), then hands over to
+:class:`coordinator.federation.FederatedRun`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.federation import FederatedRun
+from coordinator.federation import PROGRESS_PREFIX, FederatedRun
 from fedsilo.errors import ConfigError, FedsiloError
 
 app = ServerApp()
 log = logging.getLogger("fedsilo.coordinator")
+
+#: The coordinator's state folder, set by ``fedsilo coordinator start`` for the SuperLink and its ServerApps.
+COORDINATOR_DIR_ENV = "FEDSILO_COORDINATOR_DIR"
+RUNS_DIR, AUDIT_KEYS_DIR, AUDIT_TRUST_DIR = "runs", "audit-keys", "audit-trust"
 
 
 @app.main()
@@ -27,17 +44,14 @@ def main(grid: Grid, context: Context) -> None:
     from pipelines.plan import parse_plan_text
     from pipelines.serialization import to_numpy
 
-    cfg = context.run_config
+    cfg = run_settings(dict(context.run_config), str(context.run_id))
     try:
-        plan_path = Path(str(cfg.get("plan-path", "")))
-        out_dir = Path(str(cfg.get("out-dir", "")))
-        if not plan_path.is_file():
-            raise ConfigError(f"no plan at '{plan_path}'", fix="pass --run-config \"plan-path='/abs/plan.yaml' out-dir='/abs/run'\"")
-        if not str(out_dir) or str(out_dir) == ".":
-            raise ConfigError("no out-dir in the run config", fix="pass --run-config \"out-dir='/abs/run'\"")
+        out_dir = Path(cfg["out-dir"]) if cfg.get("out-dir") else None
+        if out_dir is None:
+            raise ConfigError("no out-dir in the run config", fix="pass --run-config \"out-dir='/abs/run'\", or start the coordinator with fedsilo coordinator start")
+        plan_text, submission = read_submission(cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
-        plan_text, submission = read_plan_or_bundle(plan_path)
-        plan = parse_plan_text(plan_text, source=str(plan_path))
+        plan = parse_plan_text(plan_text, source=cfg.get("plan-path") or "the submitted plan")
         if submission is not None:
             submission.verify(plan.hash())
         initial = to_numpy(build_network(plan, seed=plan.training.seed).state_dict())
@@ -47,7 +61,36 @@ def main(grid: Grid, context: Context) -> None:
     except FedsiloError as exc:
         # The ServerApp's exit is reported by Flower; the reason goes to its log in one line.
         log.error("fedsilo: error: %s", exc.one_line())
+        print(PROGRESS_PREFIX + json.dumps({"event": "failed", "reason": exc.one_line()}), flush=True)
         raise SystemExit(exc.exit_code) from None
+
+
+def run_settings(run_config: dict, run_id: str) -> dict[str, str]:
+    """The run config as strings, with defaults from the coordinator's state folder (``FEDSILO_COORDINATOR_DIR``)."""
+    cfg = {k: str(v) for k, v in run_config.items() if str(v)}
+    home = os.environ.get(COORDINATOR_DIR_ENV, "")
+    if home:
+        root = Path(home)
+        cfg.setdefault("out-dir", str(root / RUNS_DIR / run_id))
+        if (root / AUDIT_KEYS_DIR).is_dir():
+            cfg.setdefault("audit-key-dir", str(root / AUDIT_KEYS_DIR))
+        if (root / AUDIT_TRUST_DIR).is_dir():
+            cfg.setdefault("witness-keys-dir", str(root / AUDIT_TRUST_DIR))
+    return cfg
+
+
+def read_submission(cfg: dict[str, str]):
+    """(plan text, SubmissionBundle or None) from run config ``submission`` (bundle text) or ``plan-path``."""
+    from compliance.statements import SubmissionBundle
+
+    if cfg.get("submission"):
+        bundle = SubmissionBundle.from_json(cfg["submission"], "the submitted bundle")
+        return bundle.plan_text, bundle
+    plan_path = Path(cfg.get("plan-path", ""))
+    if not cfg.get("plan-path") or not plan_path.is_file():
+        raise ConfigError(f"no plan at '{cfg.get('plan-path', '')}'",
+                          fix="submit with fedsilo plan submit, or pass --run-config \"plan-path='/abs/plan.yaml' out-dir='/abs/run'\"")
+    return read_plan_or_bundle(plan_path)
 
 
 def read_plan_or_bundle(path: Path):
@@ -61,17 +104,17 @@ def read_plan_or_bundle(path: Path):
     return text, None
 
 
-def _audit_keys(cfg) -> tuple:
+def _audit_keys(cfg: dict[str, str]) -> tuple:
     """The coordinator's checkpoint key (run config ``audit-key-dir``) and the silos' witness keys
     (``witness-keys-dir``). Without a key the log is still hash-chained but not signed or witnessed."""
     from compliance.keys import load_signer, load_verifier_keys
     from fedsilo.protocol import COORDINATOR_LOG_KEY
 
-    key_dir = str(cfg.get("audit-key-dir", ""))
+    key_dir = cfg.get("audit-key-dir", "")
     if not key_dir:
         log.warning("fedsilo: no audit-key-dir in the run config: checkpoints will not be signed or witnessed")
         return None, ()
     signer = load_signer(key_dir, COORDINATOR_LOG_KEY)
-    witness_dir = str(cfg.get("witness-keys-dir", ""))
+    witness_dir = cfg.get("witness-keys-dir", "")
     witness_keys = load_verifier_keys(witness_dir) if witness_dir and any(Path(witness_dir).glob("*.vkey")) else ()
     return signer, witness_keys

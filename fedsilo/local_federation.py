@@ -45,6 +45,7 @@ clientapp = "silo_agent.client_app:app"
 
 [tool.flwr.app.config]
 plan-path = ""
+submission = ""
 out-dir = ""
 site-dirs = ""
 audit-key-dir = ""

@@ -1,0 +1,56 @@
+"""The ServerApp's run settings: a submitted bundle or a plan path, and defaults from the coordinator's state folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compliance.keys import generate_signer
+from compliance.statements import sign_submission
+from coordinator.server_app import COORDINATOR_DIR_ENV, read_submission, run_settings
+from fedsilo.errors import ConfigError
+from pipelines.plan import load_plan
+
+PLAN = Path(__file__).resolve().parents[2] / "configs" / "plans" / "seg2d-basicunet-dp.yaml"
+
+
+def _bundle(tmp_path: Path):
+    text = PLAN.read_text(encoding="utf-8")
+    plan = load_plan(PLAN)
+    signer = generate_signer(tmp_path / "keys", "a.jones", role="person")
+    return sign_submission(text, plan.hash(), plan.name, signer, "2026-11-27T00:00:00Z")
+
+
+def test_defaults_come_from_the_coordinator_folder(tmp_path, monkeypatch):
+    home = tmp_path / "coordinator"
+    (home / "audit-keys").mkdir(parents=True)
+    (home / "audit-trust").mkdir()
+    monkeypatch.setenv(COORDINATOR_DIR_ENV, str(home))
+    cfg = run_settings({"submission": "x", "out-dir": ""}, "42")
+    assert cfg["out-dir"] == str(home / "runs" / "42")
+    assert cfg["audit-key-dir"] == str(home / "audit-keys")
+    assert cfg["witness-keys-dir"] == str(home / "audit-trust")
+    # What the run config names wins over the defaults.
+    assert run_settings({"out-dir": "/srv/run"}, "42")["out-dir"] == "/srv/run"
+
+
+def test_without_the_folder_nothing_is_invented(tmp_path, monkeypatch):
+    monkeypatch.delenv(COORDINATOR_DIR_ENV, raising=False)
+    assert run_settings({"plan-path": "/p.yaml", "out-dir": ""}, "7") == {"plan-path": "/p.yaml"}
+
+
+def test_a_submitted_bundle_text_is_read_and_verifies(tmp_path):
+    bundle = _bundle(tmp_path)
+    text, got = read_submission({"submission": bundle.to_json()})
+    assert text == bundle.plan_text
+    got.verify(load_plan(PLAN).hash())  # raises when the signature or plan text does not match
+
+
+def test_a_plan_path_still_works_and_a_missing_plan_is_one_line(tmp_path):
+    text, got = read_submission({"plan-path": str(PLAN)})
+    assert got is None and text == PLAN.read_text(encoding="utf-8")
+    with pytest.raises(ConfigError, match="no plan at"):
+        read_submission({"plan-path": str(tmp_path / "missing.yaml")})
+    with pytest.raises(ConfigError, match="not a fedsilo submission bundle"):
+        read_submission({"submission": "{}"})
