@@ -1,10 +1,18 @@
-"""A site's cases as arrays: datalist in, (images, labels) out, behind a persistent cache.
+"""A site's cases as arrays, behind a persistent preprocessing cache.
 
-The datalist is MONAI Decathlon-style JSON (``{"training": [{"image": ..., "label": ...}],
-"test": [...]}``, paths relative to the datalist). Decoding DICOM is the slow part, so each
-case's decoded, RAS-oriented pixels are cached as ``.npz`` (numpy, ``allow_pickle=False``)
-under a key derived from the source files' paths, sizes and modification times; a second
-epoch, round or plan reads the cache instead of decoding again. The cache holds pixels only.
+Two ways in:
+
+* :func:`load_cases` - registered cases (:class:`CaseSource`, built by the silo's registry from a scan):
+  each case's decoded, RAS-oriented pixels (and its affine: the geometry, no header values) are cached as
+  ``.npz`` under the case's *content hash* (sha256 over its files' bytes, taken at registration), so a
+  second epoch, round or plan reads the cache instead of decoding DICOM again. Before a case is used,
+  its files' sizes and modification times are checked against the registration (a stat, no read): a
+  changed source is a DataError pointing at ``fedsilo silo dataset check``.
+* :func:`load_split` - a MONAI Decathlon-style datalist (``{"training": [{"image": ..., "label": ...}],
+  "test": [...]}``, paths relative to the datalist), cached under a key from the source files' paths,
+  sizes and modification times (kept for notebooks and the pooled baseline).
+
+The cache holds pixels, masks and affines only (numpy, ``allow_pickle=False``).
 """
 
 from __future__ import annotations
@@ -20,9 +28,123 @@ from typing import Any
 import numpy as np
 
 from fedsilo.errors import DataError
-from pipelines.readers import load_case
+from pipelines.readers import load_case, load_registered
 
 SPLITS = ("training", "test")
+CACHE_VERSION = "v2"
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """A registered case, as the loader needs it.
+
+    Attributes:
+        content_sha256: sha256 over the case's files (image in order, then label); the cache key.
+        image_format: "dicom" (ordered slice files, or one file) or "nifti" (one file).
+        image_files: the image's files, in slice order.
+        label_file: the segmentation mask (NIfTI), or None.
+        label_class: the class (classification), or None.
+        stat_sha256: :func:`stat_fingerprint` of all the case's files at registration (None: not checked).
+    """
+
+    content_sha256: str
+    image_format: str
+    image_files: tuple[str, ...]
+    label_file: str | None = None
+    label_class: int | None = None
+    stat_sha256: str | None = None
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return self.image_files + ((self.label_file,) if self.label_file else ())
+
+
+def stat_fingerprint(files: tuple[str, ...] | list[str], stats: list[tuple[int, int]] | None = None) -> str:
+    """sha256 over each file's path, size and mtime (from ``stats`` or os.stat): changes when a file is replaced or edited."""
+    h = hashlib.sha256(b"stat-v1\n")
+    for i, f in enumerate(files):
+        if stats is None:
+            st = os.stat(f)
+            size, mtime = st.st_size, st.st_mtime_ns
+        else:
+            size, mtime = stats[i]
+        h.update(f"{f}\0{size}\0{mtime}\n".encode())
+    return h.hexdigest()
+
+
+def _check_sources(case: CaseSource) -> None:
+    for f in case.files:
+        if not os.path.isfile(f):
+            raise DataError(f"{f}: a registered source file is missing",
+                            fix="mount the data drive, or run: fedsilo silo dataset check NAME and register the dataset again")
+    if case.stat_sha256 is not None and stat_fingerprint(case.files) != case.stat_sha256:
+        raise DataError(f"{case.image_files[0]}: the source files of a registered case changed since registration",
+                        fix="run: fedsilo silo dataset check NAME (it re-hashes and reports what changed), then register the dataset again")
+
+
+def _cache_entry(cache_dir: Path, case: CaseSource, spatial_dims: int) -> Path:
+    key = case.content_sha256
+    return cache_dir / key[:2] / f"{key}-{spatial_dims}d-{CACHE_VERSION}.npz"
+
+
+def _save(entry: Path, arrays: dict[str, np.ndarray]) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(f"{entry.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, entry)
+
+
+def load_registered_case(case: CaseSource, *, spatial_dims: int, cache_dir: Path | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(image (1, *spatial) float32, mask or None) for one registered case, decoded at most once per cache."""
+    _check_sources(case)
+    entry = _cache_entry(cache_dir, case, spatial_dims) if cache_dir is not None else None
+    if entry is not None and entry.is_file():
+        with np.load(entry, allow_pickle=False) as z:
+            return z["image"], (z["label"].astype(np.float32) if "label" in z.files else None)
+    img, affine, lab = load_registered(case.image_files, case.image_format, case.label_file, spatial_dims=spatial_dims)
+    if entry is not None:
+        arrays = {"image": img, "affine": affine}
+        if lab is not None:
+            arrays["label"] = lab.astype(np.uint8)
+        _save(entry, arrays)
+    return img, lab
+
+
+def load_cases(
+    cases: list[CaseSource],
+    *,
+    task: str,
+    cache_dir: Path | None = None,
+    num_classes: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> CaseArrays:
+    """Stack registered cases into (images, labels), decoding each case at most once per cache."""
+    if not cases:
+        raise DataError("the split has no registered cases", fix="register a dataset with cases in this split")
+    spatial_dims = 3 if task.endswith("3d") else 2
+    segmentation = task.startswith("seg")
+    images, labels = [], []
+    for i, case in enumerate(cases):
+        if not segmentation:
+            cls = case.label_class
+            if isinstance(cls, bool) or not isinstance(cls, int) or not 0 <= cls < num_classes:
+                raise DataError(f"{case.image_files[0]}: registered class {cls!r} is not among the plan's {num_classes} classes",
+                                fix=f"classes must be whole numbers 0..{num_classes - 1}: set data.num_classes in the plan or fix the labels")
+        img, lab = load_registered_case(case, spatial_dims=spatial_dims, cache_dir=cache_dir)
+        if segmentation:
+            if lab is None:
+                raise DataError(f"{case.image_files[0]}: the case has no label", fix="register the dataset with --labels")
+            labels.append(lab.astype(np.float32))
+        else:
+            labels.append(case.label_class)
+        images.append(img)
+        if progress:
+            progress(i + 1, len(cases))
+    shapes = {a.shape for a in images}
+    if len(shapes) > 1:
+        raise DataError(f"the registered cases have {len(shapes)} different shapes", fix="add a Resize or SpatialPad transform to the plan")
+    stacked_labels = np.stack(labels) if segmentation else np.asarray(labels, dtype=np.int64)
+    return CaseArrays(images=np.stack(images), labels=stacked_labels)
 
 
 @dataclass(frozen=True)
