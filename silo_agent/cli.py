@@ -17,17 +17,37 @@ def add_commands(sub) -> None:
     p.add_argument("--site", required=True, help="the site's id, e.g. hospital0")
     p.set_defaults(func=_init)
 
-    ds = ssub.add_parser("dataset", help="register and list datasets")
+    ds = ssub.add_parser("dataset", help="register, list, show, check and remove datasets")
     dsub = ds.add_subparsers(dest="dataset_command", metavar="COMMAND", required=True, parser_class=type(silo))
-    p = dsub.add_parser("add", help="register a dataset from a MONAI datalist JSON")
+    p = dsub.add_parser("add", help="scan DICOM/NIfTI images (or a MONAI datalist), validate them and register the cases")
     p.add_argument("name")
     p.add_argument("--site", dest="site_dir", type=Path, required=True, help="the site folder")
-    p.add_argument("--datalist", type=Path, required=True)
+    p.add_argument("--images", type=Path, help="a folder (or file, or DICOMDIR) of DICOM series and/or NIfTI images")
+    p.add_argument("--labels", type=Path, help="segmentation: a folder of NIfTI masks; classification: a CSV (image,label)")
+    p.add_argument("--datalist", type=Path, help="instead of --images: a MONAI Decathlon-style datalist JSON")
     p.add_argument("--task", required=True, help="seg3d, seg2d, cls3d or cls2d")
+    p.add_argument("--classes", help="classification: comma-separated class names, in class-number order, if the CSV uses names")
+    p.add_argument("--workers", type=int, default=None, help="processes for the header scan (default: up to 4, one per core)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=_dataset_add)
     p = dsub.add_parser("list", help="list registered datasets")
     p.add_argument("--site", dest="site_dir", type=Path, required=True)
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=_dataset_list)
+    p = dsub.add_parser("show", help="a registered dataset: counts, shapes, spacing, sources, rejections")
+    p.add_argument("name")
+    p.add_argument("--site", dest="site_dir", type=Path, required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_dataset_show)
+    p = dsub.add_parser("check", help="re-hash every registered file and report drift (exit 1 when anything changed)")
+    p.add_argument("name")
+    p.add_argument("--site", dest="site_dir", type=Path, required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_dataset_check)
+    p = dsub.add_parser("remove", help="forget a dataset (registry and cache; source files are never touched)")
+    p.add_argument("name")
+    p.add_argument("--site", dest="site_dir", type=Path, required=True)
+    p.set_defaults(func=_dataset_remove)
 
     off = ssub.add_parser("officer", help="site officers who approve or reject plans")
     osub = off.add_subparsers(dest="officer_command", metavar="COMMAND", required=True, parser_class=type(silo))
@@ -87,20 +107,181 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dataset_add(args: argparse.Namespace) -> int:
-    from silo_agent.site import Site, register_dataset
+class _ProgressBar:
+    """A progress bar on stderr: redrawn in place on a terminal; otherwise (a log) a line per quarter for long
+    work only (over LOG_MIN_TOTAL items). Counts only, never a path."""
 
-    site = register_dataset(Site.open(args.site_dir), args.name, task=args.task, datalist=args.datalist)
-    print(f"dataset {args.name} ({args.task}) registered at site {site.site_id}")
+    LOG_MIN_TOTAL = 1000
+
+    def __init__(self, what: str) -> None:
+        import sys
+
+        self.what, self.stream = what, sys.stderr
+        self.tty = self.stream.isatty()
+        self.last, self.quarter = 0.0, -1
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+
+        pct = 100 * done // max(total, 1)
+        if self.tty:
+            now = time.monotonic()
+            if now - self.last < 0.1 and done < total:
+                return
+            self.last = now
+            filled = pct * 30 // 100
+            end = "\n" if done >= total else ""
+            print(f"\r{self.what} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} ({pct}%)", end=end, file=self.stream, flush=True)
+        elif total > self.LOG_MIN_TOTAL and pct // 25 != self.quarter:
+            self.quarter = pct // 25
+            print(f"{self.what}: {done}/{total} ({pct}%)", file=self.stream, flush=True)
+
+
+def _dataset_add(args: argparse.Namespace) -> int:
+    import json
+
+    from silo_agent.registry import register
+    from silo_agent.site import Site
+
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip()) if args.classes else None
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} is too small", fix="use 1 or more")
+    site = Site.open(args.site_dir)
+    reg = register(site, args.name, task=args.task, images=args.images, labels=args.labels, datalist=args.datalist,
+                   classes=classes, workers=args.workers, progress=None if args.json else _ProgressBar("scanning"))
+    summary = reg.summary()
+    if args.json:
+        print(json.dumps({"site": site.site_id, **summary}))
+        return 0
+    c = reg.registry.counts
+    print(f"scanned {reg.files_seen} file(s) in {reg.seconds:.1f} s")
+    print(f"dataset {args.name} ({args.task}) {'re-registered' if reg.replaced else 'registered'} at site {site.site_id}: "
+          f"{c['cases']} case(s), {c['training']} training + {c['test']} test; shapes {', '.join(summary['shapes'])}")
+    if reg.rejected:
+        kinds = ", ".join(f"{n} {k}" for k, n in reg.rejected.items())
+        print(f"not used: {sum(reg.rejected.values())} file(s) ({kinds}); one reason per file in {reg.rejections_path}")
+    for note in reg.registry.notes:
+        print(f"note: {note}")
     return 0
 
 
 def _dataset_list(args: argparse.Namespace) -> int:
+    import json
+
+    from silo_agent.registry import load_registry
     from silo_agent.site import Site
 
     site = Site.open(args.site_dir)
+    rows = []
     for entry in site.datasets.values():
-        print(f"{entry.name}\t{entry.task}\t{entry.datalist}")
+        row = {"dataset": entry.name, "task": entry.task, "cases": None, "training": None, "test": None, "registered_at": None,
+               "source": "datalist (legacy entry)" if entry.registry is None else None}
+        if entry.registry is not None:
+            reg = load_registry(entry.registry)
+            row.update({k: reg.counts[k] for k in ("cases", "training", "test")}, registered_at=reg.registered_at, source=reg.source["kind"])
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"site": site.site_id, "datasets": rows}))
+        return 0
+    if not rows:
+        print("no datasets registered yet")
+        return 0
+    table = [("dataset", "task", "cases", "training", "test", "source", "registered")] + [
+        (r["dataset"], r["task"], r["cases"] if r["cases"] is not None else "-", r["training"] if r["training"] is not None else "-",
+         r["test"] if r["test"] is not None else "-", r["source"], r["registered_at"] or "-") for r in rows]
+    _table(table)
+    return 0
+
+
+def _table(rows) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _dataset_show(args: argparse.Namespace) -> int:
+    import json
+
+    from silo_agent.registry import dataset_dir, load_registry
+    from silo_agent.site import Site
+
+    site = Site.open(args.site_dir)
+    entry = site.dataset(args.name)
+    if entry.registry is None:
+        raise ConfigError(f"dataset '{args.name}' was registered before the registry existed (datalist {entry.datalist})",
+                          fix=f"register it again: fedsilo silo dataset add {args.name} --site {site.root} --datalist {entry.datalist} --task {entry.task}")
+    reg = load_registry(entry.registry)
+    rejections_path = dataset_dir(site.root, args.name) / "rejections.json"
+    rejections = json.loads(rejections_path.read_text(encoding="utf-8"))["rejections"] if rejections_path.is_file() else []
+    by_kind: dict[str, int] = {}
+    for r in rejections:
+        by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
+    shapes: dict[str, int] = {}
+    for c in reg.cases:
+        key = "x".join(map(str, c.shape))
+        shapes[key] = shapes.get(key, 0) + 1
+    spacing = [sorted({round(c.spacing[i], 4) for c in reg.cases}) for i in range(len(reg.cases[0].spacing))] if reg.cases else []
+    info = {"site": site.site_id, "dataset": reg.name, "task": reg.task, "registered_at": reg.registered_at, "source": reg.source,
+            "counts": reg.counts, "manifest_sha256": reg.manifest_sha256, "shapes": shapes,
+            "spacing_mm": [[s[0], s[-1]] for s in spacing], "formats": sorted({c.image_format for c in reg.cases}),
+            "rejected_by_kind": dict(sorted(by_kind.items())), "rejections_file": str(rejections_path),
+            "registry_file": str(entry.registry), "notes": list(reg.notes)}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    c = reg.counts
+    print(f"dataset {reg.name} ({reg.task}) at site {site.site_id}, registered {reg.registered_at}")
+    src = reg.source
+    print("source: " + (f"datalist {src['datalist']}" if src["kind"] == "datalist" else
+                        f"images {src['images']}" + (f", labels {src['labels']}" if src.get("labels") else "")))
+    print(f"cases: {c['cases']} ({c['training']} training, {c['test']} test) from {c['files_in_cases']} file(s); "
+          f"{c['files_seen']} file(s) scanned")
+    if "classes" in c:
+        print("classes: " + ", ".join(f"{k}: {n}" for k, n in c["classes"].items()))
+    print("formats: " + ", ".join(info["formats"]) + "; shapes: " + ", ".join(f"{k} ({n})" for k, n in shapes.items()))
+    print("spacing (mm): " + " x ".join(f"{lo:g}" if lo == hi else f"{lo:g}-{hi:g}" for lo, hi in info["spacing_mm"]))
+    print(f"manifest sha256: {reg.manifest_sha256}")
+    if by_kind:
+        print(f"not used: {len(rejections)} file(s) (" + ", ".join(f"{n} {k}" for k, n in info["rejected_by_kind"].items())
+              + f"); list: {rejections_path}")
+    for note in reg.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _dataset_check(args: argparse.Namespace) -> int:
+    import json
+
+    from silo_agent.registry import check
+    from silo_agent.site import Site
+
+    site = Site.open(args.site_dir)
+    report = check(site, args.name, progress=None if args.json else _ProgressBar("re-hashing"))
+    if args.json:
+        print(json.dumps({"site": site.site_id, **report.to_json()}))
+    else:
+        print(f"dataset {args.name}: {report.unchanged} of {report.cases} case(s) unchanged"
+              + (f"; {report.touched} touched but identical (fingerprint refreshed)" if report.touched else ""))
+        if report.changed:
+            print(f"CHANGED since registration: {len(report.changed)} case(s): {', '.join(report.changed[:10])}"
+                  + (" ..." if len(report.changed) > 10 else ""))
+        if report.missing:
+            print(f"MISSING files: {len(report.missing)} case(s): {', '.join(report.missing[:10])}" + (" ..." if len(report.missing) > 10 else ""))
+        if report.new_files:
+            print(f"NEW files under the registered folders: {report.new_files}")
+        print("no drift" if report.clean else f"drift found: register the dataset again to use the current files "
+              f"(fedsilo silo dataset add {args.name} ...)")
+    return 0 if report.clean else 1
+
+
+def _dataset_remove(args: argparse.Namespace) -> int:
+    from silo_agent.registry import remove
+    from silo_agent.site import Site
+
+    site = Site.open(args.site_dir)
+    result = remove(site, args.name)
+    print(f"dataset {args.name} removed from site {site.site_id} ({result['cases']} case(s), {result['cache_entries_removed']} cache "
+          "entries); source files untouched; its privacy spends stay in the ledger")
     return 0
 
 

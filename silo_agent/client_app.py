@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 import traceback
 from pathlib import Path
 
@@ -166,14 +167,21 @@ def _global_model(msg: Message, plan):
 
 
 def _load(site: Site, plan, split: str):
-    from pipelines.dataset import apply_transforms, load_split
+    """The registered dataset's split as arrays, through MONAI behind the site's preprocessing cache."""
+    from pipelines.dataset import apply_transforms, load_cases, load_split
     from pipelines.transforms import split_transforms
 
     entry = site.dataset(plan.data.dataset)
     if entry.task != plan.task:
         raise RefusalError(f"dataset '{entry.name}' is registered for {entry.task}, the plan trains {plan.task}")
-    data = load_split(entry.datalist, split, task=plan.task, num_classes=plan.data.num_classes,
-                      cache_dir=site.cache_dir if plan.data.cache else None)
+    cache_dir = site.cache_dir if plan.data.cache else None
+    if entry.registry is not None:
+        from silo_agent.registry import load_registry
+
+        data = load_cases(load_registry(entry.registry).case_sources(split), task=plan.task, num_classes=plan.data.num_classes,
+                          cache_dir=cache_dir)
+    else:  # registered before the registry existed: read through its datalist
+        data = load_split(entry.datalist, split, task=plan.task, num_classes=plan.data.num_classes, cache_dir=cache_dir)
     deterministic, random = split_transforms(plan.data.transforms, segmentation=plan.is_segmentation)
     data = apply_transforms(data, deterministic, segmentation=plan.is_segmentation)
     return entry, data, random
@@ -233,8 +241,10 @@ def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordD
     plan, run_id, round_ = _plan_from(msg)
     _approved(msg, site, plan, audit, actor, run_id, round_)
     model, _ = _global_model(msg, plan)
+    started = time.perf_counter()
     entry, data, _ = _load(site, plan, "test")
     metrics = evaluate_model(model, data, plan)
+    metrics["seconds"] = time.perf_counter() - started  # for the coordinator's per-round overhead figure
     check_metrics(metrics)
     audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
                  run_id=run_id, round=round_, details={"cases": len(data), "split": "test", **{k: v for k, v in metrics.items() if k != P.NUM_EXAMPLES}})
@@ -255,11 +265,17 @@ def _check_egress(content: RecordDict, site: Site, run_id: str, round_: int, ref
 
 
 def _case_count(entry, split: str) -> int:
-    from pipelines.dataset import read_datalist
+    """Cases in a split, from the registry (no source file is opened)."""
+    if entry.registry is not None:
+        from silo_agent.registry import load_registry
 
-    cases = len(read_datalist(entry.datalist).get(split) or [])
+        cases = len(load_registry(entry.registry).split(split))
+    else:
+        from pipelines.dataset import read_datalist
+
+        cases = len(read_datalist(entry.datalist).get(split) or [])
     if not cases:
-        raise DataError(f"{entry.datalist}: the '{split}' split is empty", fix="register a dataset with cases in this split")
+        raise DataError(f"dataset '{entry.name}': the '{split}' split is empty", fix="register a dataset with cases in this split")
     return cases
 
 

@@ -2,7 +2,9 @@
 
 Layout of SITE_DIR::
 
-    site.yaml        site id and registered datasets (name -> task, datalist)
+    site.yaml        site id and registered datasets (name -> task, registry, and the datalist when registered from one)
+    datasets/        the dataset registry (silo_agent.registry): per dataset registry.json and rejections.json
+    keys/registry.secret   the key of the registry's keyed hashes (case ids), mode 0600
     policy.yaml      what any plan may do here (silo_agent.policy)
     officers/        site officers' keys; plans/  plans received, their submissions and decisions (silo_agent.approvals)
     audit/           the silo's local audit log (compliance.AuditLog) and its witness state
@@ -36,9 +38,15 @@ TASKS = ("seg3d", "seg2d", "cls3d", "cls2d")
 
 @dataclass(frozen=True)
 class DatasetEntry:
+    """A registered dataset: its registry (silo_agent.registry) and, when registered from one, its datalist.
+
+    Entries written before the registry existed have a datalist only; they are read through it.
+    """
+
     name: str
     task: str
-    datalist: Path
+    datalist: Path | None = None
+    registry: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,7 @@ class Site:
             known = ", ".join(sorted(self.datasets)) or "none"
             raise ConfigError(
                 f"site {self.site_id} has no dataset '{name}' (registered: {known})",
-                fix=f"register it: fedsilo silo dataset add {name} --site {self.root} --datalist PATH --task TASK",
+                fix=f"register it: fedsilo silo dataset add {name} --site {self.root} --images PATH [--labels PATH] --task TASK",
             ) from None
 
     @classmethod
@@ -108,10 +116,16 @@ class Site:
             raise ConfigError(f"{path}: 'site' must be a short lower-case name, got {site_id!r}", fix="use letters, digits and '-', e.g. hospital0")
         datasets = {}
         for name, entry in (raw.get("datasets") or {}).items():
-            if not isinstance(entry, dict) or set(entry) != {"task", "datalist"} or entry["task"] not in TASKS:
-                raise ConfigError(f"{path}: dataset '{name}' needs exactly 'task' ({'/'.join(TASKS)}) and 'datalist'", fix="register it again with fedsilo silo dataset add")
-            datalist = Path(entry["datalist"])
-            datasets[name] = DatasetEntry(name=name, task=entry["task"], datalist=datalist if datalist.is_absolute() else root / datalist)
+            if (not isinstance(entry, dict) or "task" not in entry or not set(entry) <= {"task", "datalist", "registry"}
+                    or entry["task"] not in TASKS or not ({"datalist", "registry"} & set(entry))):
+                raise ConfigError(f"{path}: dataset '{name}' needs 'task' ({'/'.join(TASKS)}) and a 'registry' (or a 'datalist')",
+                                  fix="register it again with fedsilo silo dataset add")
+            paths = {}
+            for key in ("datalist", "registry"):
+                if entry.get(key):
+                    p = Path(entry[key])
+                    paths[key] = p if p.is_absolute() else root / p
+            datasets[name] = DatasetEntry(name=name, task=entry["task"], **paths)
         return cls(root=root, site_id=site_id, datasets=datasets)
 
 
@@ -142,22 +156,41 @@ def init_site(root: str | Path, site_id: str) -> Site:
     return site
 
 
-def register_dataset(site: Site, name: str, *, task: str, datalist: Path) -> Site:
-    """Add or replace a dataset entry pointing at a datalist (foundation form of registration)."""
-    if not NAME_RE.match(name):
-        raise ConfigError(f"dataset name {name!r} is not allowed", fix="use lower-case letters, digits and '-'")
-    if task not in TASKS:
-        raise ConfigError(f"task '{task}' is not known", fix=f"use one of: {', '.join(TASKS)}")
-    if not datalist.is_file():
-        raise ConfigError(f"no datalist at {datalist}", fix="give the path of a MONAI datalist JSON")
-    raw = yaml.safe_load((site.root / SITE_FILE).read_text(encoding="utf-8")) or {}
-    replaced = name in (raw.get("datasets") or {})
-    raw.setdefault("datasets", {})[name] = {"task": task, "datalist": str(datalist.resolve())}
-    _write(site.root / SITE_FILE, raw)
-    # The datalist's path may name patients (hospital folders often do): record its hash, never the path.
-    audit_site(site, EventType.DATASET_REGISTERED, object={"type": "dataset", "id": name, "sha256": _sha256_file(datalist)},
-           details={"task": task, "replaced": replaced})
+def register_dataset(site: Site, name: str, *, task: str, datalist: Path | None = None, images: Path | None = None,
+                     labels: Path | None = None, classes: tuple[str, ...] | None = None, progress=None) -> Site:
+    """Scan and register a dataset (silo_agent.registry.register) and return the reopened site.
+
+    Give a MONAI datalist, or ``images`` (a folder, file or DICOMDIR) with ``labels`` (NIfTI masks or a class CSV).
+    Raises DataError when nothing usable was found (the rejection list is written first).
+    """
+    from silo_agent.registry import register
+
+    register(site, name, task=task, datalist=datalist, images=images, labels=labels, classes=classes, progress=progress)
     return Site.open(site.root)
+
+
+def update_dataset_entry(site: Site, name: str, *, task: str, registry: Path, datalist: Path | None) -> bool:
+    """Point site.yaml's entry for ``name`` at its registry; returns whether an entry was replaced."""
+    raw = yaml.safe_load((site.root / SITE_FILE).read_text(encoding="utf-8")) or {}
+    datasets = raw.get("datasets") or {}
+    replaced = name in datasets
+    try:
+        reg = Path(registry).resolve().relative_to(site.root.resolve()).as_posix()
+    except ValueError:
+        reg = str(Path(registry).resolve())
+    entry = {"task": task, "registry": reg}
+    if datalist is not None:
+        entry["datalist"] = str(Path(datalist).resolve())
+    datasets[name] = entry
+    raw["datasets"] = datasets
+    _write(site.root / SITE_FILE, raw)
+    return replaced
+
+
+def drop_dataset_entry(site: Site, name: str) -> None:
+    raw = yaml.safe_load((site.root / SITE_FILE).read_text(encoding="utf-8")) or {}
+    (raw.get("datasets") or {}).pop(name, None)
+    _write(site.root / SITE_FILE, raw)
 
 
 def audit_site(site: Site, event: str, *, actor: dict | None = None, **fields) -> None:

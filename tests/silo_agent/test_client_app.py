@@ -26,6 +26,7 @@ from silo_agent import approvals
 from silo_agent.approvals import add_officer, decide, store_plan, stored_plans, verify_submission
 from silo_agent.client_app import evaluate, train
 from silo_agent.site import init_site, register_dataset
+from tiny_data import write_tiny_datalist
 
 PLAN = {"name": "t", "task": "seg3d", "model": {"network": "UNet", "args": {"channels": [4, 8], "strides": [2]}},
         "data": {"dataset": "ct"}, "federation": {"rounds": 1, "min_silos": 2}}
@@ -73,12 +74,11 @@ def serverapp_identity(monkeypatch):
 @pytest.fixture
 def site(tmp_path):
     site = init_site(tmp_path / "DOE^JANE-site", "hospital0")  # a path carrying a patient-like name
-    datalist = tmp_path / "DOE^JANE-data" / "datalist.json"
-    datalist.parent.mkdir()
-    datalist.write_text(json.dumps({"training": [{"image": "missing-case", "label": "missing.nii.gz"}],
-                                    "test": [{"image": "missing-case", "label": "missing.nii.gz"}]}))
+    datalist = write_tiny_datalist(tmp_path / "DOE^JANE-data", names=["missing-case", "case-1", "case-2"])
     add_officer(site, "j.smith")
-    return register_dataset(site, "ct", task="seg3d", datalist=datalist)
+    site = register_dataset(site, "ct", task="seg3d", datalist=datalist)
+    (datalist.parent / "images" / "missing-case.nii.gz").unlink()  # gone after registration: reading it must fail
+    return site
 
 
 def plan_and_arrays():

@@ -390,8 +390,9 @@ def _spend(dataset: str, round_: int, epsilon_after: float, plan: str = "p" * 64
 
 
 def test_budget_reports_spent_and_left_per_dataset(site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"training": []}))
+    from tiny_data import write_tiny_datalist
+
+    datalist = write_tiny_datalist(tmp_path / "data")
     ok(capsys, "silo", "dataset", "add", "ct", "--site", site, "--datalist", datalist, "--task", "seg3d")
     ok(capsys, "silo", "dataset", "add", "mr", "--site", site, "--datalist", datalist, "--task", "seg3d")
 

@@ -13,12 +13,12 @@ from pipelines.training import composed_epsilon
 from silo_agent.egress import check_arrays, check_metrics, check_reply
 from silo_agent.ledger import PrivacyLedger, Spend
 from silo_agent.site import Site, init_site, register_dataset
+from tiny_data import write_tiny_datalist
 
 
 def test_site_init_register_and_reopen(tmp_path):
     site = init_site(tmp_path / "s", "hospital0")
-    datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"training": []}))
+    datalist = write_tiny_datalist(tmp_path / "data")
     site = register_dataset(site, "ct", task="seg3d", datalist=datalist)
     again = Site.open(tmp_path / "s")
     assert again.site_id == "hospital0" and again.dataset("ct").datalist == datalist.resolve()
@@ -28,9 +28,7 @@ def test_site_init_register_and_reopen(tmp_path):
 
 def test_site_creation_and_dataset_registration_are_audited_without_paths(tmp_path):
     site = init_site(tmp_path / "s", "hospital0")
-    datalist = tmp_path / "Doe_John_studies" / "datalist.json"  # hospital folders can name patients
-    datalist.parent.mkdir()
-    datalist.write_text(json.dumps({"training": []}))
+    datalist = write_tiny_datalist(tmp_path / "Doe_John_studies")  # hospital folders can name patients
     register_dataset(site, "ct", task="seg3d", datalist=datalist)
     register_dataset(site, "ct", task="seg3d", datalist=datalist)
     verify_log(site.audit_dir)
