@@ -1,9 +1,13 @@
-"""``fedsilo plan``: the researcher's commands (validate, hash, keygen, sign)."""
+"""``fedsilo plan``: the researcher's commands (validate, hash, keygen, sign, submit);
+``fedsilo provision`` and ``fedsilo coordinator``: the coordinator operator's (kits, start, status, renew-cert)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from fedsilo.errors import ConfigError
 
 
 def add_commands(sub) -> None:
@@ -28,6 +32,42 @@ def add_commands(sub) -> None:
     p.add_argument("--key", type=Path, required=True, metavar="DIR/NAME.key", help="your key from 'fedsilo plan keygen'")
     p.add_argument("--out", type=Path, required=True, metavar="FILE.json")
     p.set_defaults(func=_sign)
+    p = psub.add_parser("submit", help="start a signed plan on a running coordinator and stream its round table "
+                                       "(exit 0 finished, 1 failed, 2 bad input)")
+    p.add_argument("plan", type=Path, metavar="PLAN", help="a bundle .json from 'fedsilo plan sign', or a plan .yaml with --key")
+    p.add_argument("--federation", required=True, metavar="NAME", help="the federation's name (its connection name)")
+    p.add_argument("--key", type=Path, metavar="DIR/NAME.key", help="sign a plan .yaml now with your researcher key")
+    p.add_argument("--superlink", metavar="HOST:PORT", help="the coordinator's address (from the researcher kit's README)")
+    p.add_argument("--ca", type=Path, metavar="ca.crt", help="the federation's CA certificate (researcher kit)")
+    p.add_argument("--kit", type=Path, metavar="DIR", help="on the coordinator's machine: its kit folder, instead of --superlink/--ca")
+    p.add_argument("--insecure-dev", action="store_true", help="UNSAFE: no TLS; development machines only")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print Flower's own log lines (to stderr)")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("provision", help="coordinator operator: write the startup kits of a federation (CA, coordinator, sites)")
+    p.add_argument("project", type=Path, metavar="PROJECT.yaml", help="federation name, coordinator address and port, sites")
+    p.add_argument("--out", type=Path, required=True, metavar="KITS", help="folder for the kits (ca/, coordinator/, researcher/, one per site)")
+    p.add_argument("--force", action="store_true", help="replace existing kit folders (their keys are lost)")
+    p.set_defaults(func=_provision)
+
+    coord = sub.add_parser("coordinator", help="coordinator operator: start the federation's SuperLink, its status, certificate renewal")
+    csub = coord.add_subparsers(dest="coordinator_command", metavar="COMMAND", required=True, parser_class=type(coord))
+    p = csub.add_parser("start", help="run the SuperLink from a coordinator kit (TLS, SuperNode authentication, persistent "
+                                      "state) until Ctrl-C")
+    p.add_argument("--kit", type=Path, required=True, metavar="DIR", help="KITS/coordinator from 'fedsilo provision' (also holds the state)")
+    p.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0: all interfaces)")
+    p.add_argument("--port", type=int, help="listen port (default: the kit's)")
+    p.add_argument("--insecure-dev", action="store_true", help="UNSAFE: no TLS; development machines only")
+    p.set_defaults(func=_coordinator_start)
+    p = csub.add_parser("status", help="sites (online, offline, not registered) and runs of the running coordinator")
+    p.add_argument("--kit", type=Path, required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_coordinator_status)
+    p = csub.add_parser("renew-cert", help="issue a new server certificate with the federation's CA (sites need nothing new)")
+    p.add_argument("--kit", type=Path, required=True, metavar="DIR")
+    p.add_argument("--ca", type=Path, required=True, metavar="KITS/ca", help="the CA folder from 'fedsilo provision'")
+    p.add_argument("--days", type=int, default=365)
+    p.set_defaults(func=_coordinator_renew)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -88,4 +128,77 @@ def _hash(args: argparse.Namespace) -> int:
     from pipelines.plan import load_plan
 
     print(load_plan(args.plan).hash())
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import signal
+
+    from coordinator.submit import connection, load_submission, submit
+
+    def _raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if sum(x is not None for x in (args.superlink, args.kit)) > 1:
+        raise ConfigError("give either --superlink (with --ca) or --kit, not both", fix="researchers use --superlink and --ca")
+    bundle, plan = load_submission(args.plan, args.key)
+    if args.insecure_dev:
+        print("WARNING: --insecure-dev: the plan goes to the coordinator WITHOUT TLS; development machines only", file=sys.stderr)
+    conn = connection(args.federation, superlink=args.superlink, ca=args.ca, kit=args.kit, insecure_dev=args.insecure_dev)
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops the flwr child too, as Ctrl-C does
+    try:
+        outcome = submit(bundle, plan, conn, verbose=args.verbose)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        conn.close()
+    if outcome.exit_code == 0:
+        print(f"run {outcome.run_id} finished after {outcome.rounds} round(s); its results are in the coordinator's runs/{outcome.run_id}/",
+              file=sys.stderr)
+    else:
+        print(f"fedsilo: run {outcome.run_id} failed: {outcome.reason}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from coordinator.provision import load_project, provision
+
+    project = load_project(args.project)
+    result = provision(project, args.out, force=args.force)
+    print(f"kits for federation {project.federation} written to {result.out}: ca/ (store offline), coordinator/, researcher/, "
+          + ", ".join(f"{s.id}/" for s in project.sites))
+    print("fingerprints to confirm out of band (also in each kit's README.md):")
+    for what, fingerprint in result.fingerprints.items():
+        print(f"  {what:<32} {fingerprint}")
+    return 0
+
+
+def _coordinator_start(args: argparse.Namespace) -> int:
+    from coordinator.deployment import load_coordinator_kit, run_coordinator
+
+    kit = load_coordinator_kit(args.kit)
+    try:
+        run_coordinator(kit, host=args.host, port=args.port, insecure_dev=args.insecure_dev)
+    except KeyboardInterrupt:
+        print(f"coordinator of federation {kit.federation} stopped", file=sys.stderr)
+    return 0
+
+
+def _coordinator_status(args: argparse.Namespace) -> int:
+    import json
+
+    from coordinator.deployment import coordinator_status, format_status, load_coordinator_kit
+
+    status = coordinator_status(load_coordinator_kit(args.kit))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _coordinator_renew(args: argparse.Namespace) -> int:
+    from coordinator.deployment import load_coordinator_kit, renew_server_certificate
+
+    if not 1 <= args.days <= 36500:
+        raise ConfigError(f"--days must be 1-36500, got {args.days}", fix="e.g. --days 365")
+    fingerprint = renew_server_certificate(load_coordinator_kit(args.kit), args.ca, days=args.days)
+    print(f"new server certificate {fingerprint} in {args.kit} (the old one is kept as server.pem.old); "
+          "restart the coordinator to use it")
     return 0
