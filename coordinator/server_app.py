@@ -44,6 +44,9 @@ def main(grid: Grid, context: Context) -> None:
     from pipelines.plan import parse_plan_text
     from pipelines.serialization import to_numpy
 
+    from fedsilo import flower_tuning
+
+    flower_tuning.apply()  # only when the coordinator was started with fedsilo's Flower tuning
     cfg = run_settings(dict(context.run_config), str(context.run_id))
     try:
         out_dir = Path(cfg["out-dir"]) if cfg.get("out-dir") else None

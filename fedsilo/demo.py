@@ -207,7 +207,7 @@ def sign_plan(out: Path, plan_path: Path, *, researcher: str = "demo-researcher"
     keys = out / "pki" / "researcher"
     signer = load_signer(keys, researcher) if (keys / f"{researcher}.key").exists() else generate_signer(keys, researcher, role="person")
     bundle = sign_submission(plan_path.read_text(encoding="utf-8"), plan.hash(), plan.name, signer, utc_now())
-    bundle_path = plan_path.with_name(plan_path.stem + ".submission.json")
+    bundle_path = out / (plan_path.stem + ".submission.json")  # in the run folder, never beside a plan in the repository
     bundle_path.write_text(bundle.to_json(), encoding="utf-8")
     return bundle_path
 

@@ -20,10 +20,15 @@ from typing import Any
 
 from coordinator.pki import create_node_key, create_server_tls
 from fedsilo.errors import ConfigError, DeploymentError
+from fedsilo.flower_tuning import tuned_env
 from fedsilo.processes import LOOPBACK, ManagedProcess, ProcessSet, flower_env, free_port, port_in_use, run_command
 
 LINK = "fedsilo"
 ROUNDS_FILE = "rounds.jsonl"
+#: How a silo runs its ClientApp per message. "warm": SuperNode ``--isolation process`` beside
+#: silo_agent.warm_exec, which forks each message from a process that imported torch once;
+#: "subprocess": Flower's default, a fresh ``flwr-clientapp`` (and a fresh torch import) per message.
+ISOLATION_MODES = ("warm", "subprocess")
 
 APP_PYPROJECT = """\
 [build-system]
@@ -113,9 +118,15 @@ class LocalFederation:
         silos: the sites and their site folders.
         superlink_port: the SuperLink's port (0: pick a free one).
         threads_per_silo: torch threads per silo process (silos share this machine's cores).
+        isolation: how each silo runs its ClientApp (:data:`ISOLATION_MODES`).
+        tuned: poll in tenths of a second instead of Flower's seconds (fedsilo.flower_tuning);
+            default: on with the warm executor, off with Flower's subprocess mode.
     """
 
-    def __init__(self, root: Path, silos: Sequence[SiloSpec], *, superlink_port: int = 0, threads_per_silo: int = 1) -> None:
+    def __init__(self, root: Path, silos: Sequence[SiloSpec], *, superlink_port: int = 0, threads_per_silo: int = 1,
+                 isolation: str = "subprocess", tuned: bool | None = None) -> None:
+        if isolation not in ISOLATION_MODES:
+            raise ConfigError(f"isolation '{isolation}' is not known", fix=f"use one of: {', '.join(ISOLATION_MODES)}")
         if not silos:
             raise ConfigError("a federation needs at least one silo", fix="pass --silos 1 or more")
         for spec in silos:
@@ -127,10 +138,14 @@ class LocalFederation:
         self.silos = list(silos)
         self.port = superlink_port or free_port()
         self.threads = threads_per_silo
+        self.isolation = isolation
+        self.tuned = (isolation == "warm") if tuned is None else tuned
+        self.tls = None
         self.logs = root / "logs"
         self.flwr_home = root / "flwr"
         self.procs = ProcessSet(self.logs, flower_env(self.flwr_home / "cli"))
         self.nodes: dict[str, ManagedProcess] = {}
+        self.executors: dict[str, ManagedProcess] = {}
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -148,30 +163,57 @@ class LocalFederation:
 
     def _start(self) -> None:
         pki = self.root / "pki"
-        tls = create_server_tls(pki)
+        tls = self.tls = create_server_tls(pki)
         self.audit_config = provision_audit_keys(self.root, self.silos)
         self._write_cli_config(tls.ca_cert)
         superlink = self.procs.start("superlink", [
             _bin("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
             "--enable-supernode-auth", "--host", LOOPBACK, "--port", str(self.port), "--database", str(self.root / "flwr" / "superlink-state.db"),
             "--disable-runtime-dependency-installation",
-        ], env=flower_env(self.flwr_home / "superlink"))
+        ], env=self._env(self.flwr_home / "superlink"))
         self.procs.wait_for_port(superlink, self.port)
         cli_env = self.procs.env  # the flwr CLI's home holds the connection config
         for spec in self.silos:
             key = create_node_key(pki / "nodes", spec.site)
             if spec.register:
                 self._register(key.public_key, spec.site, cli_env)
-            node_port = free_port()
-            node_config = f"site-dir='{spec.site_dir.resolve()}' threads={self.threads}"
-            node = self.procs.start(f"supernode-{spec.site}", [
-                _bin("flower-supernode"), "--root-certificates", str(tls.ca_cert), "--superlink", f"{LOOPBACK}:{self.port}",
-                "--auth-supernode-private-key", str(key.private_key), "--host", LOOPBACK, "--port", str(node_port),
-                "--node-config", node_config,
-            ], env=flower_env(self.flwr_home / spec.site))
-            self.procs.wait_for_port(node, node_port)
-            self.nodes[spec.site] = node
+            self.start_silo(spec.site)
         self._wait_online(cli_env)
+
+    def start_silo(self, site: str) -> ManagedProcess:
+        """Start (or restart) ``site``'s SuperNode with its key, and its warm executor in "warm" mode."""
+        spec = next(s for s in self.silos if s.site == site)
+        key = self.root / "pki" / "nodes" / f"{site}.key"
+        node_port = free_port()
+        node_config = f"site-dir='{spec.site_dir.resolve()}' threads={self.threads}"
+        env = self._env(self.flwr_home / spec.site)
+        isolation = ["--isolation", "process"] if self.isolation == "warm" else []
+        launcher = [sys.executable, "-m", "fedsilo.flower_tuning", "flower-supernode"] if self.tuned else [_bin("flower-supernode")]
+        node = self.procs.start(f"supernode-{spec.site}", [
+            *launcher, "--root-certificates", str(self.tls.ca_cert), "--superlink", f"{LOOPBACK}:{self.port}",
+            "--auth-supernode-private-key", str(key), "--host", LOOPBACK, "--port", str(node_port),
+            "--node-config", node_config, *isolation,
+        ], env=env)
+        self.procs.wait_for_port(node, node_port)
+        self.nodes[spec.site] = node
+        if self.isolation == "warm":
+            # The Runtime API is the SuperNode's loopback port: "--insecure" is that local hop only.
+            self.executors[spec.site] = self.procs.start(f"executor-{spec.site}", [
+                sys.executable, "-m", "silo_agent.warm_exec", "--insecure", "--runtime-api-address", f"{LOOPBACK}:{node_port}",
+                "--parent-pid", str(node.popen.pid),
+            ], env=env)
+        return node
+
+    def _env(self, flwr_home: Path) -> dict[str, str]:
+        env = flower_env(flwr_home)
+        return tuned_env(env) if self.tuned else env
+
+    def stop_silo(self, site: str, *, kill: bool = False) -> None:
+        """Stop ``site``'s SuperNode (and executor) by PID: SIGTERM, or SIGKILL with ``kill`` (a crash)."""
+        for procs in (self.executors, self.nodes):
+            proc = procs.pop(site, None)
+            if proc is not None:
+                self.procs.finish(proc, kill=kill)
 
     def _wait_online(self, env: dict[str, str], timeout_s: float = 90.0) -> None:
         """Wait until every silo's SuperNode has authenticated to the SuperLink.

@@ -77,8 +77,9 @@ class ManagedProcess:
             return ""
         return " | ".join(line.strip() for line in text[-lines:])
 
-    def stop(self, grace_s: float = 10.0) -> None:
+    def stop(self, grace_s: float = 10.0, *, kill: bool = False) -> None:
         """SIGTERM the process group by PID, then SIGKILL if it has not exited; then its descendants.
+        With ``kill``, SIGKILL straight away (how tests stage a crash).
 
         Flower's SuperLink and SuperNode start helpers in new sessions (SuperExec, which starts the
         ServerApp and ClientApps); those outlive a killed process group, so they are collected
@@ -87,12 +88,13 @@ class ManagedProcess:
         if self.popen.poll() is not None:
             return
         descendants = descendant_pids(self.pid)
-        self._signal_group(grace_s)
+        self._signal_group(grace_s, kill=kill)
         for pid in descendants:
-            _stop_pid(pid)
+            _stop_pid(pid, kill=kill)
 
-    def _signal_group(self, grace_s: float) -> None:
-        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+    def _signal_group(self, grace_s: float, *, kill: bool = False) -> None:
+        steps = ((signal.SIGKILL, 5.0),) if kill else ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0))
+        for sig, wait in steps:
             try:
                 os.killpg(self.pid, sig)
             except ProcessLookupError:
@@ -125,9 +127,9 @@ def descendant_pids(pid: int) -> list[int]:
     return found
 
 
-def _stop_pid(pid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM, wait, then SIGKILL one process by PID (reaping is its parent's job)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def _stop_pid(pid: int, grace_s: float = 5.0, *, kill: bool = False) -> None:
+    """SIGTERM, wait, then SIGKILL one process by PID (reaping is its parent's job); ``kill``: SIGKILL only."""
+    for sig in (signal.SIGKILL,) if kill else (signal.SIGTERM, signal.SIGKILL):
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -185,9 +187,9 @@ class ProcessSet:
             time.sleep(0.2)
         raise DeploymentError(f"{proc.name} did not listen on port {port} within {timeout_s:.0f} s", fix=f"read {proc.log_path}")
 
-    def finish(self, proc: "ManagedProcess") -> None:
+    def finish(self, proc: "ManagedProcess", *, kill: bool = False) -> None:
         """Stop ``proc`` if it still runs and forget it: a finished job's exit code is not a failure of the set."""
-        proc.stop(grace_s=5.0)
+        proc.stop(grace_s=5.0, kill=kill)
         self.processes.remove(proc)
 
     def check_alive(self) -> None:

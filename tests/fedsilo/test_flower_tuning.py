@@ -1,0 +1,53 @@
+"""fedsilo's Flower tuning: opt-in by environment, and what it changes in the loaded Flower modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from fedsilo import flower_tuning
+from fedsilo.round_bench import round_overhead
+
+
+def test_off_unless_the_environment_asks(monkeypatch):
+    monkeypatch.delenv(flower_tuning.ENV, raising=False)
+    assert flower_tuning.poll_interval() is None
+    assert flower_tuning.apply() is False
+    for bad in ("", "fast", "0", "60"):
+        monkeypatch.setenv(flower_tuning.ENV, bad)
+        assert flower_tuning.poll_interval() is None
+    env = flower_tuning.tuned_env({"PATH": "/bin"})
+    assert env[flower_tuning.ENV] == str(flower_tuning.POLL_S) and env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == str(flower_tuning.POLL_S)
+
+
+def test_apply_shortens_flowers_waits_in_a_fresh_process():
+    # A fresh interpreter: the patch changes module state, which must not leak into other tests.
+    code = (
+        "import time\n"
+        "from fedsilo import flower_tuning\n"
+        "from flwr.supercore.inflatable import inflatable_utils as iu\n"
+        "from flwr.supernode import start_client_internal as sci\n"
+        "before = dict(iu.pull_objects.__kwdefaults__)\n"
+        "assert before['initial_backoff'] == 1 and before['backoff_cap'] == 10, before\n"
+        "assert flower_tuning.apply(0.1) is True\n"
+        "after = iu.pull_objects.__kwdefaults__\n"
+        "assert (after['initial_backoff'], after['backoff_cap']) == flower_tuning.PULL_BACKOFF_S, after\n"
+        "assert iu.pull_and_inflate_object_from_tree.__kwdefaults__['initial_backoff'] == flower_tuning.PULL_BACKOFF_S[0]\n"
+        "t = time.perf_counter(); sci.time.sleep(3); slept = time.perf_counter() - t\n"
+        "assert slept < 1.0, slept\n"
+        "assert sci.time.time() > 0 and sci.time.monotonic() > 0\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_launcher_refuses_what_is_not_a_flower_command():
+    done = subprocess.run([sys.executable, "-m", "fedsilo.flower_tuning", "rm"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "not a Flower command" in done.stderr
+
+
+def test_round_overhead_subtracts_the_slowest_silo_of_each_phase():
+    row = {"seconds": 10.0, "aggregate_seconds": 0.5,
+           "sites": {"a": {"train_seconds": 4.0, "eval_seconds": 1.0}, "b": {"train_seconds": 3.0, "eval_seconds": 2.0}}}
+    split = round_overhead(row)
+    assert split == {"wall": 10.0, "train": 4.0, "evaluate": 2.0, "aggregate": 0.5, "overhead": 3.5}
