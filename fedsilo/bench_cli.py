@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import math
 from typing import Any
 
+from fedsilo.bench_report import print_result  # noqa: F401 - benchmarks print through it
 from fedsilo.errors import ConfigError
 
 # Benchmarks that live beside the code they measure register themselves: each module has
@@ -133,28 +132,3 @@ def _names(text: str | None) -> list[str] | None:
     if not names:
         raise ConfigError("an empty list was given", fix="name at least one, comma-separated")
     return names
-
-
-def print_result(result: dict[str, Any], *, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result))
-        return
-    # Nested parameters (per-rule arguments, summaries) are in --json; the header keeps the scalar ones.
-    params = ", ".join(f"{k}={v}" for k, v in result["params"].items() if not isinstance(v, (dict, list)))
-    machine = ", ".join(f"{k}={v}" for k, v in result["machine"].items())
-    print(f"bench {result['bench']} ({params}) on {machine}")
-    header = ("case", "metric", "value", "baseline", "ratio")
-    rows = [(r["case"], r["metric"], _fmt(r["value"]), r["baseline"] or "-", _fmt(r["ratio"])) for r in result["rows"]]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for line in (header, *rows):
-        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
-    return str(value)

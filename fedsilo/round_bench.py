@@ -48,7 +48,7 @@ def add_bench_command(bsub) -> None:
 
 
 def _handler(args) -> int:
-    from fedsilo.bench_cli import print_result
+    from fedsilo.bench_report import print_result
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
