@@ -59,6 +59,12 @@ class CaseSource:
         return self.image_files + ((self.label_file,) if self.label_file else ())
 
 
+def case_content_hash(image_sha256: tuple[str, ...], label_sha256: str | None) -> str:
+    """sha256 over the image files' hashes in slice order, then the label's: the case's content and its cache key."""
+    text = "case-v1\n" + "\n".join(image_sha256) + f"\nlabel:{label_sha256 or '-'}\n"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def stat_fingerprint(files: tuple[str, ...] | list[str], stats: list[tuple[int, int]] | None = None) -> str:
     """sha256 over each file's path, size and mtime (from ``stats`` or os.stat): changes when a file is replaced or edited."""
     h = hashlib.sha256(b"stat-v1\n")

@@ -27,7 +27,7 @@ def add_commands(sub) -> None:
     p.add_argument("--datalist", type=Path, help="instead of --images: a MONAI Decathlon-style datalist JSON")
     p.add_argument("--task", required=True, help="seg3d, seg2d, cls3d or cls2d")
     p.add_argument("--classes", help="classification: comma-separated class names, in class-number order, if the CSV uses names")
-    p.add_argument("--workers", type=int, default=None, help="processes for the header scan (default: up to 4, one per core)")
+    p.add_argument("--workers", type=int, default=None, help="processes for the header scan (default 1: one parses about 5,000 headers/s; more help on idle cores)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=_dataset_add)
     p = dsub.add_parser("list", help="list registered datasets")

@@ -156,12 +156,6 @@ def manifest_hash(cases: tuple[RegisteredCase, ...] | list[RegisteredCase]) -> s
     return hashlib.sha256(json.dumps(rows, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def content_hash(image_sha256: tuple[str, ...], label_sha256: str | None) -> str:
-    """sha256 over the image files' hashes in slice order, then the label's: the case's content and its cache key."""
-    text = "case-v1\n" + "\n".join(image_sha256) + f"\nlabel:{label_sha256 or '-'}\n"
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------ registering
 
 
@@ -200,7 +194,7 @@ def _splits(cases: list[dict[str, Any]]) -> None:
 
 def build_registry(site_root: Path, name: str, task: str, scan, source: dict[str, Any]) -> tuple[Registry, list]:
     """Turn a scan result into registry records (keyed ids, content hashes, split); returns it and the rejections."""
-    from pipelines.dataset import stat_fingerprint
+    from pipelines.dataset import case_content_hash, stat_fingerprint
     from pipelines.ingest import Rejection
 
     secret = site_secret(site_root)
@@ -212,7 +206,7 @@ def build_registry(site_root: Path, name: str, task: str, scan, source: dict[str
         image, label = case.image, case.label
         case_id = keyed_hash(secret, "case", image.identity)[:32]
         label_sha = label.sha256[0] if label else None
-        content = content_hash(image.sha256, label_sha)
+        content = case_content_hash(image.sha256, label_sha)
         first = by_identity.get(case_id) or by_content.get(content)
         if first is not None:
             why = "the same series" if case_id in by_identity else "the same content"

@@ -1,8 +1,12 @@
 """DICOM header scan: one file's header in, a :class:`DicomHeader` or a :class:`Rejection` out.
 
-Reads each file once into memory (for its content hash) and parses the header with pydicom's
-``dcmread(stop_before_pixels=True)``; the few elements we need are decoded from the raw element
-bytes (pydicom's value conversion is most of its per-file cost). After the header, the element at
+Reads each file once into memory (for its content hash) and parses the header up to Pixel Data, as
+pydicom's ``dcmread(stop_before_pixels=True)`` does. :func:`fast_header` walks the elements of a
+little-endian Part 10 file (PS3.10 section 7; PS3.5 sections 7.1 and 7.5: explicit and implicit VR
+element headers, sequences and items of undefined length) and keeps the raw bytes of the dozen elements
+we need, without building pydicom objects (measured about 3x faster than the plain dcmread loop,
+``fedsilo bench ingest``); big-endian and deflated files, multi-frame objects and anything it does not
+understand go through ``pydicom.dcmread(stop_before_pixels=True)``. After the header, the element at
 the stop position must be the Pixel Data element (PS3.5 section 7.1) and, for native transfer
 syntaxes, hold at least Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated/8 bytes
 (PS3.5 section 8.1.1); a file that ends before its pixel data does is corrupt.
@@ -105,57 +109,164 @@ class _BadTag(Exception):
         self.keyword = _KEYWORDS.get(tag, f"({tag >> 16:04X},{tag & 0xFFFF:04X})")
 
 
-def _text(ds, tag: int) -> str | None:
-    elem = ds.get_item(tag)
-    if elem is None:
-        return None
-    value = elem.value
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        return value.decode("ascii", "replace").strip("\x00 ")
-    if isinstance(value, list | tuple):
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
+class _Values:
+    """The raw values of the few elements the scan reads, from the fast parser or from a pydicom dataset."""
 
+    def __init__(self, raw: dict[int, bytes] | None = None, ds=None, little: bool = True) -> None:
+        self.raw, self.ds, self.little = raw, ds, little
 
-def _floats(ds, tag: int, n: int | None) -> tuple[float, ...] | None:
-    text = _text(ds, tag)
-    if not text:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split("\\"))
-    except ValueError:
-        raise _BadTag(tag) from None
-    if (n is not None and len(values) != n) or not all(abs(v) < 1e9 for v in values):
-        raise _BadTag(tag)
-    return values
+    def get(self, tag: int):
+        if self.raw is not None:
+            return self.raw.get(tag), self.little
+        elem = self.ds.get_item(tag)
+        if elem is None:
+            return None, self.little
+        return elem.value, getattr(elem, "is_little_endian", None) if getattr(elem, "is_little_endian", None) is not None else self.little
 
+    def text(self, tag: int) -> str | None:
+        value, _ = self.get(tag)
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            return value.decode("ascii", "replace").strip("\x00 ")
+        if isinstance(value, list | tuple):
+            return "\\".join(str(v) for v in value)
+        return str(value).strip()
 
-def _int_string(ds, tag: int, default: int) -> int:
-    text = _text(ds, tag)
-    if not text:
-        return default
-    try:
-        return int(float(text.split("\\")[0]))
-    except ValueError:
-        raise _BadTag(tag) from None
-
-
-def _ushort(ds, tag: int) -> int | None:
-    elem = ds.get_item(tag)
-    if elem is None or elem.value is None:
-        return None
-    value = elem.value
-    if isinstance(value, bytes):
-        if len(value) < 2:
+    def floats(self, tag: int, n: int | None) -> tuple[float, ...] | None:
+        text = self.text(tag)
+        if not text:
+            return None
+        try:
+            values = tuple(float(v) for v in text.split("\\"))
+        except ValueError:
+            raise _BadTag(tag) from None
+        if (n is not None and len(values) != n) or not all(abs(v) < 1e9 for v in values):
             raise _BadTag(tag)
-        little = getattr(elem, "is_little_endian", True)
-        return struct.unpack("<H" if little else ">H", value[:2])[0]
-    try:
-        return int(value[0] if isinstance(value, list | tuple) else value)
-    except (TypeError, ValueError, IndexError):
-        raise _BadTag(tag) from None
+        return values
+
+    def int_string(self, tag: int, default: int) -> int:
+        text = self.text(tag)
+        if not text:
+            return default
+        try:
+            return int(float(text.split("\\")[0]))
+        except ValueError:
+            raise _BadTag(tag) from None
+
+    def ushort(self, tag: int) -> int | None:
+        value, little = self.get(tag)
+        if value is None:
+            return None
+        if isinstance(value, bytes):
+            if len(value) < 2:
+                raise _BadTag(tag)
+            return struct.unpack("<H" if little else ">H", value[:2])[0]
+        try:
+            return int(value[0] if isinstance(value, list | tuple) else value)
+        except (TypeError, ValueError, IndexError):
+            raise _BadTag(tag) from None
+
+
+# ------------------------------------------------------------------------------------------------ fast header parser
+
+_EXPLICIT_LE, _IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+_WANTED = frozenset(_KEYWORDS)
+_PIXEL_TAG_INTS = frozenset((g << 16) | e for g, e in _PIXEL_TAGS)
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_MAX_DEPTH = 16
+
+
+class _Unsupported(Exception):
+    """The fast parser leaves this file to pydicom."""
+
+
+def _element(data: bytes, pos: int, implicit: bool) -> tuple[int, int, int]:
+    """(tag, value length, position of the value) of the element header at ``pos`` (little endian)."""
+    if pos + 8 > len(data):
+        raise _Unsupported
+    group, elem = struct.unpack_from("<HH", data, pos)
+    tag = (group << 16) | elem
+    if implicit or group == 0xFFFE:
+        return tag, struct.unpack_from("<I", data, pos + 4)[0], pos + 8
+    vr = data[pos + 4:pos + 6]
+    if vr in _LONG_VRS:
+        if pos + 12 > len(data):
+            raise _Unsupported
+        return tag, struct.unpack_from("<I", data, pos + 8)[0], pos + 12
+    return tag, struct.unpack_from("<H", data, pos + 6)[0], pos + 8
+
+
+def _skip_undefined(data: bytes, pos: int, implicit: bool, depth: int) -> int:
+    """Position after an undefined-length value (a sequence, or encapsulated data) starting at ``pos``."""
+    if depth > _MAX_DEPTH:
+        raise _Unsupported
+    while True:
+        tag, length, pos = _element(data, pos, implicit)
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            raise _Unsupported
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        while True:  # an item of undefined length: its elements, up to the item delimiter
+            tag, length, pos = _element(data, pos, implicit)
+            if tag == _ITEM_END:
+                break
+            pos = _skip_undefined(data, pos, implicit, depth + 1) if length == _UNDEFINED else pos + length
+        if pos > len(data):
+            raise _Unsupported
+
+
+def fast_header(data: bytes) -> tuple[str, dict[int, bytes], dict[int, bytes], int | None]:
+    """Parse a Part 10 file's meta and top-level header up to Pixel Data, without building pydicom objects.
+
+    Returns (transfer syntax, file meta values, wanted dataset values, offset of Pixel Data or None).
+    Handles little-endian transfer syntaxes (explicit, implicit, and the encapsulated ones, which are explicit
+    little endian, PS3.5 A.4); raises _Unsupported for anything else (big endian, deflate, a malformed length),
+    which then goes through pydicom.dcmread(stop_before_pixels=True).
+    """
+    pos, n = 132, len(data)
+    meta: dict[int, bytes] = {}
+    while pos + 8 <= n and data[pos:pos + 2] == b"\x02\x00":
+        tag, length, pos = _element(data, pos, False)
+        if length == _UNDEFINED or pos + length > n:
+            raise _Unsupported
+        meta[tag] = data[pos:pos + length]
+        pos += length
+    ts = meta.get(0x00020010, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+    implicit = ts == _IMPLICIT_LE
+    if not (implicit or ts == _EXPLICIT_LE or _encapsulated_little_endian(ts)):
+        raise _Unsupported
+    values: dict[int, bytes] = {}
+    while pos + 8 <= n:
+        group = data[pos] | (data[pos + 1] << 8)
+        if group == 0xFFFE:
+            raise _Unsupported  # a stray delimiter at the top level
+        tag, length, value_at = _element(data, pos, implicit)
+        if tag in _PIXEL_TAG_INTS:
+            return ts, meta, values, pos
+        if length == _UNDEFINED:
+            pos = _skip_undefined(data, value_at, implicit, 0)
+            continue
+        if value_at + length > n:
+            raise _Unsupported
+        if tag in _WANTED:
+            values[tag] = data[value_at:value_at + length]
+        pos = value_at + length
+    if pos != n:
+        raise _Unsupported
+    return ts, meta, values, None
+
+
+@functools.lru_cache(maxsize=None)
+def _encapsulated_little_endian(ts: str) -> bool:
+    from pydicom.uid import UID
+
+    uid = UID(ts)
+    return bool(ts) and uid.is_transfer_syntax and uid.is_encapsulated and uid.is_little_endian and not uid.is_deflated
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,9 +288,6 @@ def decoder_problem(transfer_syntax: str) -> str | None:
 
 def scan_file(path: str) -> DicomHeader | Rejection | tuple[str, str]:
     """Read one file's header. Returns a DicomHeader, a Rejection, or ("dicomdir", path) for a DICOMDIR index."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         st = os.stat(path)
         with open(path, "rb") as fh:
@@ -188,6 +296,31 @@ def scan_file(path: str) -> DicomHeader | Rejection | tuple[str, str]:
         return Rejection(path, "unreadable", f"cannot be read ({type(exc).__name__})")
     if len(data) < 132 or data[128:132] != b"DICM":
         return Rejection(path, "not-image-file", "not a DICOM file (no DICM preamble) and not NIfTI")
+    try:
+        try:
+            ts, meta, raw, stop = fast_header(data)
+        except (_Unsupported, struct.error):
+            return _scan_with_pydicom(path, st, data)
+        values = _Values(raw=raw)
+        try:
+            frames = values.int_string(_FRAMES, 1)
+        except _BadTag:
+            frames = 1  # _header reports it, after the checks that come first
+        if frames > 1:  # frame positions sit in nested functional groups: pydicom reads them
+            return _scan_with_pydicom(path, st, data)
+        sop_class = values.text(_SOP_CLASS) or meta.get(0x00020002, b"").rstrip(b"\x00 ").decode("ascii", "replace")
+        pixels = _pixel_element(data, stop, implicit=ts == _IMPLICIT_LE, little=True) if stop is not None else (False, None)
+        return _header(path, st, data, values, sop_class, ts, pixels, None)
+    except _BadTag as exc:
+        return Rejection(path, "corrupt", f"invalid or unreadable value in {exc.keyword}")
+    except Exception as exc:  # noqa: BLE001 - a malformed element anywhere must not crash the scan
+        return Rejection(path, "corrupt", f"malformed DICOM element ({type(exc).__name__})")
+
+
+def _scan_with_pydicom(path: str, st: os.stat_result, data: bytes) -> DicomHeader | Rejection | tuple[str, str]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     fp = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
@@ -198,39 +331,36 @@ def scan_file(path: str) -> DicomHeader | Rejection | tuple[str, str]:
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file; the text may quote values
         return Rejection(path, "corrupt", f"corrupt DICOM header ({type(exc).__name__})")
     stop = fp.tell()
-    try:
-        return _header(path, st, data, ds, stop)
-    except _BadTag as exc:
-        return Rejection(path, "corrupt", f"invalid or unreadable value in {exc.keyword}")
-    except Exception as exc:  # noqa: BLE001 - a malformed element anywhere must not crash the scan
-        return Rejection(path, "corrupt", f"malformed DICOM element ({type(exc).__name__})")
-
-
-def _header(path: str, st: os.stat_result, data: bytes, ds, stop: int) -> DicomHeader | Rejection | tuple[str, str]:
     meta = getattr(ds, "file_meta", None)
-    sop_class = _text(ds, _SOP_CLASS) or (str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else "")
+    encoding = getattr(ds, "original_encoding", (False, True))
+    values = _Values(ds=ds, little=encoding[1] is not False)
+    sop_class = values.text(_SOP_CLASS) or (str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else "")
+    ts = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    pixels = _pixel_element(data, stop, implicit=bool(encoding[0]), little=encoding[1] is not False)
+    if ts == _DEFLATED:  # the stream position is in the inflated data: trust Rows
+        pixels = (True, None)
+    return _header(path, st, data, values, sop_class, ts, pixels, ds)
+
+
+def _header(path: str, st: os.stat_result, data: bytes, values: _Values, sop_class: str, transfer_syntax: str,
+            pixels: tuple[bool, int | None], ds) -> DicomHeader | Rejection | tuple[str, str]:
     if sop_class == DICOMDIR_SOP_CLASS:
         return ("dicomdir", path)
-    transfer_syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
-    modality = (_text(ds, _MODALITY) or "").upper()
+    modality = (values.text(_MODALITY) or "").upper()
     if modality in NON_IMAGE_MODALITIES:
         return Rejection(path, "non-image", NON_IMAGE_MODALITIES[modality])
-    rows, columns = _ushort(ds, _ROWS), _ushort(ds, _COLUMNS)
-    encoding = getattr(ds, "original_encoding", (False, True))
-    pixels = _pixel_element(data, stop, implicit=bool(encoding[0]), little=encoding[1] is not False)
-    if transfer_syntax == _DEFLATED:
-        pixels = (True, None) if rows else (False, None)
+    rows, columns = values.ushort(_ROWS), values.ushort(_COLUMNS)
     if not rows or not columns or not pixels[0]:
         from pydicom.uid import UID
 
         name = UID(sop_class).name if sop_class else ""
         what = f" ({name})" if name and name != sop_class else ""
         return Rejection(path, "no-pixels", f"no pixel data{what}: not an image")
-    samples = _ushort(ds, _SAMPLES) or 1
+    samples = values.ushort(_SAMPLES) or 1
     if samples != 1:
         return Rejection(path, "unsupported", f"colour image (SamplesPerPixel {samples}): only greyscale images are used")
-    frames = max(_int_string(ds, _FRAMES, 1), 1)
-    bits = _ushort(ds, _BITS_ALLOCATED) or 16
+    frames = max(values.int_string(_FRAMES, 1), 1)
+    bits = values.ushort(_BITS_ALLOCATED) or 16
     length = pixels[1]
     if length is not None:  # native (not encapsulated) pixel data: check its size
         needed = rows * columns * frames * (bits // 8 if bits >= 8 else 1) if bits != 1 else (rows * columns * frames + 7) // 8
@@ -240,11 +370,10 @@ def _header(path: str, st: os.stat_result, data: bytes, ds, stop: int) -> DicomH
         problem = decoder_problem(transfer_syntax)
         if problem:
             return Rejection(path, "decoder", problem)
-    series_uid = _text(ds, _SERIES_UID) or ""
+    series_uid = values.text(_SERIES_UID) or ""
     if not series_uid:
         return Rejection(path, "corrupt", "SeriesInstanceUID is missing")
-    frame_positions = _frame_positions(ds) if frames > 1 else None
-    thickness = _floats(ds, _SLICE_THICKNESS, 1)
+    thickness = values.floats(_SLICE_THICKNESS, 1)
     return DicomHeader(
         path=path,
         size=st.st_size,
@@ -252,16 +381,16 @@ def _header(path: str, st: os.stat_result, data: bytes, ds, stop: int) -> DicomH
         sha256=hashlib.sha256(data).hexdigest(),
         modality=modality,
         series_uid=series_uid,
-        sop_uid=_text(ds, _SOP_INSTANCE) or "",
+        sop_uid=values.text(_SOP_INSTANCE) or "",
         transfer_syntax=transfer_syntax,
         rows=rows,
         columns=columns,
         frames=frames,
-        position=_floats(ds, _POSITION, 3),  # type: ignore[arg-type]
-        orientation=_floats(ds, _ORIENTATION, 6),  # type: ignore[arg-type]
-        pixel_spacing=_floats(ds, _PIXEL_SPACING, 2),  # type: ignore[arg-type]
+        position=values.floats(_POSITION, 3),  # type: ignore[arg-type]
+        orientation=values.floats(_ORIENTATION, 6),  # type: ignore[arg-type]
+        pixel_spacing=values.floats(_PIXEL_SPACING, 2),  # type: ignore[arg-type]
         slice_thickness=thickness[0] if thickness else None,
-        frame_positions=frame_positions,
+        frame_positions=_frame_positions(ds) if frames > 1 and ds is not None else None,
     )
 
 
