@@ -220,7 +220,7 @@ def _follow(proc: subprocess.Popen, table: RoundTable, report: Callable[[str], N
         for line in proc.stdout:
             event = parse_progress(line)
             if event is None:
-                text = line.rstrip()
+                text = _plain(line)
                 if "Successfully started run" in text:
                     run_id = text.split()[-1]
                     report(f"run {run_id} started; following its rounds (Ctrl-C stops following, not the run)")
@@ -245,7 +245,7 @@ def _follow(proc: subprocess.Popen, table: RoundTable, report: Callable[[str], N
     if outcome is not None:
         return outcome
     if run_id is None:
-        detail = " | ".join(tail[-3:]) or f"flwr run exit {code}"
+        detail = " ".join(tail[-3:]) or f"flwr run exit {code}"
         raise DeploymentError(f"the coordinator did not accept the run: {detail}",
                               fix="check the address, the CA certificate and that the coordinator is running (fedsilo coordinator status)")
     # The stream ended without a final event: ask the SuperLink how the run ended.
@@ -254,6 +254,14 @@ def _follow(proc: subprocess.Popen, table: RoundTable, report: Callable[[str], N
         report(f"run {run_id} finished (its last progress line did not reach this stream)")
         return Outcome(EXIT_FINISHED, run_id, rounds)
     return Outcome(EXIT_FAILED, run_id, rounds, f"the run ended as '{status or 'unknown'}' without a result: {' | '.join(tail[-2:])}")
+
+
+_BOX = "│╭╮╰╯─━┃┏┓┗┛"
+
+
+def _plain(line: str) -> str:
+    """A Flower output line without the frame characters of its boxed error panels."""
+    return " ".join(line.translate({ord(c): " " for c in _BOX}).split())
 
 
 def _run_status(run_id: str, conn: Connection) -> str | None:
