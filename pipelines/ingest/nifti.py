@@ -77,7 +77,7 @@ def scan_nifti(path: str, identity: str) -> ImageSource | Rejection:
             shape = tuple(int(d) for d in img.shape)
             affine = np.asarray(img.affine, dtype=np.float64)
             itemsize = np.dtype(header.get_data_dtype()).itemsize
-            offset = int(header.get("vox_offset", 0) or 0) if hasattr(header, "get") else 0
+            offset = int(getattr(img.dataobj, "offset", 0) or 0)  # where the voxels start, as nibabel will read them
             zooms = tuple(float(z) for z in header.get_zooms())
     except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a bad header; its text is not shown
         return Rejection(path, "corrupt", f"corrupt NIfTI header ({type(exc).__name__})")
