@@ -69,6 +69,10 @@ class EventType:
     VERIFICATION_RUN = "verification.run"
     CHECKPOINT_SIGNED = "checkpoint.signed"
     CHECKPOINT_COSIGNED = "checkpoint.cosigned"
+    UPDATE_MISSING = "update.missing"  # a silo sent no reply within the round's timeout
+    UPDATE_RESENT = "update.resent"  # a silo re-sent the update it already trained for a retried round
+    STATE_SAVED = "state.saved"  # the coordinator's run state (global model, optimizer, round) on disk
+    RUN_RESUMED = "run.resumed"
 
 
 EVENT_TYPES = frozenset(value for name, value in vars(EventType).items() if name.isupper())

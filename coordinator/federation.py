@@ -24,6 +24,7 @@ import numpy as np
 from compliance import AuditLog, EventType
 from compliance.checkpoint import Signer, VerifierKey, verify_checkpoint
 from coordinator.aggregation import rule_for_plan
+from coordinator.run_state import RunSnapshot, save_snapshot
 from coordinator.server_optimizer import build_server_optimizer
 from coordinator.validation import Expectation, UpdateRejected, validate_reply
 from fedsilo import protocol as P
@@ -34,6 +35,8 @@ from pipelines.serialization import save_model, state_digest, state_nbytes
 ROUNDS_FILE = "rounds.jsonl"
 #: Prefix of the progress lines the ServerApp prints; ``flwr run --stream`` carries them to whoever submitted the plan.
 PROGRESS_PREFIX = "fedsilo-progress "
+#: The researcher's submission bundle, kept in the run folder so that a resumed run sends the same signature.
+SUBMISSION_FILE = "submission.json"
 
 
 @dataclass
@@ -63,10 +66,15 @@ class FederatedRun:
         initial: the initial global model (name -> array), built from the plan.
         signer: the coordinator's checkpoint key; without it the audit log is not signed or witnessed.
         witness_keys: the silos' witness keys, to check their cosignatures before keeping them.
+        submission: the researcher's signed submission bundle (without it, silos refuse the plan).
+        resume: the run state of an interrupted run (coordinator.run_state): the run continues after its
+            last completed round, with that round's global model and server optimizer state.
+        flower_run_id: Flower's id of this execution, when it differs from ``run_id`` (a resumed run).
     """
 
     def __init__(self, grid, plan: Plan, plan_text: str, out_dir: Path, run_id: str, initial: dict[str, np.ndarray], *,
-                 signer: Signer | None = None, witness_keys: Sequence[VerifierKey] = (), submission=None) -> None:
+                 signer: Signer | None = None, witness_keys: Sequence[VerifierKey] = (), submission=None,
+                 resume: RunSnapshot | None = None, flower_run_id: str | None = None) -> None:
         self.grid = grid
         self.plan = plan
         self.plan_text = plan_text
@@ -90,6 +98,17 @@ class FederatedRun:
         self.witnessed_size: dict[str, int] = {}  # site -> size of the last checkpoint it cosigned
         self.checkpoint_size = 0
         self.aggregate_seconds = 0.0
+        self.resume = resume
+        self.flower_run_id = flower_run_id or run_id
+        if resume is not None:
+            if resume.plan_hash != self.plan_hash or resume.run_id != run_id:
+                raise FedsiloError(f"the run state is of run {resume.run_id[:12]} with plan {resume.plan_hash[:12]}, not this run's",
+                                   fix="resume a run with the plan and run folder it started with")
+            self.global_state = resume.global_state
+            self.optimizer.load_state_dict(resume.optimizer_state)
+            self.state.rounds = list(resume.rounds)
+            self.node_site = dict(resume.node_site)
+            self.witnessed_size = dict(resume.witnessed_size)
 
     # --- messages ---------------------------------------------------------------------
 
@@ -188,6 +207,12 @@ class FederatedRun:
         fed = self.plan.federation
         expect = Expectation(run_id=self.run_id, round=round_, norm_bound=fed.update_norm_bound, norm_action=fed.update_norm_action)
         valid, sites = [], {}
+        answered = {reply.metadata.src_node_id for reply in replies}
+        for node in nodes:
+            if node not in answered:  # no reply within federation.round_timeout_s: the round goes on without it
+                self.audit.append(EventType.UPDATE_MISSING, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
+                                  run_id=self.run_id, round=round_, outcome="failure",
+                                  reason=f"no reply within {fed.round_timeout_s:g} s", details={"site": self.node_site.get(node)})
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -254,17 +279,16 @@ class FederatedRun:
 
     def execute(self) -> RunState:
         plan = self.plan
-        (self.out_dir / "plan.yaml").write_text(self.plan_text, encoding="utf-8")
-        if self.submission is not None:
-            statement = self.submission.verify(self.plan_hash)
-            researcher = {"kind": "person", "id": statement.signer.name, "site": None, "role": "researcher", "key": statement.signer.fingerprint}
-            self.audit.append(EventType.PLAN_SUBMITTED, actor=researcher, object={"type": "plan", "id": plan.name[:100], "sha256": self.plan_hash},
-                              run_id=self.run_id, details={"signed_at": statement.fields.get("time"), "submission_sha256": hashlib.sha256(self.submission.note).hexdigest()})
-        self.audit.append(EventType.RUN_STARTED, actor=self.actor, object={"type": "plan", "id": plan.name, "sha256": self.plan_hash}, run_id=self.run_id,
-                          details={"rounds": plan.federation.rounds, "rule": plan.federation.aggregation.rule, "min_silos": plan.federation.min_silos,
-                                   "initial_model_sha256": state_digest(self.global_state)})
+        if self.resume is not None:
+            first = self.resume.round + 1
+            self.audit.append(EventType.RUN_RESUMED, actor=self.actor, object={"type": "model", "id": f"round-{self.resume.round}", "sha256": self.resume.model_sha256},
+                              run_id=self.run_id, round=first, details={"after_round": self.resume.round, "state_sha256": self.resume.file_sha256,
+                                                                         "flower_run_id": self.flower_run_id})
+        else:
+            first = 1
+            self._record_start()
         try:
-            for round_ in range(1, plan.federation.rounds + 1):
+            for round_ in range(first, plan.federation.rounds + 1):
                 start = time.perf_counter()
                 nodes = self._wait_for_silos()
                 self.audit.append(EventType.ROUND_STARTED, actor=self.actor, run_id=self.run_id, round=round_, details={"nodes": len(nodes)})
@@ -277,6 +301,7 @@ class FederatedRun:
                 self._checkpoint(row)
                 self.audit.append(EventType.ROUND_FINISHED, actor=self.actor, object={"type": "model", "id": f"round-{round_}", "sha256": state_digest(self.global_state)},
                                   run_id=self.run_id, round=round_, details={"valid_updates": n_valid, "seconds": row["seconds"]})
+                self._progress({"event": "round", **row})
         except FedsiloError as exc:
             self.audit.append(EventType.RUN_FAILED, actor=self.actor, run_id=self.run_id, outcome="failure", reason=exc.one_line())
             self._progress({"event": "failed", "reason": exc.one_line()})
@@ -288,6 +313,20 @@ class FederatedRun:
         self.audit.close()
         return self.state
 
+    def _record_start(self) -> None:
+        """A new run: keep the plan and the researcher's submission in the run folder (a resume re-reads them) and audit both."""
+        plan = self.plan
+        (self.out_dir / "plan.yaml").write_text(self.plan_text, encoding="utf-8")
+        if self.submission is not None:
+            (self.out_dir / SUBMISSION_FILE).write_text(self.submission.to_json(), encoding="utf-8")
+            statement = self.submission.verify(self.plan_hash)
+            researcher = {"kind": "person", "id": statement.signer.name, "site": None, "role": "researcher", "key": statement.signer.fingerprint}
+            self.audit.append(EventType.PLAN_SUBMITTED, actor=researcher, object={"type": "plan", "id": plan.name[:100], "sha256": self.plan_hash},
+                              run_id=self.run_id, details={"signed_at": statement.fields.get("time"), "submission_sha256": hashlib.sha256(self.submission.note).hexdigest()})
+        self.audit.append(EventType.RUN_STARTED, actor=self.actor, object={"type": "plan", "id": plan.name, "sha256": self.plan_hash}, run_id=self.run_id,
+                          details={"rounds": plan.federation.rounds, "rule": plan.federation.aggregation.rule, "min_silos": plan.federation.min_silos,
+                                   "initial_model_sha256": state_digest(self.global_state), "flower_run_id": self.flower_run_id})
+
     def _progress(self, row: dict[str, Any]) -> None:
         line = json.dumps(row)
         with open(self.out_dir / "logs" / ROUNDS_FILE, "a", encoding="utf-8") as f:
@@ -297,9 +336,14 @@ class FederatedRun:
         print(PROGRESS_PREFIX + line, flush=True)
 
     def _checkpoint(self, row: dict[str, Any]) -> None:
+        """The round's model, metrics and run state, each written atomically; the state's hashes are audited."""
         save_model(self.out_dir / "model.safetensors", self.global_state, metadata={"plan_hash": self.plan_hash, "round": str(row["round"])})
         _write_json(self.out_dir / "metrics.json", summarize(self.state))
-        self._progress({"event": "round", **row})
+        snap = save_snapshot(self.out_dir, RunSnapshot(
+            run_id=self.run_id, plan_hash=self.plan_hash, round=row["round"], global_state=self.global_state,
+            optimizer_state=self.optimizer.state_dict(), rounds=self.state.rounds, node_site=self.node_site, witnessed_size=self.witnessed_size))
+        self.audit.append(EventType.STATE_SAVED, actor=self.actor, object={"type": "state", "id": f"round-{row['round']}", "sha256": snap.file_sha256},
+                          run_id=self.run_id, round=row["round"], details={"model_sha256": snap.model_sha256, "optimizer": self.optimizer.name})
 
 
 def _sites_named(details: dict[str, Any], valid: list) -> dict[str, Any]:

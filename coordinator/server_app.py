@@ -8,6 +8,9 @@ Run config (``flwr run ... --run-config``):
   but every silo refuses an unsigned plan).
 - ``out-dir``: the run folder; ``audit-key-dir`` / ``witness-keys-dir``: the coordinator's checkpoint
   key and the silos' witness keys.
+- ``resume-from``: the folder of an interrupted run (``fedsilo plan resume``). Its plan, submission and
+  last run state are read from there and the run continues after its last completed round, in the
+  same folder and audit log, under its original run id.
 
 A coordinator started with ``fedsilo coordinator start`` sets ``FEDSILO_COORDINATOR_DIR`` (its state
 folder) for the SuperLink, whose ServerApp processes inherit it; run-config keys left out then default to
@@ -49,18 +52,23 @@ def main(grid: Grid, context: Context) -> None:
     flower_tuning.apply()  # only when the coordinator was started with fedsilo's Flower tuning
     cfg = run_settings(dict(context.run_config), str(context.run_id))
     try:
-        out_dir = Path(cfg["out-dir"]) if cfg.get("out-dir") else None
-        if out_dir is None:
-            raise ConfigError("no out-dir in the run config", fix="pass --run-config \"out-dir='/abs/run'\", or start the coordinator with fedsilo coordinator start")
-        plan_text, submission = read_submission(cfg)
+        resume = None
+        if cfg.get("resume-from"):
+            out_dir, plan_text, submission, resume = read_resume(Path(cfg["resume-from"]))
+        else:
+            out_dir = Path(cfg["out-dir"]) if cfg.get("out-dir") else None
+            if out_dir is None:
+                raise ConfigError("no out-dir in the run config", fix="pass --run-config \"out-dir='/abs/run'\", or start the coordinator with fedsilo coordinator start")
+            plan_text, submission = read_submission(cfg)
         out_dir.mkdir(parents=True, exist_ok=True)
         plan = parse_plan_text(plan_text, source=cfg.get("plan-path") or "the submitted plan")
         if submission is not None:
             submission.verify(plan.hash())
         initial = to_numpy(build_network(plan, seed=plan.training.seed).state_dict())
         signer, witness_keys = _audit_keys(cfg)
-        FederatedRun(grid, plan, plan_text, out_dir, str(context.run_id), initial, signer=signer, witness_keys=witness_keys,
-                     submission=submission).execute()
+        run_id = resume.run_id if resume is not None else str(context.run_id)
+        FederatedRun(grid, plan, plan_text, out_dir, run_id, initial, signer=signer, witness_keys=witness_keys,
+                     submission=submission, resume=resume, flower_run_id=str(context.run_id)).execute()
     except FedsiloError as exc:
         # The ServerApp's exit is reported by Flower; the reason goes to its log in one line.
         log.error("fedsilo: error: %s", exc.one_line())
@@ -94,6 +102,20 @@ def read_submission(cfg: dict[str, str]):
         raise ConfigError(f"no plan at '{cfg.get('plan-path', '')}'",
                           fix="submit with fedsilo plan submit, or pass --run-config \"plan-path='/abs/plan.yaml' out-dir='/abs/run'\"")
     return read_plan_or_bundle(plan_path)
+
+
+def read_resume(run_dir: Path):
+    """(run folder, plan text, submission or None, RunSnapshot) of an interrupted run."""
+    from compliance.statements import SubmissionBundle
+    from coordinator.federation import SUBMISSION_FILE
+    from coordinator.run_state import load_snapshot
+
+    if not (run_dir / "plan.yaml").is_file():
+        raise ConfigError(f"no run folder at '{run_dir}' (plan.yaml missing)", fix="give the run folder of the interrupted run (its out-dir)")
+    snapshot = load_snapshot(run_dir)
+    bundle_path = run_dir / SUBMISSION_FILE
+    submission = SubmissionBundle.from_json(bundle_path.read_text(encoding="utf-8"), str(bundle_path)) if bundle_path.is_file() else None
+    return run_dir, (run_dir / "plan.yaml").read_text(encoding="utf-8"), submission, snapshot
 
 
 def read_plan_or_bundle(path: Path):

@@ -51,6 +51,7 @@ clientapp = "silo_agent.client_app:app"
 [tool.flwr.app.config]
 plan-path = ""
 submission = ""
+resume-from = ""
 out-dir = ""
 site-dirs = ""
 audit-key-dir = ""
@@ -262,8 +263,28 @@ class LocalFederation:
         submit_and_follow(self.procs, self.root, plan_path, out_dir, LINK, run_config_extra=self.audit_config,
                           on_round=on_round, timeout_s=timeout_s)
 
+    def resume_run(self, run_dir: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None, timeout_s: float = 3600.0) -> None:
+        """Continue an interrupted run from its last completed round (what ``fedsilo plan resume`` does)."""
+        submit_and_follow(self.procs, self.root, None, run_dir, LINK, run_config_extra={**self.audit_config, "resume-from": str(run_dir.resolve())},
+                          on_round=on_round, timeout_s=timeout_s)
 
-def submit_and_follow(procs: ProcessSet, root: Path, plan_path: Path, out_dir: Path, link: str, *,
+    def serverapp_pids(self) -> list[int]:
+        """PIDs of the ServerApp processes the SuperLink runs now (a test stops one to stage a coordinator crash)."""
+        from fedsilo.processes import descendant_pids
+
+        superlink = next(p for p in self.procs.processes if p.name == "superlink")
+        pids = []
+        for pid in descendant_pids(superlink.pid):
+            try:
+                cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flwr-serverapp" in cmdline:
+                pids.append(pid)
+        return pids
+
+
+def submit_and_follow(procs: ProcessSet, root: Path, plan_path: Path | None, out_dir: Path, link: str, *,
                       run_config_extra: dict[str, str] | None = None, flwr_args: Sequence[str] = (),
                       on_round: Callable[[dict[str, Any]], None] | None = None, timeout_s: float = 3600.0) -> None:
     """``flwr run`` the fedsilo app on ``link`` and follow the ServerApp's round rows until the run ends.
@@ -273,19 +294,23 @@ def submit_and_follow(procs: ProcessSet, root: Path, plan_path: Path, out_dir: P
     """
     app_dir = write_flower_app(root / "flwr" / "app")
     run_config = root / "flwr" / "run-config.toml"
-    values = {"plan-path": str(plan_path.resolve()), "out-dir": str(out_dir.resolve()), **(run_config_extra or {})}
+    values = {"out-dir": str(out_dir.resolve()), **(run_config_extra or {})}
+    if plan_path is not None:
+        values["plan-path"] = str(plan_path.resolve())
     run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()), encoding="utf-8")
     rounds_file = out_dir / "logs" / ROUNDS_FILE
-    rounds_file.unlink(missing_ok=True)
+    if plan_path is not None:
+        rounds_file.unlink(missing_ok=True)
+    seen = len(_read_rows(rounds_file))  # a resumed run appends to the rows of the rounds before it
     runner = procs.start("flwr-run", [_bin("flwr"), "run", str(app_dir), link, "--run-config", str(run_config), "--stream", *flwr_args])
     try:
-        _follow(procs, runner, rounds_file, out_dir, on_round, timeout_s)
+        _follow(procs, runner, rounds_file, out_dir, on_round, timeout_s, seen=seen)
     finally:
         procs.finish(runner)  # the federation stays up for the next run, whatever became of this one
 
 
-def _follow(procs: ProcessSet, runner, rounds_file: Path, out_dir: Path, on_round, timeout_s: float) -> None:
-    seen, deadline = 0, time.monotonic() + timeout_s
+def _follow(procs: ProcessSet, runner, rounds_file: Path, out_dir: Path, on_round, timeout_s: float, *, seen: int = 0) -> None:
+    deadline = time.monotonic() + timeout_s
     while True:
         rows = _read_rows(rounds_file)
         for row in rows[seen:]:

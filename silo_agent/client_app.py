@@ -199,7 +199,7 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     with PrivacyLedger.for_site(site.privacy_dir) as ledger:
         entry = site.dataset(plan.data.dataset)
         if plan.privacy.enabled and ledger.has_spent(entry.name, run_id, round_):
-            raise RefusalError(f"round {round_} of run {run_id[:12]} already trained on dataset '{entry.name}' (replayed message)")
+            return _resend(site, audit, actor, run_id, round_, entry.name, global_state)
         history = ledger.history(entry.name) if plan.privacy.enabled else []
         if plan.privacy.enabled:  # from the registry's case count: no image is read for a round that is refused
             _check_budget(site, plan, entry.name, history, _case_count(entry, "training"))
@@ -224,6 +224,10 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     delta_np = to_numpy(delta)
     check_arrays(delta_np, to_numpy(global_state))
     check_metrics(metrics)
+    if result.privacy is not None:  # a retried round (coordinator resumed) gets this update again, at no new cost
+        from silo_agent.outbox import save_update
+
+        save_update(site.root, run_id, round_, state_digest(global_state), delta_np, metrics)
     audit.append(EventType.UPDATE_SENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(delta_np)},
                  run_id=run_id, round=round_, details={"bytes": state_nbytes(delta_np), "l2_norm": l2_norm(delta_np), "num_examples": result.num_examples})
     content = RecordDict({
@@ -232,6 +236,31 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
         P.IDENTITY: ConfigRecord({P.SITE: site.site_id, P.RUN_ID: run_id, P.ROUND: round_}),
     })
     _check_egress(content, site, run_id, round_, to_numpy(global_state))
+    return content
+
+
+def _resend(site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int, dataset: str, global_state) -> RecordDict:
+    """Answer a retried round with the update already trained for it: no training, no new privacy spend."""
+    from pipelines.serialization import state_digest, to_numpy
+    from silo_agent.outbox import load_update
+
+    reference = to_numpy(global_state)
+    kept = load_update(site.root, run_id, round_, state_digest(reference))
+    if kept is None:
+        raise RefusalError(f"round {round_} of run {run_id[:12]} already trained on dataset '{dataset}' (replayed message)")
+    delta, metrics = kept
+    check_arrays(delta, reference)
+    check_metrics(metrics)
+    audit.append(EventType.UPDATE_RESENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(delta)},
+                 run_id=run_id, round=round_, details={"dataset": dataset, "reason": "round retried with the same global model; no new training or privacy spend"})
+    import torch
+
+    content = RecordDict({
+        P.ARRAYS: ArrayRecord({k: torch.from_numpy(v) for k, v in delta.items()}),
+        P.METRICS: MetricRecord(metrics),
+        P.IDENTITY: ConfigRecord({P.SITE: site.site_id, P.RUN_ID: run_id, P.ROUND: round_}),
+    })
+    _check_egress(content, site, run_id, round_, reference)
     return content
 
 

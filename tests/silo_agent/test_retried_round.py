@@ -1,0 +1,63 @@
+"""A round retried after a coordinator crash is answered from the outbox: same update, no second privacy spend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from flwr.app import ArrayRecord
+
+from compliance import AuditLog
+from pipelines.networks import build_network
+from pipelines.plan import parse_plan
+from silo_agent.approvals import add_officer
+from silo_agent.client_app import train
+from silo_agent.ledger import PrivacyLedger
+from silo_agent.site import init_site, register_dataset
+from test_client_app import PLAN, approve, context, message, serverapp_identity  # noqa: F401 - fixture
+from tiny_data import write_tiny_datalist
+
+
+@pytest.fixture
+def site(tmp_path):
+    site = init_site(tmp_path / "site", "hospital0")
+    add_officer(site, "j.smith")
+    return register_dataset(site, "ct", task="seg3d", datalist=write_tiny_datalist(tmp_path / "data", cases=6))
+
+
+def _events(site, event: str) -> list[dict]:
+    with AuditLog.open(site.audit_dir, create=False) as log:
+        return [r for r in log.records() if r["event"] == event]
+
+
+def test_a_retried_round_gets_the_same_update_without_a_new_spend(site):
+    approve(site)
+    plan = parse_plan(PLAN)
+    text = yaml.safe_dump(PLAN)
+    arrays = ArrayRecord(build_network(plan, seed=0).state_dict())
+    first = train(message(text, plan.hash(), arrays), context(site.root))
+    assert not first.has_error(), first.error.reason if first.has_error() else ""
+    with PrivacyLedger.for_site(site.privacy_dir) as ledger:
+        spends = ledger.spends("ct")
+    assert len(spends) == 1
+
+    again = train(message(text, plan.hash(), arrays), context(site.root))  # the resumed coordinator asks again
+    assert not again.has_error(), again.error.reason if again.has_error() else ""
+    a, b = first.content["arrays"].to_torch_state_dict(), again.content["arrays"].to_torch_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert dict(first.content["metrics"]) == dict(again.content["metrics"])
+    with PrivacyLedger.for_site(site.privacy_dir) as ledger:
+        assert len(ledger.spends("ct")) == 1  # nothing counted twice
+    resent = _events(site, "update.resent")
+    assert len(resent) == 1 and resent[0]["round"] == 1
+    assert len(_events(site, "dp.spent")) == 1
+
+
+def test_the_same_round_with_another_global_model_is_still_refused(site):
+    approve(site)
+    plan = parse_plan(PLAN)
+    text = yaml.safe_dump(PLAN)
+    assert not train(message(text, plan.hash(), ArrayRecord(build_network(plan, seed=0).state_dict())), context(site.root)).has_error()
+    other = ArrayRecord(build_network(plan, seed=1).state_dict())
+    reply = train(message(text, plan.hash(), other), context(site.root))
+    assert reply.has_error() and "already trained on dataset 'ct' (replayed message)" in reply.error.reason
