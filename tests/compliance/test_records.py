@@ -49,6 +49,7 @@ def test_the_event_types() -> None:
         "policy.changed", "config.changed", "run.started", "run.finished", "run.failed", "round.started", "round.finished", "update.received",
         "update.rejected", "aggregate.computed", "model.exported", "plan.received", "plan.refused", "dataset.used",
         "dp.spent", "update.sent", "node.started", "verification.run", "checkpoint.signed", "checkpoint.cosigned",
+        "update.missing", "update.resent", "state.saved", "run.resumed",
     }
 
 
