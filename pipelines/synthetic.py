@@ -42,7 +42,8 @@ The class is stored as an int in the datalist; no label files are written. A spl
 both classes.
 
 PHI: every case gets plausible fake identifiers in its DICOM headers (PatientName, PatientID "MRN...",
-PatientBirthDate, AccessionNumber "ACC...", StudyDate, ReferringPhysicianName, InstitutionName). Every such
+PatientBirthDate, AccessionNumber "ACC...", StudyDate, ReferringPhysicianName, InstitutionName) and a free-text
+ImageComments that repeats the name and MRN, as technologists' notes do. Every such
 value is returned in :attr:`SyntheticSilo.planted_phi` so that de-identification and egress tests can search
 outputs for them. Dates are digits only (``YYYYMMDD``): when scanning raw bytes, beware that long numeric UIDs
 can contain any 8-digit string by chance; search tag values, or search the non-numeric values only.
@@ -424,14 +425,17 @@ def _fake_phi(rs: np.random.RandomState, institution: str) -> dict[str, str]:
     doc_last = _LAST_NAMES[rs.randint(len(_LAST_NAMES))]
     birth = f"{rs.randint(1935, 2006)}{rs.randint(1, 13):02d}{rs.randint(1, 29):02d}"
     study = f"{rs.randint(2015, 2025)}{rs.randint(1, 13):02d}{rs.randint(1, 29):02d}"
+    mrn = f"MRN{rs.randint(1_000_000, 10_000_000)}"
     return {
         "PatientName": f"{last}^{first}",
-        "PatientID": f"MRN{rs.randint(1_000_000, 10_000_000)}",
+        "PatientID": mrn,
         "PatientBirthDate": birth,
         "AccessionNumber": f"ACC{rs.randint(10_000_000, 100_000_000)}",
         "StudyDate": study,
         "ReferringPhysicianName": f"{doc_last}^{doc_first}^^DR",
         "InstitutionName": institution,
+        # free text, drawn from the values above (no further draws: the other values stay as they were)
+        "ImageComments": f"Pt {first.title()} {last.title()} ({mrn}), compare with prior at {institution}",
     }
 
 
@@ -467,6 +471,7 @@ def _template(
     ds.StudyDescription = descriptions[index % len(descriptions)]
     ds.SeriesDescription = "SYNTHETIC AXIAL" if geom.n_slices > 1 else "SYNTHETIC SINGLE SLICE"
     ds.ManufacturerModelName = f"SYNTH-{profile.modality}-{profile.name}"
+    ds.ImageComments = phi["ImageComments"]
     ds.PatientName = phi["PatientName"]
     ds.PatientID = phi["PatientID"]
     ds.PatientBirthDate = phi["PatientBirthDate"]
