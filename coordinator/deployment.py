@@ -37,6 +37,7 @@ from coordinator import pki
 from coordinator.provision import COORDINATOR_KIT_FILE, COORDINATOR_KIT_FORMAT, NAME_RE
 from fedsilo.errors import ConfigError, DeploymentError
 from fedsilo.flower_app import flower_bin, toml_string
+from fedsilo.flower_tuning import tuned_env
 from fedsilo.processes import ManagedProcess, ProcessSet, flower_env, port_in_use, run_command
 
 #: Set for the SuperLink (and inherited by its ServerApps): the coordinator's state folder (coordinator.server_app).
@@ -44,9 +45,9 @@ COORDINATOR_DIR_ENV = "FEDSILO_COORDINATOR_DIR"
 NODES_FILE = "nodes.json"
 DATABASE = "superlink-state.db"
 ALL_INTERFACES = ("0.0.0.0", "::", "")
-INSECURE_WARNING = ("WARNING: --insecure-dev: NO TLS. Model updates, plans and node keys' challenges cross the network in "
-                    "clear text, and anyone on the path can read or alter them. Use this on a development machine only, "
-                    "never with real data.")
+INSECURE_WARNING = ("WARNING: --insecure-dev: NO TLS and NO SuperNode authentication (Flower requires TLS for it): model "
+                    "updates and plans cross the network in clear text, and any host that reaches the port can join as a silo. "
+                    "Use this on a development machine only, never with real data.")
 
 
 def say(text: str) -> None:
@@ -224,18 +225,23 @@ def run_coordinator(kit: CoordinatorKit, *, host: str = "0.0.0.0", port: int | N
                                                "--ssl-keyfile", str(kit.server_key)]
     (kit.root / "runs").mkdir(exist_ok=True)
     cli_home = write_cli_config(kit, host, port, insecure=insecure_dev)
-    link_env = flower_env(kit.root / "flwr" / "superlink")
+    # Flower's polling tuned for a handful of nodes (fedsilo.flower_tuning): the ServerApps and SuperExec poll in tenths of a second.
+    link_env = tuned_env(flower_env(kit.root / "flwr" / "superlink"))
     link_env[COORDINATOR_DIR_ENV] = str(kit.root)
     with ProcessSet(kit.root / "logs", flower_env(cli_home)) as procs:
+        auth = [] if insecure_dev else ["--enable-supernode-auth"]
         superlink = procs.start("superlink", [
-            flower_bin("flower-superlink"), *tls, "--enable-supernode-auth", "--host", host, "--port", str(port),
+            flower_bin("flower-superlink"), *tls, *auth, "--host", host, "--port", str(port),
             "--database", str(kit.root / DATABASE), "--disable-runtime-dependency-installation",
         ], env=link_env)
         _wait_listening(superlink, host, port)
-        register_sites(kit, procs.env)
-        mode = "NO TLS (--insecure-dev)" if insecure_dev else "TLS"
-        say(f"coordinator of federation {kit.federation} listening on {_hostport(host or '0.0.0.0', port)} ({mode}, SuperNode "
-            f"authentication, {len(kit.sites)} site(s) registered); state in {kit.root}; Ctrl-C stops it")
+        if insecure_dev:
+            mode = "NO TLS and NO SuperNode authentication (--insecure-dev)"
+        else:
+            register_sites(kit, procs.env)
+            mode = f"TLS, SuperNode authentication, {len(kit.sites)} site(s) registered"
+        say(f"coordinator of federation {kit.federation} listening on {_hostport(host or '0.0.0.0', port)} ({mode}); "
+            f"state in {kit.root}; Ctrl-C stops it")
         if on_ready:
             on_ready()
         while True:
@@ -278,12 +284,14 @@ def coordinator_status(kit: CoordinatorKit) -> dict[str, Any]:
     run_rows = [{"run_id": str(r.get("run-id")), "status": r.get("status"), "elapsed_s": r.get("elapsed"),
                  "started": r.get("running-at") or r.get("pending-at"), "finished": r.get("finished-at")} for r in runs.get("runs", [])]
     return {"federation": kit.federation, "sites": sorted(sites, key=lambda s: (s["site"] is None, s["site"] or "")), "runs": run_rows,
-            "online": sum(1 for s in sites if s["status"] == "online")}
+            "online": sum(1 for s in sites if s["status"] == "online" and s["site"]),
+            "unknown_online": sum(1 for s in sites if s["status"] == "online" and not s["site"])}
 
 
 def format_status(status: dict[str, Any]) -> str:
     """The status as two short tables."""
-    lines = [f"federation {status['federation']}: {status['online']} of {sum(1 for s in status['sites'] if s['site'])} site(s) online"]
+    lines = [f"federation {status['federation']}: {status['online']} of {sum(1 for s in status['sites'] if s['site'])} site(s) online"
+             + (f"; {status['unknown_online']} node(s) online that this kit did not register (UNKNOWN NODE below)" if status["unknown_online"] else "")]
     lines.append(f"{'site':<20} {'status':<15} {'node id':<21} since")
     for s in status["sites"]:
         name = s["site"] or "UNKNOWN NODE"  # registered, but not by this kit: check who registered it

@@ -31,6 +31,7 @@ clientapp = "silo_agent.client_app:app"
 [tool.flwr.app.config]
 plan-path = ""
 submission = ""
+resume-from = ""
 out-dir = ""
 site-dirs = ""
 audit-key-dir = ""

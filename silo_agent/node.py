@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import re
 import shutil
 import socket
 import stat
@@ -40,6 +41,7 @@ from compliance.keys import key_stem, read_vkey_file
 from compliance.records import EventType
 from fedsilo.errors import ConfigError, DeploymentError, FedsiloError
 from fedsilo.flower_app import flower_bin
+from fedsilo.flower_tuning import tuned_env
 from fedsilo.processes import LOOPBACK, ManagedProcess, ProcessSet, flower_env, free_port, port_in_use
 from fedsilo.protocol import COORDINATOR_LOG_KEY
 from silo_agent.site import NAME_RE, SITE_FILE, Site, audit_site, init_site
@@ -51,8 +53,9 @@ ISOLATION = ("warm", "subprocess")
 #: Flower's exit code for a SuperNode the SuperLink will not activate (1.42: its key is not registered).
 EXIT_NODE_REFUSED = 305
 EXPIRY_WARNING_DAYS = 30
-INSECURE_WARNING = ("WARNING: --insecure-dev: NO TLS to the coordinator. Model updates and plans cross the network in clear "
-                    "text and the coordinator is not authenticated. Use this on a development machine only, never with real data.")
+INSECURE_WARNING = ("WARNING: --insecure-dev: NO TLS to the coordinator and no node authentication (Flower requires TLS for it): "
+                    "model updates and plans cross the network in clear text and the coordinator is not authenticated. Use this "
+                    "on a development machine only, never with real data.")
 
 
 def say(text: str) -> None:
@@ -117,20 +120,21 @@ def install_kit(kit: SiteKit, site_dir: Path, *, report: Callable[[str], None] =
     name = witness_key_name(kit.site)
     stem = key_stem(name)
     kit_vkey = kit.witness_dir / f"{stem}.vkey"
-    if not kit_vkey.is_file() or not (kit.witness_dir / f"{stem}.key").is_file():
-        raise ConfigError(f"the kit {kit.root} has no witness key {stem}.key/.vkey", fix="restore witness/ from the kit")
     keys = site_dir / "keys"
     if (site_dir / SITE_FILE).is_file():
         site = Site.open(site_dir)
         if site.site_id != kit.site:
             raise ConfigError(f"{site_dir} belongs to site {site.site_id}, the kit is for {kit.site}", fix="give this site's own kit, or another --site-dir")
     if (keys / f"{stem}.vkey").is_file():
-        mine, theirs = read_vkey_file(keys / f"{stem}.vkey"), read_vkey_file(kit_vkey)
-        if mine != theirs:
-            raise ConfigError(f"{site_dir} already has its own witness key ({mine.fingerprint}), not the kit's ({theirs.fingerprint})",
-                              fix=f"send {keys / (stem + '.vkey')} to the coordinator operator for audit-trust/, and remove the kit's "
-                                  f"witness/ folder; or start from a new site folder")
+        # The site keeps the witness key it has (its audit records name it). A kit without witness/ is fine then.
+        mine = read_vkey_file(keys / f"{stem}.vkey")
+        if kit_vkey.is_file() and read_vkey_file(kit_vkey) != mine:
+            raise ConfigError(f"{site_dir} already has its own witness key ({mine.fingerprint}), not the kit's ({read_vkey_file(kit_vkey).fingerprint})",
+                              fix=f"send {keys / (stem + '.vkey')} to the coordinator operator for its audit-trust/ folder and delete "
+                                  f"the kit's witness/ folder; or start from a new site folder")
     else:
+        if not kit_vkey.is_file() or not (kit.witness_dir / f"{stem}.key").is_file():
+            raise ConfigError(f"the kit {kit.root} has no witness key {stem}.key/.vkey", fix="restore witness/ from the kit")
         _copy_private(kit.witness_dir / f"{stem}.key", keys / f"{stem}.key")
         shutil.copyfile(kit_vkey, keys / f"{stem}.vkey")
         report(f"installed the site's witness key ({read_vkey_file(kit_vkey).fingerprint})")
@@ -238,7 +242,21 @@ def _exit_error(kit: SiteKit, proc: ManagedProcess) -> DeploymentError:
                                f"(Flower SuperNode exit code {EXIT_NODE_REFUSED}: failed to activate)",
                                fix=f"ask the coordinator operator to register {kit.root / 'node.pub'} (fedsilo coordinator start registers "
                                    "every site of its kit); compare the fingerprints in both kits' README.md")
-    return DeploymentError(f"the SuperNode stopped with exit code {code}: {proc.log_tail(3)}", fix=f"read {proc.log_path}")
+    return DeploymentError(f"the SuperNode stopped with exit code {code}: {_flower_error(proc)}", fix=f"read {proc.log_path}")
+
+
+def _flower_error(proc: ManagedProcess) -> str:
+    """Flower's own explanation from the log (the lines after its last "Exit Code:"), else the log's last lines."""
+    try:
+        lines = proc.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    marks = [i for i, line in enumerate(lines) if "Exit Code:" in line]
+    if not marks:
+        return proc.log_tail(3)
+    text = " ".join(lines[marks[-1]:marks[-1] + 3])
+    text = re.sub(r"\x1b\[[0-9;]*m|Please refer to the Flower documentation for more information:\s*\S+|<?https?://\S+", "", text)
+    return " ".join(text.split())[:400]
 
 
 def run_node(kit: SiteKit, site_dir: Path, *, insecure_dev: bool = False, isolation: str = "warm", threads: int = 1,
@@ -256,15 +274,18 @@ def run_node(kit: SiteKit, site_dir: Path, *, insecure_dev: bool = False, isolat
     check_node_key(kit)
     if port and port_in_use(port):
         raise ConfigError(f"port {port} is already in use on 127.0.0.1", fix="choose another --port, or leave it out to pick a free one")
-    site = install_kit(kit, site_dir)
+    site = install_kit(kit, site_dir.resolve())
     node_port = port or free_port()
-    tls = ["--insecure"] if insecure_dev else ["--root-certificates", str(kit.ca_cert)]
+    # Flower authenticates SuperNodes only over TLS: without it the node key is not sent.
+    tls = ["--insecure"] if insecure_dev else ["--root-certificates", str(kit.ca_cert), "--auth-supernode-private-key", str(kit.node_key)]
     flwr_home = site.root / "flwr"
-    env = flower_env(flwr_home)
+    # "warm" also tunes Flower's polling (fedsilo.flower_tuning: tenths of a second instead of seconds), as the demo does.
+    tuned = isolation == "warm"
+    env = tuned_env(flower_env(flwr_home)) if tuned else flower_env(flwr_home)
+    launcher = [sys.executable, "-m", "fedsilo.flower_tuning", "flower-supernode"] if tuned else [flower_bin("flower-supernode")]
     with ProcessSet(site.logs_dir, env) as procs:
         node = procs.start("supernode", [
-            flower_bin("flower-supernode"), *tls, "--superlink", kit.coordinator, "--auth-supernode-private-key", str(kit.node_key),
-            "--host", LOOPBACK, "--port", str(node_port), "--node-config", f"site-dir='{site.root.resolve()}' threads={threads}",
+            *launcher, *tls, "--superlink", kit.coordinator, "--host", LOOPBACK, "--port", str(node_port), "--node-config", f"site-dir='{site.root.resolve()}' threads={threads}",
             *(["--isolation", "process"] if isolation == "warm" else []),
         ], env=env)
         _wait_listening(node, node_port)
@@ -301,7 +322,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kit", type=Path, required=True, metavar="DIR", help="this site's kit from 'fedsilo provision' (KITS/<site>)")
     p.add_argument("--site-dir", type=Path, required=True, metavar="SITE_DIR", help="the site folder (set up from the kit on first start)")
     p.add_argument("--isolation", choices=ISOLATION, default="warm",
-                   help="warm: one process imports torch once and forks per message (default); subprocess: Flower's default")
+                   help="warm: one process imports torch once and forks per message, and Flower polls in tenths of a "
+                        "second (default); subprocess: Flower's defaults")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training (default 1)")
     p.add_argument("--port", type=int, default=0, help="the SuperNode's own port on 127.0.0.1 (default: a free one)")
     p.add_argument("--insecure-dev", action="store_true", help="UNSAFE: no TLS to the coordinator; development machines only")

@@ -120,6 +120,7 @@ def test_kits_start_a_federation_that_runs_a_submitted_plan(tmp_path, e2e_plan):
         header, row = submitted.stdout.splitlines()[:2]
         assert header.split()[:2] == ["round", "silos"] and "dice h0" in header and "eps h1" in header
         assert row.split()[:2] == ["1", "2/2"]
+        assert "finished after 1 round(s)" in submitted.stderr and "did not reach this stream" not in submitted.stderr
 
         status = _status(coordinator_kit)
         [run] = status["runs"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import shutil
 import stat
 import subprocess
 import sys
@@ -58,9 +59,16 @@ def test_a_folder_of_another_site_or_with_its_own_witness_key_is_refused(kits, t
     install_kit(load_site_kit(kits / "hospital1"), tmp_path / "site1", report=lambda _: None)
     with pytest.raises(ConfigError, match="belongs to site hospital1, the kit is for hospital0"):
         install_kit(load_site_kit(kits / "hospital0"), tmp_path / "site1", report=lambda _: None)
-    init_site(tmp_path / "own", "hospital0")  # made with 'silo init': its own witness key
+    own = init_site(tmp_path / "own", "hospital0")  # made with 'silo init': its own witness key
+    fingerprint = witness_fingerprint(own.root, "hospital0")
     with pytest.raises(ConfigError, match="already has its own witness key"):
         install_kit(load_site_kit(kits / "hospital0"), tmp_path / "own", report=lambda _: None)
+    # As the fix says: its public key goes to the coordinator, and the kit's witness key is deleted.
+    shutil.rmtree(kits / "hospital0" / "witness")
+    install_kit(load_site_kit(kits / "hospital0"), tmp_path / "own", report=lambda _: None)
+    assert witness_fingerprint(own.root, "hospital0") == fingerprint
+    with pytest.raises(ConfigError, match="has no witness key"):
+        install_kit(load_site_kit(kits / "hospital0"), tmp_path / "new", report=lambda _: None)
 
 
 def test_a_rotated_coordinator_key_is_trusted_and_the_old_one_kept(kits, tmp_path):
