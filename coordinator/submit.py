@@ -64,12 +64,12 @@ def load_submission(plan_path: Path, key: Path | None):
         except FedsiloError as exc:
             raise ConfigError(f"{plan_path}: the signature does not hold ({exc.message})", fix="sign the plan again: fedsilo plan sign") from None
         return bundle, plan
-    plan = parse_plan_text(text, source=str(plan_path))
     if key is None:
         raise ConfigError(f"{plan_path} is not signed: every site refuses an unsigned plan",
                           fix="pass --key DIR/NAME.key (from 'fedsilo plan keygen'), or submit the bundle from 'fedsilo plan sign'")
     if key.suffix != ".key":
         raise ConfigError(f"--key {key} is not a .key file", fix="give DIR/NAME.key as written by 'fedsilo plan keygen'")
+    plan = parse_plan_text(text, source=str(plan_path))  # imports MONAI (the network allow-list): after the cheap checks
     signer = load_signer(key.parent, key.stem)
     return sign_submission(text, plan.hash(), plan.name, signer, utc_now()), plan
 
