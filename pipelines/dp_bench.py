@@ -112,26 +112,7 @@ def _plan_dict(network: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _per_sample_loss_class():
-    import torch
-
-    class PerSampleLoss(torch.nn.Module):
-        """The plan's loss, reducible per sample, as Opacus' ghost clipping wants it.
-
-        ``reduction="none"`` gives one value per sample (``[B]``, the mean of the inner loss's unreduced
-        values of that sample); "mean"/"sum" reduce those. The inner loss runs unreduced.
-        """
-
-        def __init__(self, inner: torch.nn.Module, reduction: str = "mean") -> None:
-            super().__init__()
-            self.inner = inner
-            self.inner.reduction = "none"
-            self.reduction = reduction
-
-        def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            per_sample = self.inner(output, target).reshape(output.shape[0], -1).mean(dim=1)
-            if self.reduction == "none":
-                return per_sample
-            return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
+    from pipelines.training import PerSampleLoss
 
     return PerSampleLoss
 
@@ -141,20 +122,12 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:160]
 
 
-def measure_case(job: dict[str, Any]) -> dict[str, Any]:
-    """Build, make private (unless ``mode`` is None), run ``WARMUP + repeats`` steps; time and memory.
-
-    ``job``: network, plan (a plan dict), size, batch, mode (None: non-private), repeats, device, threads.
-    Returns ``{"seconds", "peak_mib", "extra_mib"}`` or ``{"skipped": reason}``.
-    """
+def _child_setup(job: dict[str, Any]):
+    """Imports, warnings, threads and the device; returns (torch, device, cuda, memory_now, memory_peak)."""
     import resource
     import warnings
 
     import torch
-
-    from pipelines.networks import build_network
-    from pipelines.plan import parse_plan
-    from pipelines.training import make_loss, make_optimizer
 
     # Everything a case imports lazily is imported before the "before" reading, so that the extra memory
     # is what the training step adds, not library code (MONAI's networks and losses, Opacus' modules).
@@ -165,6 +138,10 @@ def measure_case(job: dict[str, Any]) -> dict[str, Any]:
     import opacus.validators  # noqa: F401
     import torch.func  # noqa: F401
     import torch.utils.data  # noqa: F401
+
+    import pipelines.networks  # noqa: F401
+    import pipelines.plan  # noqa: F401
+    import pipelines.training  # noqa: F401
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
     warnings.filterwarnings("ignore", message=".*[Ss]ecure.*RNG.*", category=UserWarning)
@@ -187,44 +164,74 @@ def measure_case(job: dict[str, Any]) -> dict[str, Any]:
 
     # Start the thread pool (its stacks are not training memory) before the reading.
     torch.ones(64, 64, device=device).matmul(torch.ones(64, 64, device=device)).sum().item()
-    before = memory_now()
-    mode = job["mode"]
+    return torch, device, cuda, memory_now, memory_peak
+
+
+def _build_step(job: dict[str, Any], mode: str | None, device):
+    """Build the network (non-private when ``mode`` is None, else made private in that mode) and its inputs;
+    returns ``(step, model)`` where ``step()`` runs one optimizer step and returns the loss."""
+    import warnings
+
+    import torch
+
+    from pipelines.networks import build_network
+    from pipelines.plan import parse_plan
+    from pipelines.training import make_loss, make_optimizer
+
     batch = int(job["batch"])
+    plan = parse_plan(job["plan"])
+    model = build_network(plan, seed=0).to(device)
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, 1, *(int(job["size"]),) * plan.spatial_dims, generator=g)
+    if plan.is_segmentation:
+        y = (x > 0.5).float()
+    else:
+        y = torch.arange(batch) % plan.data.num_classes
+    x, y = x.to(device), y.to(device)
+    optimizer = make_optimizer(plan, model.parameters())
+    loss_fn = make_loss(plan)
+    if mode is not None:
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        engine = PrivacyEngine(accountant="rdp")
+        loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=batch)
+        common = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=NOISE_MULTIPLIER,
+                      max_grad_norm=MAX_GRAD_NORM, poisson_sampling=False, grad_sample_mode=mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            if mode == "ghost":
+                model, optimizer, loss_fn, _ = engine.make_private(criterion=_per_sample_loss_class()(loss_fn), **common)
+            else:
+                model, optimizer, _ = engine.make_private(**common)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step, model
+
+
+def _finite(model, loss_value: float) -> bool:
+    import torch
+
+    return all(torch.isfinite(p).all() for p in model.parameters()) and loss_value == loss_value
+
+
+def measure_case(job: dict[str, Any]) -> dict[str, Any]:
+    """Build, make private (unless ``mode`` is None), run ``WARMUP + repeats`` steps; time and memory.
+
+    ``job``: network, plan (a plan dict), size, batch, mode (None: non-private), repeats, device, threads.
+    Returns ``{"seconds", "peak_mib", "extra_mib"}`` or ``{"skipped": reason}``.
+    """
+    torch, device, cuda, memory_now, memory_peak = _child_setup(job)
+    before = memory_now()
     try:
-        plan = parse_plan(job["plan"])
-        model = build_network(plan, seed=0).to(device)
-        model.train()
-        g = torch.Generator().manual_seed(1)
-        x = torch.rand(batch, 1, *(int(job["size"]),) * plan.spatial_dims, generator=g)
-        if plan.is_segmentation:
-            y = (x > 0.5).float()
-        else:
-            y = torch.arange(batch) % plan.data.num_classes
-        x, y = x.to(device), y.to(device)
-        optimizer = make_optimizer(plan, model.parameters())
-        loss_fn = make_loss(plan)
-        if mode is not None:
-            from opacus import PrivacyEngine
-            from torch.utils.data import DataLoader, TensorDataset
-
-            engine = PrivacyEngine(accountant="rdp")
-            loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=batch)
-            common = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=NOISE_MULTIPLIER,
-                          max_grad_norm=MAX_GRAD_NORM, poisson_sampling=False, grad_sample_mode=mode)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                if mode == "ghost":
-                    model, optimizer, loss_fn, _ = engine.make_private(criterion=_per_sample_loss_class()(loss_fn), **common)
-                else:
-                    model, optimizer, _ = engine.make_private(**common)
-
-        def step() -> float:
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            loss.backward()
-            optimizer.step()
-            return float(loss.detach())
-
+        step, model = _build_step(job, job["mode"], device)
         times = []
         for _ in range(WARMUP + int(job["repeats"])):
             if cuda:
@@ -234,7 +241,7 @@ def measure_case(job: dict[str, Any]) -> dict[str, Any]:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        if not all(torch.isfinite(p).all() for p in model.parameters()) or loss_value != loss_value:
+        if not _finite(model, loss_value):
             return {"skipped": "non-finite weights or loss after the steps"}
     except Exception as exc:  # a mode that does not work for this network: reported, not raised
         return {"skipped": _first_line(exc)}
@@ -242,10 +249,55 @@ def measure_case(job: dict[str, Any]) -> dict[str, Any]:
     return {"seconds": statistics.median(times[WARMUP:]), "peak_mib": peak, "extra_mib": peak - before}
 
 
+def measure_interleaved(job: dict[str, Any]) -> dict[str, Any]:
+    """Step times of the non-private case and every DP mode of ``job["modes"]``, measured in turn.
+
+    One process builds every case, then runs ``WARMUP + repeats`` rounds; each round times one step of
+    every case, in an order rotated by one each round. On a shared machine a change of load then hits
+    every case alike instead of whichever case ran at that moment, so the ratios hold better than those
+    of cases timed one after the other. Returns ``{case: {"seconds": median} or {"skipped": reason}}``
+    with the case ``"non-private"`` or the mode's name.
+    """
+    torch, device, cuda, _now, _peak = _child_setup(job)
+    steps: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for mode in [None, *job["modes"]]:
+        name = "non-private" if mode is None else mode
+        try:
+            steps[name] = _build_step(job, mode, device)
+        except Exception as exc:
+            out[name] = {"skipped": _first_line(exc)}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(WARMUP + int(job["repeats"])):
+        order = names[r % len(names):] + names[:r % len(names)] if names else []
+        for name in order:
+            if name in out:
+                continue
+            step, model = steps[name]
+            try:
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                loss_value = step()
+                if cuda:
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+            except Exception as exc:
+                out[name] = {"skipped": _first_line(exc)}
+                continue
+            if r == WARMUP + int(job["repeats"]) - 1 and not _finite(model, loss_value):
+                out[name] = {"skipped": "non-finite weights or loss after the steps"}
+    for name in names:
+        if name not in out:
+            out[name] = {"seconds": statistics.median(times[name][WARMUP:])}
+    return out
+
+
 def _child_main() -> None:
     """Entry of the child process: one job as JSON on stdin, one result line on stdout."""
     job = json.loads(sys.stdin.read())
-    result = measure_case(job)
+    result = measure_interleaved(job) if job.get("interleaved") else measure_case(job)
     sys.stdout.write(_RESULT_MARK + json.dumps(result) + "\n")
     sys.stdout.flush()
 
@@ -383,14 +435,24 @@ def run_dp_bench(
         mode_ratios[name] = {m: [] for m in modes}
         for batch in batch_sizes:
             base_case = f"{name} b={batch} non-private"
+            job = {"network": name, "plan": plan, "size": spec_size, "batch": batch, "modes": modes,
+                   "repeats": repeats, "device": dev, "threads": threads, "interleaved": True}
+            timing = _run_isolated(job, timeout_s) if isolate else measure_interleaved(job)
+            if "skipped" in timing:  # the whole timing process failed (crash, timeout)
+                timing = {m: timing for m in ["non-private", *modes]}
             base: dict[str, Any] = {}
             for mode in [None, *modes]:
                 case = base_case if mode is None else f"{name} b={batch} {mode}"
-                job = {"network": name, "plan": plan, "size": spec_size, "batch": batch, "mode": mode,
-                       "repeats": repeats, "device": dev, "threads": threads}
-                result = _run_isolated(job, timeout_s) if isolate else measure_case(job)
-                if not isolate and "skipped" not in result:
-                    result["peak_mib"] = result["extra_mib"] = None
+                # Memory: a fresh process per case (a few steps: the peak is reached at the first).
+                mem_job = {"network": name, "plan": plan, "size": spec_size, "batch": batch, "mode": mode,
+                           "repeats": 1, "device": dev, "threads": threads}
+                result = dict(timing["non-private" if mode is None else mode])
+                if "skipped" not in result:
+                    memory = _run_isolated(mem_job, timeout_s) if isolate else {"peak_mib": None, "extra_mib": None}
+                    if "skipped" in memory:
+                        result = memory
+                    else:
+                        result.update(peak_mib=memory["peak_mib"], extra_mib=memory["extra_mib"])
                 if mode is None:
                     base = result
                 if "skipped" in result:
@@ -431,6 +493,8 @@ def run_dp_bench(
         "modes": modes, "input_shapes": shapes, "networks_args": used_args, "noise_multiplier": NOISE_MULTIPLIER,
         "max_grad_norm": MAX_GRAD_NORM, "poisson_sampling": False, "threads": threads if dev == "cpu" else None,
         "isolated": isolate,
+        "timing": ("interleaved: one process builds the non-private case and every mode, then times one step of each "
+                   "in turn (order rotated each round), median of the repeats per case"),
         "memory": ("peak RSS of a fresh process per case (getrusage); extra = over the imports" if dev == "cpu"
                    else "torch.cuda.max_memory_allocated per fresh process; extra = over the allocation before the model"),
     }

@@ -97,6 +97,28 @@ def make_loss(plan: Plan) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
+class PerSampleLoss(torch.nn.Module):
+    """A loss reducible per sample, as Opacus' ghost clipping (``grad_sample_mode="ghost"``) wants it.
+
+    ``reduction="none"`` gives one value per sample (``[B]``, the mean of the inner loss's unreduced values of
+    that sample); "mean"/"sum" reduce those. The inner loss runs unreduced (MONAI's DiceLoss with
+    ``reduction="none"`` keeps singleton spatial dimensions, which would broadcast wrongly against Opacus'
+    ``[B]`` clipping coefficients: hence the reshape).
+    """
+
+    def __init__(self, inner: torch.nn.Module, reduction: str = "mean") -> None:
+        super().__init__()
+        self.inner = inner
+        self.inner.reduction = "none"
+        self.reduction = reduction
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_sample = self.inner(output, target).reshape(output.shape[0], -1).mean(dim=1)
+        if self.reduction == "none":
+            return per_sample
+        return per_sample.sum() if self.reduction == "sum" else per_sample.mean()
+
+
 def make_optimizer(plan: Plan, params) -> torch.optim.Optimizer:
     o = plan.training.optimizer
     if o.name == "adam":
@@ -154,6 +176,30 @@ def composed_epsilon(history: Sequence[HistoryEntry], *, delta: float, accountan
     return float(acc.get_epsilon(delta=delta))
 
 
+def add_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Module, mu: float) -> None:
+    """FedProx (Li et al. 2020, arXiv:1812.06127, eq. 2): local objective ``loss + mu/2 * ||w - w_global||^2``.
+
+    ``w_global`` is ``model``'s weights now (the round's global model). The term's gradient
+    ``mu * (w - w_global)`` is added to every parameter's gradient just before each step of ``optimizer``
+    (a step pre-hook), not to the loss: under DP-SGD, Opacus' optimizer replaces ``p.grad`` with the clipped,
+    noised per-sample sum, and per-sample gradients come from the layers' activations, so a loss term on the
+    weights would be silently dropped. A pre-hook on the plain optimizer runs after Opacus has clipped and
+    noised (its ``DPOptimizer.step`` calls the wrapped optimizer's ``step``), so the term is added as it is
+    in non-private training, unclipped and un-noised: it depends on no record (only on weights that are
+    already the output of the DP mechanism and on the global model), so it costs no privacy (post-processing).
+    Register the hook before ``PrivacyEngine.make_private`` wraps the optimizer.
+    """
+    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def hook(_optimizer, _args, _kwargs) -> None:
+        with torch.no_grad():
+            for p, anchor in anchors:
+                if p.grad is not None:
+                    p.grad.add_(p - anchor, alpha=mu)
+
+    optimizer.register_step_pre_hook(hook)
+
+
 def _loader(dataset: Dataset, plan: Plan, seed: int) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=plan.training.batch_size, shuffle=True, generator=g, drop_last=False)
@@ -171,6 +217,7 @@ def train_local(
     private: bool | None = None,
     seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
+    fedprox_mu: float | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` for the plan's local epochs.
 
@@ -185,6 +232,8 @@ def train_local(
         private: override ``plan.privacy.enabled``.
         seed: seeds batch order and noise.
         on_epoch: called with (epoch, mean loss) after each epoch.
+        fedprox_mu: override ``plan.training.fedprox_mu`` (FedProx's proximal weight; 0: none). The
+            proximal anchor is ``model``'s weights as passed in (the global model of the round).
     """
     if len(data) == 0:
         raise ConfigError("no training cases", fix="register a dataset with training cases")
@@ -195,6 +244,11 @@ def train_local(
     loader = _loader(dataset, plan, seed)
     model.train()
     optimizer = make_optimizer(plan, model.parameters())
+    mu = plan.training.fedprox_mu if fedprox_mu is None else fedprox_mu
+    if mu < 0:
+        raise ConfigError(f"fedprox_mu {mu} is negative", fix="use 0 (FedAvg) or a positive proximal weight")
+    if mu > 0:
+        add_proximal_term(optimizer, model, mu)
     loss_fn = make_loss(plan)
     engine = None
     start = time.perf_counter()
@@ -205,18 +259,18 @@ def train_local(
             noise_multiplier = plan_noise_multiplier(plan, len(data))
         engine = PrivacyEngine(accountant=plan.privacy.accountant)
         engine.accountant.history = [tuple(h) for h in history]
+        mode = grad_sample_mode(plan)
+        common = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+                      max_grad_norm=plan.privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode=mode)
         with warnings.catch_warnings():
             # Opacus warns that secure_mode is off (CPU RNG): accepted for this toolkit's threat model.
             warnings.simplefilter("ignore", UserWarning)
-            model, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=plan.privacy.max_grad_norm,
-                poisson_sampling=True,
-                grad_sample_mode=grad_sample_mode(plan),
-            )
+            if mode == "ghost":
+                # Ghost clipping: per-sample gradient norms only, then a second backward pass on the loss
+                # reweighted by the clipping coefficients; the returned criterion does both in .backward().
+                model, optimizer, loss_fn, loader = engine.make_private(criterion=PerSampleLoss(loss_fn), **common)
+            else:
+                model, optimizer, loader = engine.make_private(**common)
     losses: list[float] = []
     for epoch in range(epochs):
         epoch_losses = []

@@ -1,0 +1,451 @@
+"""``fedsilo bench utility``: what federation and DP cost or buy in Dice, on hard non-IID silos.
+
+One process, no Flower (like ``fedsilo bench robustness``): each silo is a function call that trains with the
+toolkit's own :func:`pipelines.training.train_local` (Opacus DP-SGD where private), on the 2D silos of
+:mod:`fedsilo.hard_silos` (sizes 16..256 training cases, each silo with its own scanner offset and scale,
+contrast, noise, bias field, object size and unlabelled distractors), with a small MONAI UNet.
+
+Arms, each without DP and with DP at every epsilon in ``epsilons`` (delta 1e-5):
+
+- ``pooled``: one model trained on the union of the silos' training data (the centralised upper bound);
+- ``local``: each silo alone;
+- ``fedavg``: FedAvg (McMahan et al. 2017, arXiv:1602.05629), updates weighted by examples;
+- ``fedprox``: FedAvg with FedProx's proximal term ``mu/2 ||w - w_global||^2`` in each silo's local loss
+  (Li et al. 2020, arXiv:1812.06127; ``training.fedprox_mu`` of the plan);
+- ``<robust rule>``: the robustness bench's best rule (trimmed mean, beta trimming one update at each end),
+  from :mod:`coordinator.aggregation`;
+- ``personalized``: FedAvg for ``rounds - 1`` rounds, then each silo fine-tunes the global model on its own
+  data for ``local_epochs`` and keeps the result (Wang et al. 2019, "Federated Evaluation of On-device
+  Personalization", arXiv:1910.10252). This is the silos' own last-round training of the ``fedavg`` arm, so it
+  costs the same compute and, under DP, the same privacy: the noise multiplier of every arm is chosen for
+  ``rounds x local_epochs`` epochs (as the silo agent does), and fine-tuning is the last ``local_epochs`` of
+  them, so the budget split is ``(rounds - 1) / rounds`` of the steps for federation and ``1 / rounds`` for
+  fine-tuning, composing to the same epsilon.
+
+Same compute budget: every arm sees ``rounds x local_epochs`` epochs of each silo's data (pooled: of the union,
+so the same number of sample gradients in total; local: each silo alone for the same epochs). DP: per silo,
+sample-level DP-SGD, the noise multiplier chosen by :func:`pipelines.training.plan_noise_multiplier` so that the
+whole run spends the target epsilon, the accountant's history carried across rounds (the epsilon reached is in
+``params.epsilon_spent``). Pooled under DP is one dataset at the same epsilon.
+
+Evaluation: each silo's own held-out cases (Dice, :func:`pipelines.metrics.evaluate`); rows per silo and the
+mean over silos, averaged over ``seeds``. A ``threshold`` baseline: the single global intensity threshold
+with the best mean Dice on the pooled training data (non-private), applied at every silo.
+
+Rows: ``<arm> <privacy>`` / ``dice <silo>`` and ``dice mean``, baseline ``pooled <privacy>``; personalization
+gains (baseline ``fedavg <privacy>``); ``goal/...`` rows: the gap of each federated arm to pooled (goal: at
+most 2 Dice points), how many silos' local-only model it beats (goal: all), the gap of eps=8 to non-private
+(goal: at most 3 points), and the threshold's mean; ``total`` ``wall_seconds``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from fedsilo.errors import ConfigError
+
+BENCH = "utility"
+ARMS = ("pooled", "local", "fedavg", "fedprox", "robust", "personalized")
+#: Dice points (x 100) the goals allow.
+GOAL_POOLED_POINTS = 2.0
+GOAL_DP8_POINTS = 3.0
+
+
+@dataclass(frozen=True)
+class UtilityConfig:
+    """Sizes and training settings (defaults: the ~10 minute setting on 2 cores).
+
+    silos / train_sizes / test_cases / size: the data (:func:`fedsilo.hard_silos.hard_profiles`).
+    rounds / local_epochs / batch_size: training; every arm gets rounds x local_epochs epochs.
+    lr / dp_lr / momentum: SGD without / with DP (momentum: under DP it averages the noise out, and clipping
+    shrinks the gradients, hence the larger DP rate; see ../shared/STACK.md).
+    channels / strides: the MONAI UNet (num_res_units 0). loss: the plan's loss.
+    epsilons / delta / max_grad_norm: DP arms. fedprox_mu: FedProx's proximal weight.
+    robust_rule: rule from coordinator.aggregation (f = 1). seeds: repetitions. threads: torch threads.
+    """
+
+    silos: int = 5
+    train_sizes: tuple[int, ...] | None = None
+    test_cases: int = 40
+    size: int = 32
+    rounds: int = 6
+    local_epochs: int = 2
+    batch_size: int = 32
+    lr: float = 0.1
+    dp_lr: float = 0.5
+    momentum: float = 0.9
+    channels: tuple[int, ...] = (8, 16, 32)
+    strides: tuple[int, ...] = (2, 2)
+    loss: str = "dice_ce"
+    epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    fedprox_mu: float = 0.01
+    robust_rule: str = "trimmed_mean"
+    seeds: int = 1
+    threads: int = 1
+
+
+def _privacy_name(eps: float | None) -> str:
+    return "no-DP" if eps is None else f"eps={eps:g}"
+
+
+def _plan(config: UtilityConfig, eps: float | None, *, fedprox_mu: float = 0.0):
+    from pipelines.plan import parse_plan
+
+    privacy: dict[str, Any] = {"enabled": eps is not None, "target_delta": config.delta, "max_grad_norm": config.max_grad_norm}
+    if eps is not None:
+        privacy["target_epsilon"] = float(eps)
+    return parse_plan({
+        "name": "bench-utility", "task": "seg2d",
+        "model": {"network": "UNet", "args": {"channels": list(config.channels), "strides": list(config.strides),
+                                             "num_res_units": 0}},
+        "training": {"local_epochs": config.local_epochs, "batch_size": config.batch_size, "loss": config.loss,
+                     "optimizer": {"name": "sgd", "lr": config.lr if eps is None else config.dp_lr,
+                                   "momentum": config.momentum},
+                     "fedprox_mu": fedprox_mu},
+        "privacy": privacy,
+        "federation": {"rounds": config.rounds},
+    })
+
+
+def _state(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def _load(model, state: dict[str, np.ndarray]) -> None:
+    import torch
+
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
+
+
+class _Trainer:
+    """Trains one silo's copy of the model; carries each dataset's accountant history (DP)."""
+
+    def __init__(self, plan, seed: int) -> None:
+        self.plan, self.seed = plan, seed
+        self.history: dict[str, list] = {}
+        self.noise: dict[str, float] = {}
+        self.epsilon: dict[str, float] = {}
+
+    def train(self, key: str, start: dict[str, np.ndarray], data, *, epochs: int, salt: int) -> dict[str, np.ndarray]:
+        from pipelines.networks import build_network
+        from pipelines.training import plan_noise_multiplier, train_local
+
+        model = build_network(self.plan)  # Opacus hooks a module once: a fresh copy per training
+        _load(model, start)
+        private = self.plan.privacy.enabled
+        kwargs: dict[str, Any] = {}
+        if private:
+            if key not in self.noise:
+                self.noise[key] = plan_noise_multiplier(self.plan, len(data))
+                self.history[key] = []
+            kwargs = {"history": self.history[key], "noise_multiplier": self.noise[key]}
+        seed = int(np.random.SeedSequence([self.seed, salt, len(data)]).generate_state(1)[0]) & 0x7FFFFFFF
+        result = train_local(model, data, self.plan, epochs=epochs, seed=seed, **kwargs)
+        if result.privacy is not None:
+            self.history[key].append(result.privacy.entry)
+            self.epsilon[key] = result.privacy.epsilon
+        return {k: v.detach().cpu().numpy().copy() for k, v in result.state_dict.items()}
+
+
+def _dice(model, state, test, plan) -> float:
+    from pipelines.metrics import evaluate
+
+    _load(model, state)
+    return float(evaluate(model, test, plan)["dice"])
+
+
+def _federate(rule, trainer: _Trainer, initial, trains, rounds: int, epochs: int, salt: int,
+              keep_last_local: bool = False) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """``rounds`` rounds: every silo trains from the global model, ``rule`` aggregates the deltas (weighted by
+    examples), the global model moves by the aggregate. Returns the global model and, when asked, the silos'
+    models of the last round (trained from the global model of round ``rounds - 1``)."""
+    state = {k: v.copy() for k, v in initial.items()}
+    last: list[dict[str, np.ndarray]] = []
+    for r in range(rounds):
+        deltas, weights, local_models = [], [], []
+        for i, data in enumerate(trains):
+            local = trainer.train(f"silo{i}", state, data, epochs=epochs, salt=salt * 1000 + r * 100 + i)
+            local_models.append(local)
+            deltas.append({k: local[k] - state[k] for k in state if np.issubdtype(state[k].dtype, np.floating)})
+            weights.append(float(len(data)))
+        agg = rule.aggregate(deltas, weights)
+        for k, v in agg.items():
+            state[k] = (state[k] + v).astype(state[k].dtype)
+        if keep_last_local and r == rounds - 1:
+            last = local_models
+    return state, last
+
+
+def run_utility_bench(*, config: UtilityConfig | None = None, progress: bool = False,
+                      log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every arm at every privacy setting; returns ``{"bench": "utility", "params", "machine", "rows"}``."""
+    import torch
+
+    from coordinator.aggregation import build_rule
+    from fedsilo.hard_silos import best_threshold, hard_profiles, silo_cases, threshold_dice
+    from fedsilo.robustness import rule_args
+    from pipelines.dataset import CaseArrays
+    from pipelines.networks import build_network
+
+    config = config or UtilityConfig()
+    _check(config)
+    emit = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    started, cpu_started = time.perf_counter(), time.process_time()
+    settings: list[float | None] = [None, *config.epsilons]
+    # dice[(arm, privacy)][seed] = per-silo Dice list
+    dice: dict[tuple[str, str], list[list[float]]] = {}
+    spent: dict[str, float] = {}
+    noise: dict[str, dict[str, float]] = {}
+    threshold_scores: list[list[float]] = []
+    thresholds: list[float] = []
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        for seed in range(config.seeds):
+            profiles = hard_profiles(config.silos, seed=seed, train_sizes=config.train_sizes, n_test=config.test_cases)
+            trains = [silo_cases(p, split="train", size=config.size) for p in profiles]
+            tests = [silo_cases(p, split="test", size=config.size) for p in profiles]
+            pooled = CaseArrays(np.concatenate([t.images for t in trains]), np.concatenate([t.labels for t in trains]))
+            t = best_threshold(pooled.images, pooled.labels)
+            thresholds.append(t)
+            threshold_scores.append([float(np.mean(threshold_dice(s.images, s.labels, t))) for s in tests])
+            epochs_total = config.rounds * config.local_epochs
+            n = len(trains)
+            rule = build_rule(config.robust_rule, rule_args(config.robust_rule, n, 1, 1.0))
+            fedavg = build_rule("fedavg", {})
+            for eps in settings:
+                pname = _privacy_name(eps)
+                plan = _plan(config, eps)
+                model = build_network(plan, seed=seed)
+                initial = _state(model)
+
+                def record(arm: str, states: Sequence[dict[str, np.ndarray]], t0: float) -> None:
+                    scores = [_dice(model, s, test, plan) for s, test in zip(states, tests)]
+                    dice.setdefault((arm, pname), []).append(scores)
+                    if progress:
+                        emit(f"utility: seed {seed} {arm} {pname}: mean Dice {statistics.fmean(scores):.3f} "
+                             f"({' '.join(f'{x:.2f}' for x in scores)}) {time.perf_counter() - t0:.0f}s")
+
+                t0 = time.perf_counter()
+                if eps is None:  # the floor: the initial weights every arm starts from
+                    record("untrained", [initial] * n, t0)
+                trainer = _Trainer(plan, seed * 7919 + 1)
+                pooled_state = trainer.train("pooled", initial, pooled, epochs=epochs_total, salt=1)
+                record("pooled", [pooled_state] * n, t0)
+
+                t0 = time.perf_counter()
+                trainer = _Trainer(plan, seed * 7919 + 2)
+                local_states = [trainer.train(f"silo{i}", initial, d, epochs=epochs_total, salt=2 + i)
+                                for i, d in enumerate(trains)]
+                record("local", local_states, t0)
+
+                t0 = time.perf_counter()
+                trainer = _Trainer(plan, seed * 7919 + 3)
+                fed_state, last = _federate(fedavg, trainer, initial, trains, config.rounds, config.local_epochs, 3,
+                                            keep_last_local=True)
+                record("fedavg", [fed_state] * n, t0)
+                record("personalized", last, t0)
+                if eps is not None:
+                    spent[pname] = max(trainer.epsilon.values())
+                    noise[pname] = {k: round(v, 4) for k, v in trainer.noise.items()}
+
+                t0 = time.perf_counter()
+                prox_plan = _plan(config, eps, fedprox_mu=config.fedprox_mu)
+                trainer = _Trainer(prox_plan, seed * 7919 + 3)
+                prox_state, _ = _federate(fedavg, trainer, initial, trains, config.rounds, config.local_epochs, 3)
+                record("fedprox", [prox_state] * n, t0)
+
+                t0 = time.perf_counter()
+                trainer = _Trainer(plan, seed * 7919 + 3)
+                robust_state, _ = _federate(rule, trainer, initial, trains, config.rounds, config.local_epochs, 3)
+                record(config.robust_rule, [robust_state] * n, t0)
+    finally:
+        torch.set_num_threads(threads_before)
+    wall = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
+    return _result(config, dice, threshold_scores, thresholds, spent, noise, wall, cpu, [p.name for p in profiles],
+                   [p.n_train for p in profiles])
+
+
+def _check(config: UtilityConfig) -> None:
+    from coordinator.aggregation import RULES
+
+    for name in ("silos", "rounds", "local_epochs", "batch_size", "seeds", "threads", "test_cases"):
+        value = getattr(config, name)
+        low = 2 if name in ("silos", "rounds") else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} is too small", fix=f"use {low} or more")
+    if any(not (0 < e <= 100) for e in config.epsilons):
+        raise ConfigError(f"--epsilons {list(config.epsilons)}: each must be in (0, 100]", fix="e.g. --epsilons 1,3,8")
+    if config.robust_rule not in RULES or config.robust_rule == "fedavg":
+        robust = [r for r in RULES if r != "fedavg"]
+        raise ConfigError(f"--robust-rule {config.robust_rule!r} is not a robust rule", fix=f"use one of: {', '.join(robust)}")
+    if config.fedprox_mu <= 0:
+        raise ConfigError(f"--fedprox-mu {config.fedprox_mu} must be positive", fix="e.g. --fedprox-mu 0.01")
+
+
+def _row(case: str, metric: str, value: float | None, baseline: str | None = None,
+         base_value: float | None = None) -> dict[str, Any]:
+    ratio = None
+    if baseline is not None and value is not None and base_value:
+        ratio = round(value / base_value, 4)
+    if ratio is None:
+        baseline = None  # DESIGN.md: a row without a ratio names no baseline
+    return {"case": case, "metric": metric, "value": None if value is None else round(float(value), 4),
+            "baseline": baseline, "ratio": ratio}
+
+
+def _result(config, dice, threshold_scores, thresholds, spent, noise, wall, cpu, names, sizes) -> dict[str, Any]:
+    import monai
+    import opacus
+    import torch
+
+    def per_silo(key) -> list[float]:  # mean over seeds, per silo
+        return [statistics.fmean(run[i] for run in dice[key]) for i in range(len(names))]
+
+    rows: list[dict[str, Any]] = []
+    thr = [statistics.fmean(s[i] for s in threshold_scores) for i in range(len(names))]
+    for i, name in enumerate(names):
+        rows.append(_row("threshold (global, non-private)", f"dice {name}", thr[i]))
+    rows.append(_row("threshold (global, non-private)", "dice mean", statistics.fmean(thr)))
+    untrained = per_silo(("untrained", _privacy_name(None)))
+    rows.append(_row("untrained (initial weights)", "dice mean", statistics.fmean(untrained)))
+    arms = ["pooled", "local", "fedavg", "fedprox", config.robust_rule, "personalized"]
+    privacy_names = [_privacy_name(None), *(_privacy_name(e) for e in config.epsilons)]
+    means: dict[tuple[str, str], float] = {}
+    for pname in privacy_names:
+        base = per_silo(("pooled", pname))
+        base_case = f"pooled {pname}"
+        for arm in arms:
+            values = per_silo((arm, pname))
+            means[(arm, pname)] = statistics.fmean(values)
+            case = f"{arm} {pname}"
+            ref_case, ref = (base_case, base) if arm != "pooled" else (None, None)
+            if arm == "personalized":
+                ref_case, ref = f"fedavg {pname}", per_silo(("fedavg", pname))
+            for i, name in enumerate(names):
+                rows.append(_row(case, f"dice {name}", values[i], ref_case, ref[i] if ref else None))
+            rows.append(_row(case, "dice mean", means[(arm, pname)], ref_case, statistics.fmean(ref) if ref else None))
+        fed, pers = per_silo(("fedavg", pname)), per_silo(("personalized", pname))
+        for i, name in enumerate(names):
+            rows.append(_row(f"personalization gain {pname}", f"dice points {name}", (pers[i] - fed[i]) * 100))
+
+    goals: dict[str, Any] = {}
+    nodp = _privacy_name(None)
+    local = per_silo(("local", nodp))
+    for arm in ("fedavg", "fedprox", config.robust_rule):
+        gap = (means[("pooled", nodp)] - means[(arm, nodp)]) * 100
+        fed = per_silo((arm, nodp))
+        beats = sum(f > lo for f, lo in zip(fed, local))
+        beats_all_means = all(means[(arm, nodp)] > lo for lo in local)
+        rows.append(_row(f"goal/{arm} vs pooled {nodp}", "dice points behind", gap))
+        rows.append(_row(f"goal/{arm} beats local-only {nodp}", "silos (of %d)" % len(names), float(beats)))
+        g = {"points_behind_pooled": round(gap, 2), "within_2_points": gap <= GOAL_POOLED_POINTS,
+             "silos_beating_their_local_model": beats, "mean_beats_every_local_model": beats_all_means}
+        if 8.0 in config.epsilons:
+            gap8 = (means[(arm, nodp)] - means[(arm, _privacy_name(8.0))]) * 100
+            rows.append(_row(f"goal/{arm} eps=8 vs {nodp}", "dice points behind", gap8))
+            g.update(eps8_points_behind_nodp=round(gap8, 2), eps8_within_3_points=gap8 <= GOAL_DP8_POINTS)
+        goals[arm] = g
+    rows.append(_row("total", "wall_seconds", wall))
+    rows.append(_row("total", "cpu_seconds", cpu))
+
+    profiles_text = {}
+    from fedsilo.hard_silos import hard_profiles
+
+    for p in hard_profiles(config.silos, seed=0, train_sizes=config.train_sizes, n_test=config.test_cases):
+        d = asdict(p)
+        d.pop("seed")
+        d.pop("name")
+        profiles_text[p.name] = d
+    params = {
+        "silos": len(names), "train_sizes": sizes, "test_cases_per_silo": config.test_cases, "seeds": config.seeds,
+        "task": f"seg2d {config.size}x{config.size} synthetic (fedsilo.hard_silos), per-silo held-out Dice",
+        "network": f"UNet channels={list(config.channels)} strides={list(config.strides)} num_res_units=0",
+        "training": f"{config.rounds} rounds x {config.local_epochs} local epochs, batch {config.batch_size}, "
+                    f"SGD lr {config.lr} (DP: {config.dp_lr}) momentum {config.momentum}, loss {config.loss}",
+        "budget": f"every arm {config.rounds * config.local_epochs} epochs of each silo's data (pooled: of the union)",
+        "epsilons": list(config.epsilons), "delta": config.delta, "max_grad_norm": config.max_grad_norm,
+        "epsilon_spent": {k: round(v, 3) for k, v in spent.items()},
+        "noise_multipliers_fedavg": noise,
+        "fedprox_mu": config.fedprox_mu, "robust_rule": config.robust_rule, "robust_rule_f": 1,
+        "personalization": "FedAvg for rounds-1 rounds, then local_epochs of local fine-tuning at each silo: the same "
+                           "compute and privacy budget as fedavg ((rounds-1)/rounds of the steps federated, 1/rounds fine-tuning)",
+        "threshold": {"values_per_seed": [round(t, 4) for t in thresholds],
+                      "chosen": "global, best mean Dice on the pooled training data"},
+        "profiles": profiles_text,
+        "goals": goals,
+    }
+    machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "monai": monai.__version__, "opacus": opacus.__version__,
+               "torch_threads": config.threads, "python": platform.python_version()}
+    return {"bench": BENCH, "params": params, "machine": machine, "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def add_bench_command(bsub) -> None:
+    """``fedsilo bench utility`` (registered by fedsilo.bench_cli.BENCH_MODULES)."""
+    d = UtilityConfig()
+    p = bsub.add_parser("utility", help="Dice of pooled, local-only, FedAvg, FedProx, robust and personalized "
+                                        "training on hard non-IID silos, without DP and at several epsilons")
+    p.add_argument("--silos", type=int, default=d.silos, help=f"silos (default {d.silos})")
+    p.add_argument("--train-sizes", default=None, help="comma-separated training cases per silo (default 16,32,64,128,256)")
+    p.add_argument("--test-cases", type=int, default=d.test_cases, help=f"held-out cases per silo (default {d.test_cases})")
+    p.add_argument("--size", type=int, default=d.size, help=f"image edge in pixels (default {d.size})")
+    p.add_argument("--rounds", type=int, default=d.rounds, help=f"federated rounds (default {d.rounds})")
+    p.add_argument("--local-epochs", type=int, default=d.local_epochs, help=f"local epochs per round (default {d.local_epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate without DP (default {d.lr})")
+    p.add_argument("--dp-lr", type=float, default=d.dp_lr, help=f"SGD learning rate with DP (default {d.dp_lr})")
+    p.add_argument("--epsilons", default=",".join(f"{e:g}" for e in d.epsilons), help="DP settings (default 1,3,8)")
+    p.add_argument("--fedprox-mu", type=float, default=d.fedprox_mu)
+    p.add_argument("--robust-rule", default=d.robust_rule)
+    p.add_argument("--seeds", type=int, default=d.seeds, help=f"repetitions (default {d.seeds})")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_utility)
+
+
+def _numbers(text: str | None, what: str, kind: type) -> tuple | None:
+    if text is None:
+        return None
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            out.append(kind(part))
+        except ValueError:
+            raise ConfigError(f"--{what}: '{part}' is not a number", fix=f"give comma-separated numbers, e.g. --{what} 1,3,8") from None
+    return tuple(out)
+
+
+def _utility(args) -> int:
+    from fedsilo.bench_report import print_result
+
+    sizes = _numbers(args.train_sizes, "train-sizes", int)
+    config = UtilityConfig(
+        silos=len(sizes) if sizes else args.silos, train_sizes=sizes, test_cases=args.test_cases, size=args.size,
+        rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, dp_lr=args.dp_lr,
+        epsilons=_numbers(args.epsilons, "epsilons", float) or (), fedprox_mu=args.fedprox_mu,
+        robust_rule=args.robust_rule, seeds=args.seeds, threads=args.threads,
+    )
+    if config.size < 16:
+        raise ConfigError(f"--size {config.size} is too small", fix="use 16 or more")
+    result = run_utility_bench(config=config, progress=True)  # progress goes to stderr, --json to stdout
+    print_result(result, as_json=args.json)
+    return 0
+
+
+__all__ = ["ARMS", "UtilityConfig", "add_bench_command", "run_utility_bench"]

@@ -1,0 +1,106 @@
+"""fedsilo.utility_bench and fedsilo.hard_silos: a very small configuration end to end (structure, accounting,
+pooled beats an untrained model), the silos' generator, the threshold baseline, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedsilo.errors import ConfigError
+from fedsilo.hard_silos import best_threshold, hard_profiles, silo_cases, threshold_dice
+from fedsilo.utility_bench import UtilityConfig, run_utility_bench
+
+KEYS = {"case", "metric", "value", "baseline", "ratio"}
+TINY = UtilityConfig(silos=2, train_sizes=(6, 10), test_cases=3, size=16, rounds=2, local_epochs=1, batch_size=8,
+                     epsilons=(8.0,), channels=(4, 8), strides=(2,), seeds=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_result() -> dict:
+    return run_utility_bench(config=TINY)
+
+
+def test_tiny_run_has_every_arm_privacy_and_silo(tiny_result) -> None:
+    result = tiny_result
+    assert result["bench"] == "utility" and {"cpus", "torch", "opacus"} <= set(result["machine"])
+    by_key = {}
+    for row in result["rows"]:
+        assert set(row) == KEYS
+        if row["baseline"] is None:
+            assert row["ratio"] is None
+        by_key[(row["case"], row["metric"])] = row
+    for arm in ("pooled", "local", "fedavg", "fedprox", "trimmed_mean", "personalized"):
+        for privacy in ("no-DP", "eps=8"):
+            for metric in ("dice silo0", "dice silo1", "dice mean"):
+                row = by_key[(f"{arm} {privacy}", metric)]
+                assert 0.0 <= row["value"] <= 1.0
+    # Ratios are against pooled at the same privacy (personalization: against fedavg), measured in this run.
+    row = by_key[("fedavg eps=8", "dice mean")]
+    base = by_key[("pooled eps=8", "dice mean")]
+    if row["ratio"] is not None:
+        assert row["baseline"] == "pooled eps=8" and row["ratio"] == pytest.approx(row["value"] / base["value"], rel=1e-3)
+    gain = by_key[("personalization gain eps=8", "dice points silo1")]["value"]
+    pers, fed = by_key[("personalized eps=8", "dice silo1")]["value"], by_key[("fedavg eps=8", "dice silo1")]["value"]
+    assert gain == pytest.approx((pers - fed) * 100, abs=0.05)
+    goals = result["params"]["goals"]
+    assert set(goals) == {"fedavg", "fedprox", "trimmed_mean"}
+    assert {"points_behind_pooled", "within_2_points", "silos_beating_their_local_model", "eps8_within_3_points"} <= set(goals["fedavg"])
+    assert ("threshold (global, non-private)", "dice mean") in by_key and ("total", "wall_seconds") in by_key
+
+
+def test_dp_arms_spend_the_target_epsilon_over_the_whole_run(tiny_result) -> None:
+    # The accountant composes every round: the last round ends at the plan's target (not 8 per round).
+    assert tiny_result["params"]["epsilon_spent"]["eps=8"] == pytest.approx(8.0, rel=0.03)
+    noise = tiny_result["params"]["noise_multipliers_fedavg"]["eps=8"]
+    assert set(noise) == {"silo0", "silo1"} and all(v > 0 for v in noise.values())
+
+
+def test_pooled_training_beats_the_untrained_model(tiny_result) -> None:
+    rows = {(r["case"], r["metric"]): r["value"] for r in tiny_result["rows"]}
+    assert rows[("pooled no-DP", "dice mean")] > rows[("untrained (initial weights)", "dice mean")]
+
+
+def test_hard_silos_are_deterministic_and_differ() -> None:
+    a, b = hard_profiles(3, seed=1), hard_profiles(3, seed=1)
+    assert a == b and [p.n_train for p in a] == [16, 32, 64]
+    assert len({(p.scale, p.offset, p.contrast, p.noise) for p in a}) == 3
+    x1, x2 = silo_cases(a[0], split="train", size=16), silo_cases(a[0], split="train", size=16)
+    assert x1.images.shape == (16, 1, 16, 16) and np.array_equal(x1.images, x2.images)
+    test = silo_cases(a[0], split="test", size=16)
+    assert test.images.shape[0] == a[0].n_test and not np.array_equal(test.images[0], x1.images[0])
+    assert set(np.unique(x1.labels)) <= {0.0, 1.0} and x1.labels.mean() > 0
+    # Scanner offsets differ: the silos' background levels are far apart.
+    backgrounds = [float(np.median(silo_cases(p, split="train", size=16).images)) for p in a]
+    assert max(backgrounds) - min(backgrounds) > 0.3
+
+
+def test_threshold_dice_by_hand() -> None:
+    images = np.array([[[0.0, 1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], dtype=np.float32)[:, None]
+    masks = np.array([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], dtype=np.float32)[:, None]
+    # image 0: prediction 2 pixels, truth 1, overlap 1 -> 2/3; image 1: both empty -> 1
+    assert threshold_dice(images, masks, 0.5).tolist() == pytest.approx([2 / 3, 1.0])
+    assert best_threshold(images, masks) >= 0.0
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        (UtilityConfig(silos=1), "--silos 1"),
+        (UtilityConfig(rounds=1), "--rounds 1"),
+        (UtilityConfig(epsilons=(0.0,)), "--epsilons"),
+        (UtilityConfig(robust_rule="fedavg"), "not a robust rule.*median"),
+        (UtilityConfig(fedprox_mu=0.0), "--fedprox-mu"),
+    ],
+)
+def test_bad_config_is_refused_before_training(config, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        run_utility_bench(config=config)
+
+
+def test_cli_refuses_bad_sizes_in_one_line(capsys) -> None:
+    from fedsilo.cli import main
+
+    code = main(["bench", "utility", "--train-sizes", "8,x", "--json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--train-sizes: 'x' is not a number" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
