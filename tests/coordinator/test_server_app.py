@@ -54,3 +54,13 @@ def test_a_plan_path_still_works_and_a_missing_plan_is_one_line(tmp_path):
         read_submission({"plan-path": str(tmp_path / "missing.yaml")})
     with pytest.raises(ConfigError, match="not a fedsilo submission bundle"):
         read_submission({"submission": "{}"})
+
+
+def test_resume_refuses_a_folder_without_run_state(tmp_path):
+    from coordinator.server_app import read_resume
+
+    (tmp_path / "plan.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match="holds no run state"):
+        read_resume(tmp_path)
+    with pytest.raises(ConfigError, match="no run folder"):
+        read_resume(tmp_path / "nowhere")

@@ -1,0 +1,159 @@
+"""What real networks and machines do to a federation, staged with real processes on loopback.
+
+- A silo killed mid-round: the round completes with the others (min_silos still met), the missing
+  reply is audited, and the silo, restarted with the same key and site folder, rejoins the next round
+  with its privacy ledger and accountant state intact.
+- A silo that stops answering (SIGSTOP): the round times out after the plan's round_timeout_s and goes on.
+- The coordinator's ServerApp killed mid-run: ``resume`` continues from the last completed round with
+  that round's global model, in the same run folder and audit log; silos answer the retried round
+  from their outbox, so no privacy spend is counted twice; the audit log verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compliance import AuditLog, verify_log
+from fedsilo.demo import sign_and_approve
+from fedsilo.local_federation import LocalFederation, SiloSpec
+from fedsilo.processes import descendant_pids
+from pipelines.serialization import load_model, state_digest
+from pipelines.training import composed_epsilon
+from silo_agent.ledger import PrivacyLedger
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
+
+# Long enough for a healthy silo on a busy 2-core machine, short enough to wait for twice in a test.
+ROUND_TIMEOUT_S = 45
+
+
+def _plan(tmp_path: Path, base: dict, *, rounds: int, min_silos: int, round_timeout_s: float = ROUND_TIMEOUT_S) -> Path:
+    raw = json.loads(json.dumps(base))
+    raw["federation"].update({"rounds": rounds, "min_silos": min_silos, "round_timeout_s": round_timeout_s})
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def _events(audit_dir: Path, event: str) -> list[dict]:
+    with AuditLog.open(audit_dir, create=False) as log:
+        return [r for r in log.records() if r["event"] == event]
+
+
+def _wait_for(audit_dir: Path, event: str, round_: int, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if any(r["round"] == round_ for r in _events(audit_dir, event)):
+                return
+        except Exception:  # noqa: BLE001 - the silo may not have created its log yet
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no {event} for round {round_} in {audit_dir} within {timeout_s} s")
+
+
+def _signal_silo(fed: LocalFederation, site: str, sig: int) -> None:
+    pids = [fed.nodes[site].pid, *descendant_pids(fed.nodes[site].pid)]
+    if site in fed.executors:
+        pids += [fed.executors[site].pid, *descendant_pids(fed.executors[site].pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def test_killed_and_silent_silos_do_not_stop_the_run(tmp_path, make_sites):
+    from conftest import E2E_PLAN
+
+    sites, _ = make_sites(tmp_path, [24, 24, 24])
+    bundle = sign_and_approve(tmp_path, _plan(tmp_path, E2E_PLAN, rounds=4, min_silos=2), sites)
+    by_name = {s.site_id: s for s in sites}
+    rows: list[dict] = []
+    with LocalFederation(tmp_path, [SiloSpec(s.site_id, s.root) for s in sites], isolation="warm") as fed:
+        def on_round(row: dict) -> None:
+            rows.append(row)
+            if row["round"] == 1:
+                # hospital2 receives round 2 and crashes while training; it is back (same key, same site folder) at once.
+                _wait_for(by_name["hospital2"].audit_dir, "plan.received", 2)
+                fed.stop_silo("hospital2", kill=True)
+                fed.start_silo("hospital2")
+            if row["round"] == 3:
+                # hospital1 receives round 4, then hangs: no reply, no crash.
+                _wait_for(by_name["hospital1"].audit_dir, "plan.received", 4)
+                _signal_silo(fed, "hospital1", signal.SIGSTOP)
+
+        try:
+            fed.run_plan(bundle, tmp_path / "run", on_round=on_round, timeout_s=900)
+        finally:
+            _signal_silo(fed, "hospital1", signal.SIGCONT)
+
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    replied = {r["round"]: set(r["sites"]) for r in rows}
+    assert replied[1] == replied[3] == {"hospital0", "hospital1", "hospital2"}  # the restarted silo rejoined round 3
+    assert {"hospital0", "hospital1"} <= replied[2] and "hospital2" not in {s for s, m in rows[1]["sites"].items() if "num_examples" in m}
+    assert "hospital1" not in {s for s, m in rows[3]["sites"].items() if "num_examples" in m}
+    assert rows[3]["seconds"] >= ROUND_TIMEOUT_S  # the silent silo's round waited for the timeout, then went on
+    missing = _events(tmp_path / "run" / "audit", "update.missing")
+    assert {(r["round"], r["details"]["site"]) for r in missing} >= {(4, "hospital1")}
+
+    # The restarted silo kept its ledger and accountant state: the epsilon it reported in round 4
+    # composes every spend on record, including those from before the crash.
+    with PrivacyLedger.for_site(by_name["hospital2"].privacy_dir) as ledger:
+        spends = ledger.spends("synthetic")
+        history = ledger.history("synthetic")
+    rounds_spent = [s.round for s in spends]
+    assert len(rounds_spent) == len(set(rounds_spent)) and {1, 3, 4} <= set(rounds_spent)
+    reported = rows[3]["sites"]["hospital2"]["epsilon"]
+    assert reported == pytest.approx(composed_epsilon(history, delta=1e-5, accountant=spends[-1].accountant), rel=1e-6)
+    assert reported > rows[0]["sites"]["hospital2"]["epsilon"]
+
+
+def test_a_killed_coordinator_resumes_from_the_last_round(tmp_path, make_sites):
+    from conftest import E2E_PLAN
+
+    sites, _ = make_sites(tmp_path, [24, 24])
+    bundle = sign_and_approve(tmp_path, _plan(tmp_path, E2E_PLAN, rounds=3, min_silos=2, round_timeout_s=300), sites)
+    run_dir = tmp_path / "run"
+    rows: list[dict] = []
+
+    class Crashed(Exception):
+        pass
+
+    with LocalFederation(tmp_path, [SiloSpec(s.site_id, s.root) for s in sites], isolation="warm") as fed:
+        def crash_after_round_2_trained(row: dict) -> None:
+            rows.append(row)
+            if row["round"] == 1:
+                for site in sites:  # both silos trained round 2 and spent for it: the crash comes after
+                    _wait_for(site.audit_dir, "update.sent", 2)
+                [pid] = fed.serverapp_pids()
+                os.kill(pid, signal.SIGKILL)
+                raise Crashed
+
+        with pytest.raises(Crashed):
+            fed.run_plan(bundle, run_dir, on_round=crash_after_round_2_trained, timeout_s=600)
+        model_after_round_1 = state_digest(load_model(run_dir / "model.safetensors"))
+        fed.resume_run(run_dir, on_round=rows.append, timeout_s=600)
+
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]  # each round once
+    [resumed] = _events(run_dir / "audit", "run.resumed")
+    assert resumed["details"]["after_round"] == 1 and resumed["object"]["sha256"] == model_after_round_1
+    assert len(_events(run_dir / "audit", "run.started")) == 1
+    saved = _events(run_dir / "audit", "state.saved")
+    assert [r["round"] for r in saved] == [1, 2, 3]
+    for site in sites:
+        with PrivacyLedger.for_site(site.privacy_dir) as ledger:
+            assert [sp.round for sp in ledger.spends("synthetic")] == [1, 2, 3]  # nothing counted twice
+        [resent] = _events(site.audit_dir, "update.resent")
+        assert resent["round"] == 2
+    result = verify_log(run_dir / "audit", keys=tmp_path / "pki" / "audit-trust", witnesses=[s.audit_dir for s in sites])
+    assert result.signatures_checked and result.unanchored == 0 and len(result.witnesses) == 2
