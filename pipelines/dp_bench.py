@@ -23,7 +23,9 @@ plan's batch size, which changes nothing per step.
 
 How it is measured:
 
-- step time: the median of ``repeats`` timed steps after :data:`WARMUP` warm-up steps;
+- step time: the median of ``repeats`` timed steps after :data:`WARMUP` warm-up steps, the non-private case
+  and every mode built in one child process and timed interleaved (one step of each in turn, the order rotated
+  each round: :func:`measure_interleaved`), so that a change of load on a shared machine hits every case alike;
   ``torch.set_num_threads(threads)`` on CPU (default 2, the target machine), ``torch.cuda.synchronize``
   around each step on CUDA;
 - memory: every case runs in a fresh child process (``python -c``), which also isolates failures and

@@ -11,6 +11,8 @@ Opacus 1.6 and MONAI 1.6, see ../shared/STACK.md):
   view and is being modified inplace"): every ``inplace`` flag is turned off.
 - Residual adds (``x += residual``) still fail in hooks mode; SegResNet uses ``ew``
   (expanded weights). UNet's PReLU works in hooks mode, not in ``ew``.
+- Among the modes that work, each network takes the fastest measured one (the table above
+  :data:`NETWORKS`); ``ghost`` (ghost clipping) is supported by ``pipelines.training`` too.
 """
 
 from __future__ import annotations
@@ -46,13 +48,28 @@ class NetworkEntry:
     out_arg: str = "out_channels"
 
 
+# Why each grad_sample_mode: the fastest mode that works, from `fedsilo bench dp` on the shared 2-core CPU machine
+# (DP step time / non-private step time, batch 8/16/32, 32^3 inputs, BENCH_PLANS' arguments; "x": fails).
+#
+# | network        | hooks           | functorch       | ew            | ghost           | chosen    | measured        |
+# | UNet           | 1.97/0.83/2.02  | 2.73/0.79/2.64  | x (PReLU)     | 2.00/2.58/2.93  | hooks     | 2026-11-27 (1)  |
+# | BasicUNet      | 4.5             | 2.0             | -             | -               | functorch | previous run (2)|
+# | SegResNet      | x (x += res)    | x (x += res)    | 1.05          | -               | ew        | previous run (2)|
+# | DenseNet121    | 3.2             | x at 32^3 (3)   | -             | -               | hooks     | previous run (2)|
+# | EfficientNetBN | 32              | 2.3             | -             | -               | functorch | previous run (2)|
+#
+# (1) timed interleaved in one process (every mode's step in turn, median of 7), load average about 9 on 2 cores:
+#     mean over batch sizes hooks 1.61, functorch 2.05, ghost 2.50; extra peak memory hooks 1.23-1.26x. The b=16
+#     ratios below 1 show how noisy the shared machine was; the ordering hooks < functorch < ghost held at b=8 and 32.
+# (2) the previous session's sequential `fedsilo bench dp` (means over batch 8/16/32), not re-measured here.
+# (3) functorch leaves DenseNet's last GroupNorm one value per group at 32^3, which torch refuses.
 NETWORKS: dict[str, NetworkEntry] = {
     "UNet": NetworkEntry("UNet", "hooks", ("seg",)),
-    "BasicUNet": NetworkEntry("BasicUNet", "hooks", ("seg",)),
+    "BasicUNet": NetworkEntry("BasicUNet", "functorch", ("seg",)),
     "SegResNet": NetworkEntry("SegResNet", "ew", ("seg",)),
     "DenseNet121": NetworkEntry("DenseNet121", "hooks", ("cls",), fixed={"pretrained": False}),
     "EfficientNetBN": NetworkEntry(
-        "EfficientNetBN", "hooks", ("cls",), fixed={"pretrained": False}, out_arg="num_classes"
+        "EfficientNetBN", "functorch", ("cls",), fixed={"pretrained": False}, out_arg="num_classes"
     ),
 }
 
