@@ -22,10 +22,9 @@ Classification CSV: a header row with an ``image`` (or ``case``) column holding 
 from __future__ import annotations
 
 import csv
-import json
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,6 +129,7 @@ class _Found:
     nifti: list[str] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    indexed: int = 0  # files read because a DICOMDIR named them (outside the walked folder)
 
 
 def _collect(paths: list[str], workers: int | None, progress: Progress | None) -> _Found:
@@ -158,6 +158,7 @@ def _collect(paths: list[str], workers: int | None, progress: Progress | None) -
             found.notes.append(f"{index}: the DICOMDIR lists {missing} file(s) that are not there")
         if outside:  # only when --images named the DICOMDIR itself
             sub = _collect(sorted(outside), workers, None)
+            found.indexed += len(outside) + sub.indexed
             found.headers += sub.headers
             found.nifti += sub.nifti
             found.rejections += sub.rejections
@@ -206,7 +207,7 @@ def _scan_images_only(images: Path, task: str, workers: int | None, progress: Pr
             rejected.append(Rejection(path, "task", f"a {result.spatial_dims}D image: the task {task} needs {spatial_dims(task)}D images"))
         else:
             nifti_images.append(result)
-    return dicom_images + nifti_images, empty + found.rejections + rejected, len(paths), found.notes
+    return dicom_images + nifti_images, empty + found.rejections + rejected, len(paths) + found.indexed, found.notes
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -441,12 +442,3 @@ def scan_datalist(datalist: Path, *, task: str, workers: int | None = None, prog
             progress(n + 1, total)
     return ScanResult(cases=tuple(cases), rejections=tuple(rejected), files_seen=seen, notes=tuple(notes))
 
-
-def iter_files(result: ScanResult) -> Iterable[str]:
-    """Every source file a scan result names (cases and rejections)."""
-    for case in result.cases:
-        yield from case.image.files
-        if case.label is not None:
-            yield from case.label.files
-    for r in result.rejections:
-        yield r.path

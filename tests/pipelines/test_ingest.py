@@ -187,6 +187,15 @@ def test_bad_files_each_get_one_reason_and_nothing_crashes(silo):
     _accounted_once(silo, result)
 
 
+def test_a_dicomdir_given_as_the_source_is_followed(tmp_path):
+    index = Path(get_testdata_file("DICOMDIR", download=False))
+    result = scan_images(index, task="seg3d", labels=tmp_path)
+    referenced = {str(p) for p in index.parent.rglob("*") if p.is_file() and p.parent != index.parent}
+    named = {f for c in result.cases for f in c.image.files} | {r.path for r in result.rejections}
+    assert result.files_seen == 32 and len(named & referenced) == 31  # the index and the 31 files it lists
+    assert any(r.kind == "index" and "31 file(s)" in r.reason for r in result.rejections)
+
+
 def test_decoder_problem_names_what_to_install():
     assert decoder_problem(pydicom.uid.ExplicitVRLittleEndian) is None
     assert decoder_problem(pydicom.uid.RLELossless) is None  # pydicom decodes RLE itself
