@@ -14,8 +14,9 @@ The kit (``fedsilo provision``) holds the federation's CA certificate, this site
 3. stops it (and its helpers) by PID on SIGINT/SIGTERM. A coordinator that refuses the node key
    (not registered: Flower's SuperNode exits with code 305) is reported as such.
 
-``--insecure-dev`` runs without TLS (loudly), for a development machine only. A CA certificate that
-expires within 30 days gives a warning.
+``--insecure-dev`` runs without TLS (loudly), for a development machine only. Before Flower connects, a
+TLS handshake with the coordinator checks its certificate against the kit's CA (a mismatch is named
+plainly); the CA's or the coordinator's certificate expiring within 30 days gives a warning.
 
 Run it as ``fedsilo silo start --kit DIR --site-dir SITE_DIR`` or ``python -m silo_agent.node --kit DIR --site-dir SITE_DIR``.
 """
@@ -209,6 +210,36 @@ def check_tls(kit: SiteKit, *, report: Callable[[str], None] = say, now: dt.date
                f"({left.days} days left); ask the coordinator operator for a new kit before then")
 
 
+def probe_coordinator(kit: SiteKit, *, report: Callable[[str], None] = say, timeout_s: float = 5.0,
+                      now: dt.datetime | None = None) -> bool:
+    """A TLS handshake with the coordinator before Flower's: names a certificate problem plainly, and warns when the
+    coordinator's certificate expires within 30 days. Returns whether the coordinator answered.
+
+    Raises:
+        ConfigError: the coordinator's certificate is not signed by the kit's CA or does not name its address.
+    """
+    import ssl
+
+    host, _, port_text = kit.coordinator.rpartition(":")
+    host = host.strip("[]")
+    context = ssl.create_default_context(cafile=str(kit.ca_cert))
+    try:
+        with socket.create_connection((host, int(port_text)), timeout=timeout_s) as raw, context.wrap_socket(raw, server_hostname=host) as tls:
+            cert = tls.getpeercert()
+    except ssl.SSLCertVerificationError as exc:
+        raise ConfigError(f"the coordinator at {kit.coordinator} is not the federation's: {exc.verify_message}",
+                          fix="check the address in site-kit.yaml and that ca.crt is the federation's (compare its fingerprint by phone)") from None
+    except (OSError, ValueError) as exc:
+        report(f"the coordinator at {kit.coordinator} does not answer yet ({type(exc).__name__}); the SuperNode keeps trying")
+        return False
+    expires = dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(cert["notAfter"]), dt.timezone.utc)
+    left = expires - (now or dt.datetime.now(dt.timezone.utc))
+    if left < dt.timedelta(days=EXPIRY_WARNING_DAYS):
+        report(f"WARNING: the coordinator's certificate expires on {expires:%Y-%m-%d} ({left.days} days left); "
+               "tell the coordinator operator (fedsilo coordinator renew-cert)")
+    return True
+
+
 def check_node_key(kit: SiteKit) -> None:
     if not kit.node_key.is_file():
         raise ConfigError(f"the site kit {kit.root} has no node.key", fix="restore node.key from the kit")
@@ -272,6 +303,8 @@ def run_node(kit: SiteKit, site_dir: Path, *, insecure_dev: bool = False, isolat
     else:
         check_tls(kit)
     check_node_key(kit)
+    if not insecure_dev:
+        probe_coordinator(kit)
     if port and port_in_use(port):
         raise ConfigError(f"port {port} is already in use on 127.0.0.1", fix="choose another --port, or leave it out to pick a free one")
     site = install_kit(kit, site_dir.resolve())

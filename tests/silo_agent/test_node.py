@@ -15,7 +15,7 @@ from compliance.keys import read_vkey_file
 from coordinator.provision import parse_project, provision
 from fedsilo.errors import ConfigError
 from silo_agent.approvals import trusted_officers
-from silo_agent.node import check_node_key, check_tls, install_kit, load_site_kit
+from silo_agent.node import check_node_key, check_tls, install_kit, load_site_kit, probe_coordinator
 from silo_agent.site import Site, init_site
 from silo_agent.witnessing import open_witness, witness_fingerprint
 
@@ -115,3 +115,54 @@ def test_silo_start_without_a_kit_is_one_line_exit_2(tmp_path, kits):
     done = start("--kit", str(kits / "hospital0"), "--site-dir", str(tmp_path / "s"))
     assert done.returncode == 2 and "refusing to run without TLS" in done.stderr
     assert not (tmp_path / "s").exists()  # refused before touching the site folder
+
+
+def _tls_server(cert, key):
+    """A real TLS listener on loopback with the coordinator kit's certificate; answers handshakes until closed."""
+    import socket
+    import ssl
+    import threading
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+def test_the_coordinators_certificate_is_checked_before_flower_connects(tmp_path):
+    import dataclasses
+
+    project = {**PROJECT, "coordinator": {"addresses": ["127.0.0.1"], "port": 9093, "certificate_days": 20}}
+    provision(parse_project(project), tmp_path / "kits")
+    provision(parse_project(PROJECT), tmp_path / "other")
+    coordinator = tmp_path / "kits" / "coordinator"
+    listener = _tls_server(coordinator / "server.pem", coordinator / "server.key")
+    try:
+        port = listener.getsockname()[1]
+        kit = dataclasses.replace(load_site_kit(tmp_path / "kits" / "hospital0"), coordinator=f"127.0.0.1:{port}")
+        said: list[str] = []
+        assert probe_coordinator(kit, report=said.append)
+        assert len(said) == 1 and "coordinator's certificate expires on" in said[0] and "19 days left" in said[0]
+        # Another federation's CA does not vouch for this coordinator.
+        stranger = dataclasses.replace(load_site_kit(tmp_path / "other" / "hospital0"), coordinator=f"127.0.0.1:{port}")
+        with pytest.raises(ConfigError, match="is not the federation's"):
+            probe_coordinator(stranger, report=said.append)
+    finally:
+        listener.close()
+    said.clear()
+    assert not probe_coordinator(kit, report=said.append)  # nobody listens: a note, not an error
+    assert "does not answer yet" in said[0]
