@@ -176,16 +176,21 @@ def _rel(path: str, root: Path) -> str:
         return Path(path).name
 
 
-def _image_key(image: ImageSource, root: Path) -> str:
+def _image_keys(image: ImageSource, root: Path) -> list[str]:
+    """The names a label (or a CSV row) may give an image, most specific first.
+
+    NIfTI: its path under ``root`` without the extension. A DICOM file that is a whole image (one slice,
+    or a multi-frame object): its path without ``.dcm``, then its folder. A series: its folder ("." at the root).
+    """
     if image.format == "nifti":
-        return strip_nifti_suffix(_rel(image.files[0], root))
+        return [strip_nifti_suffix(_rel(image.files[0], root))]
     parents = {str(Path(f).parent) for f in image.files}
     folder = os.path.commonpath(sorted(parents)) if parents else str(root)
     rel = _rel(folder, root) if Path(folder) != root else ""
-    if image.format == "dicom" and len(image.files) == 1 and rel == "":
-        rel = _rel(image.files[0], root)
-        rel = rel.rsplit(".", 1)[0] if rel.lower().endswith(".dcm") else rel
-    return rel or "."
+    if len(image.files) == 1:
+        name = _rel(image.files[0], root)
+        return [name[:-4] if name.lower().endswith(".dcm") else name] + ([rel] if rel else [])
+    return [rel or "."]
 
 
 def _scan_images_only(images: Path, task: str, workers: int | None, progress: Progress | None) -> tuple[list[ImageSource], list[Rejection], int, list[str]]:
@@ -258,39 +263,47 @@ def _pair_segmentation(images: list[ImageSource], images_root: Path, labels: Pat
     by_name: dict[str, list[str]] = {}
     for key in by_key:
         by_name.setdefault(key.rsplit("/", 1)[-1], []).append(key)
-    keys = [_image_key(img, images_root) for img in images]
-    shared = {k for k in keys if keys.count(k) > 1}
+    single = labels.is_file() and len(images) == 1
+    matches = [(image, _image_keys(image, images_root)) for image in images]
+    matches = [(image, keys, _match_key(keys, by_key, by_name, single)) for image, keys in matches]
+    claims: dict[str, int] = {}
+    for _, _, label_key in matches:
+        if label_key is not None:
+            claims[label_key] = claims.get(label_key, 0) + 1
     cases, used = [], set()
-    for image, key in zip(images, keys):
-        if key in shared:
-            rejected += _reject_case(image, "no-label", f"{keys.count(key)} series share the folder '{key}': a label cannot be matched to one; give each series its own folder")
-            continue
-        label_key = _match_key(key, by_key, by_name, labels.is_file() and len(images) == 1)
+    for image, keys, label_key in matches:
         if label_key is None:
-            rejected += _reject_case(image, "no-label", f"no label found for this image (expected {labels / key}.nii.gz)")
+            rejected += _reject_case(image, "no-label", f"no label found for this image (expected {labels / keys[0]}.nii.gz)")
+            continue
+        used.add(label_key)
+        if claims[label_key] > 1:
+            rejected += _reject_case(image, "no-label", f"{claims[label_key]} images match the label '{label_key}' (several series in "
+                                     "one folder?): it cannot be given to one; give each series its own folder")
             continue
         label = by_key[label_key]
-        used.add(label_key)
         problem = label_mismatch(image, label)
         if problem:
             rejected += _reject_case(image, "label", f"{problem} ({label.files[0]})")
             rejected.append(Rejection(label.files[0], "label", f"{problem} ({image.files[0]})"))
             continue
-        cases.append(ScannedCase(key=key, image=image, label=label))
+        cases.append(ScannedCase(key=label_key, image=image, label=label))
     for key, label in by_key.items():
-        if key not in used:
+        if key in used and claims.get(key, 0) > 1:
+            rejected.append(Rejection(label.files[0], "label", f"{claims[key]} images match this label: it cannot be given to one"))
+        elif key not in used:
             rejected.append(Rejection(label.files[0], "label", "label with no matching image"))
     return cases, rejected, len(label_paths)
 
 
-def _match_key(key: str, by_key: dict, by_name: dict, single: bool) -> str | None:
+def _match_key(keys: list[str], by_key: dict, by_name: dict, single: bool) -> str | None:
+    """The label key for an image's candidate keys: an exact match first, then a unique last-component match."""
     if single and len(by_key) == 1:
         return next(iter(by_key))
-    for candidate in (key, key[:-5] if key.endswith("_0000") else None):
-        if candidate is None:
-            continue
+    candidates = [k for key in keys for k in (key, key[:-5] if key.endswith("_0000") else None) if k]
+    for candidate in candidates:
         if candidate in by_key:
             return candidate
+    for candidate in candidates:
         names = by_name.get(candidate.rsplit("/", 1)[-1], [])
         if len(names) == 1:
             return names[0]
@@ -347,13 +360,13 @@ def _pair_classes(images: list[ImageSource], images_root: Path, labels: Path | N
         by_name.setdefault(key.rsplit("/", 1)[-1], []).append(key)
     cases, rejected, used = [], [], set()
     for image in images:
-        key = _image_key(image, images_root)
-        match = _match_key(key, {k: None for k in table}, by_name, False)
+        keys = _image_keys(image, images_root)
+        match = _match_key(keys, {k: None for k in table}, by_name, False)
         if match is None:
-            rejected += _reject_case(image, "no-label", f"no class for this image in {labels} (expected a row for '{key}')")
+            rejected += _reject_case(image, "no-label", f"no class for this image in {labels} (expected a row for '{keys[0]}')")
             continue
         used.add(match)
-        cases.append(ScannedCase(key=key, image=image, label_class=table[match]))
+        cases.append(ScannedCase(key=match, image=image, label_class=table[match]))
     unused = len(set(table) - used)
     if unused:
         notes.append(f"{labels}: {unused} row(s) name no image that was found")
@@ -392,6 +405,8 @@ def scan_datalist(datalist: Path, *, task: str, workers: int | None = None, prog
     seen = 0
     total = len(entries)
     for n, (split, i, item) in enumerate(entries):
+        if progress and n:
+            progress(n, total)
         where = f"datalist entry {split}[{i}]"
         image_rel = item.get("image") if isinstance(item, dict) else None
         if not isinstance(image_rel, str) or not image_rel:
@@ -438,7 +453,7 @@ def scan_datalist(datalist: Path, *, task: str, workers: int | None = None, prog
                 rejected += _reject_case(image, "no-label", f"{where}: the class must be a whole number >= 0")
                 continue
             cases.append(ScannedCase(key=key, image=image, label_class=label, split=split))
-        if progress:
-            progress(n + 1, total)
+    if progress and total:
+        progress(total, total)
     return ScanResult(cases=tuple(cases), rejections=tuple(rejected), files_seen=seen, notes=tuple(notes))
 

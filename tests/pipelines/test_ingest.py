@@ -83,7 +83,7 @@ def test_two_series_in_one_folder_are_never_stacked(silo):
     shutil.rmtree(silo / "images" / "case-0001")
     result = scan_images(silo / "images", task="seg3d", labels=silo / "labels")
     # Both series share one folder: each is found with its own 16 slices, neither gets a label by guesswork.
-    shared = [r for r in result.rejections if "share the folder 'case-0000'" in r.reason]
+    shared = [r for r in result.rejections if "images match the label 'case-0000'" in r.reason]
     assert len(shared) == 2 * SIZE and {len([r for r in shared if "other-" in r.path]), len([r for r in shared if "other-" not in r.path])} == {SIZE}
     assert [c.key for c in result.cases] == ["case-0002"]
     assert any(r.reason == "label with no matching image" for r in result.rejections)
