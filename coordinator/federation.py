@@ -202,7 +202,8 @@ class FederatedRun:
 
     # --- one round --------------------------------------------------------------------
 
-    def _train_round(self, round_: int, nodes: list[int]) -> tuple[dict[str, dict[str, float]], int]:
+    def _train_round(self, round_: int, nodes: list[int]) -> tuple[dict[str, dict[str, float]], int, list[int]]:
+        """Train at ``nodes``; returns per-site figures, the number of valid updates, and the nodes that answered."""
         replies = self._send(nodes, round_, "train")
         fed = self.plan.federation
         expect = Expectation(run_id=self.run_id, round=round_, norm_bound=fed.update_norm_bound, norm_action=fed.update_norm_action)
@@ -254,7 +255,7 @@ class FederatedRun:
                           details={"rule": self.rule.name, "rule_args": dict(fed.aggregation.args), "rule_details": _sites_named(self.rule.details, valid),
                                    "server_optimizer": self.optimizer.name, "server_lr": fed.server_lr,
                                    "inputs": [d for _, d in valid], "input_sites": [u.site for u, _ in valid], "aggregate_sha256": state_digest(aggregate)})
-        return sites, len(valid)
+        return sites, len(valid), sorted(answered)
 
     def _evaluate_round(self, round_: int, nodes: list[int], sites: dict[str, dict[str, Any]], note: bytes | None) -> None:
         for reply in self._send(nodes, round_, "evaluate", note):
@@ -292,9 +293,11 @@ class FederatedRun:
                 start = time.perf_counter()
                 nodes = self._wait_for_silos()
                 self.audit.append(EventType.ROUND_STARTED, actor=self.actor, run_id=self.run_id, round=round_, details={"nodes": len(nodes)})
-                sites, n_valid = self._train_round(round_, nodes)
+                sites, n_valid, answered = self._train_round(round_, nodes)
                 note = self._sign_checkpoint(round_)
-                self._evaluate_round(round_, nodes, sites, note)
+                # A silo that did not answer within the timeout is down or hung: asking it to evaluate would
+                # only wait out the timeout a second time. It is asked again next round.
+                self._evaluate_round(round_, answered, sites, note)
                 row = {"round": round_, "replied": n_valid, "silos": len(nodes), "seconds": round(time.perf_counter() - start, 2),
                        "aggregate_seconds": round(self.aggregate_seconds, 4), "sites": sites}
                 self.state.rounds.append(row)

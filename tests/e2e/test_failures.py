@@ -31,7 +31,7 @@ from silo_agent.ledger import PrivacyLedger
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
 
 # Long enough for a healthy silo on a busy 2-core machine, short enough to wait for twice in a test.
-ROUND_TIMEOUT_S = 45
+ROUND_TIMEOUT_S = 60
 
 
 def _plan(tmp_path: Path, base: dict, *, rounds: int, min_silos: int, round_timeout_s: float = ROUND_TIMEOUT_S) -> Path:
@@ -74,7 +74,7 @@ def test_killed_and_silent_silos_do_not_stop_the_run(tmp_path, make_sites):
     from conftest import E2E_PLAN
 
     sites, _ = make_sites(tmp_path, [24, 24, 24])
-    bundle = sign_and_approve(tmp_path, _plan(tmp_path, E2E_PLAN, rounds=4, min_silos=2), sites)
+    bundle = sign_and_approve(tmp_path, _plan(tmp_path, E2E_PLAN, rounds=3, min_silos=2), sites)
     by_name = {s.site_id: s for s in sites}
     rows: list[dict] = []
     with LocalFederation(tmp_path, [SiloSpec(s.site_id, s.root) for s in sites], isolation="warm") as fed:
@@ -85,9 +85,9 @@ def test_killed_and_silent_silos_do_not_stop_the_run(tmp_path, make_sites):
                 _wait_for(by_name["hospital2"].audit_dir, "plan.received", 2)
                 fed.stop_silo("hospital2", kill=True)
                 fed.start_silo("hospital2")
-            if row["round"] == 3:
-                # hospital1 receives round 4, then hangs: no reply, no crash.
-                _wait_for(by_name["hospital1"].audit_dir, "plan.received", 4)
+            if row["round"] == 2:
+                # hospital1 receives round 3, then hangs: no reply, no crash.
+                _wait_for(by_name["hospital1"].audit_dir, "plan.received", 3)
                 _signal_silo(fed, "hospital1", signal.SIGSTOP)
 
         try:
@@ -95,23 +95,25 @@ def test_killed_and_silent_silos_do_not_stop_the_run(tmp_path, make_sites):
         finally:
             _signal_silo(fed, "hospital1", signal.SIGCONT)
 
-    assert [r["round"] for r in rows] == [1, 2, 3, 4]
-    replied = {r["round"]: set(r["sites"]) for r in rows}
-    assert replied[1] == replied[3] == {"hospital0", "hospital1", "hospital2"}  # the restarted silo rejoined round 3
-    assert {"hospital0", "hospital1"} <= replied[2] and "hospital2" not in {s for s, m in rows[1]["sites"].items() if "num_examples" in m}
-    assert "hospital1" not in {s for s, m in rows[3]["sites"].items() if "num_examples" in m}
-    assert rows[3]["seconds"] >= ROUND_TIMEOUT_S  # the silent silo's round waited for the timeout, then went on
-    missing = _events(tmp_path / "run" / "audit", "update.missing")
-    assert {(r["round"], r["details"]["site"]) for r in missing} >= {(4, "hospital1")}
+    def trained(row: dict) -> set[str]:
+        return {site for site, m in row["sites"].items() if "num_examples" in m}
 
-    # The restarted silo kept its ledger and accountant state: the epsilon it reported in round 4
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert trained(rows[0]) == {"hospital0", "hospital1", "hospital2"}
+    assert trained(rows[1]) == {"hospital0", "hospital1"}  # the round completed without the crashed silo
+    assert trained(rows[2]) == {"hospital0", "hospital2"}  # the restarted silo rejoined; the hung one was left behind
+    assert rows[2]["seconds"] >= ROUND_TIMEOUT_S  # after waiting out the plan's round timeout
+    missing = {(r["round"], r["details"]["site"]) for r in _events(tmp_path / "run" / "audit", "update.missing")}
+    assert {(2, "hospital2"), (3, "hospital1")} <= missing
+
+    # The restarted silo kept its ledger and accountant state: the epsilon it reported in round 3
     # composes every spend on record, including those from before the crash.
     with PrivacyLedger.for_site(by_name["hospital2"].privacy_dir) as ledger:
         spends = ledger.spends("synthetic")
         history = ledger.history("synthetic")
     rounds_spent = [s.round for s in spends]
-    assert len(rounds_spent) == len(set(rounds_spent)) and {1, 3, 4} <= set(rounds_spent)
-    reported = rows[3]["sites"]["hospital2"]["epsilon"]
+    assert len(rounds_spent) == len(set(rounds_spent)) and {1, 3} <= set(rounds_spent)
+    reported = rows[2]["sites"]["hospital2"]["epsilon"]
     assert reported == pytest.approx(composed_epsilon(history, delta=1e-5, accountant=spends[-1].accountant), rel=1e-6)
     assert reported > rows[0]["sites"]["hospital2"]["epsilon"]
 
