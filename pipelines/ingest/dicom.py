@@ -121,7 +121,8 @@ class _Values:
         elem = self.ds.get_item(tag)
         if elem is None:
             return None, self.little
-        return elem.value, getattr(elem, "is_little_endian", None) if getattr(elem, "is_little_endian", None) is not None else self.little
+        little = getattr(elem, "is_little_endian", None)  # a raw element knows its file's byte order
+        return elem.value, self.little if little is None else little
 
     def text(self, tag: int) -> str | None:
         value, _ = self.get(tag)
