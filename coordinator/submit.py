@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from fedsilo.flower_app import flower_bin, toml_string, write_flower_app
 #: coordinator.federation.PROGRESS_PREFIX (kept here so the researcher's side does not import the round driver)
 PROGRESS_PREFIX = "fedsilo-progress "
 EXIT_FINISHED, EXIT_FAILED = 0, 1
+#: How often to read the run's stored log for its last lines when the stream ended without them (1 s apart).
+LATE_LOG_TRIES = 5
 
 
 def say(text: str) -> None:
@@ -84,6 +87,7 @@ class Connection:
     federation: str
     flwr_home: Path
     temporary: bool = False
+    runs_dir: Path | None = None  # on the coordinator's machine (--kit): where the ServerApp writes each run's folder
 
     def close(self) -> None:
         if self.temporary:
@@ -113,7 +117,7 @@ def connection(federation: str, *, superlink: str | None = None, ca: Path | None
             raise ConfigError(f"{kit} is the kit of federation '{loaded.federation}', not '{federation}'", fix=f"pass --federation {loaded.federation}")
         if not (loaded.flwr_cli_home / "config.toml").is_file():
             raise ConfigError(f"the coordinator has not been started from {kit}", fix=f"start it: fedsilo coordinator start --kit {kit}")
-        return Connection(federation, loaded.flwr_cli_home)
+        return Connection(federation, loaded.flwr_cli_home, runs_dir=loaded.root / "runs")
     home = Path(os.environ.get("FLWR_HOME") or Path.home() / ".flwr")
     config = home / "config.toml"
     text = config.read_text(encoding="utf-8") if config.is_file() else ""
@@ -248,10 +252,26 @@ def _follow(proc: subprocess.Popen, table: RoundTable, report: Callable[[str], N
         detail = " ".join(tail[-3:]) or f"flwr run exit {code}"
         raise DeploymentError(f"the coordinator did not accept the run: {detail}",
                               fix="check the address, the CA certificate and that the coordinator is running (fedsilo coordinator status)")
-    # The stream ended without a final event: ask the SuperLink how the run ended.
-    status = _run_status(run_id, conn)
+    # The stream ended without a final event. Flower ends a run's log stream as soon as the run is marked finished,
+    # and the ServerApp's last lines can land just after that (seen under load): read the run's stored log instead.
+    for _ in range(LATE_LOG_TRIES):
+        for event in _logged_events(run_id, conn) + _run_folder_events(run_id, conn):
+            if event["event"] == "round" and int(event.get("round", 0)) > rounds:
+                rounds = int(event["round"])
+                table.row(event)
+            elif event["event"] == "finished":
+                outcome = Outcome(EXIT_FINISHED, run_id, rounds)
+            elif event["event"] == "failed":
+                outcome = Outcome(EXIT_FAILED, run_id, rounds, str(event.get("reason", "no reason given")))
+        if outcome is not None:
+            report("(the stream ended before the run's last lines; they were read from the run's log)")
+            return outcome
+        time.sleep(1.0)
+    status, details = _run_status(run_id, conn)
+    if details:
+        tail.append(details)
     if status == "finished:completed":
-        report(f"run {run_id} finished (its last progress line did not reach this stream)")
+        report(f"run {run_id} finished (its last progress line reached neither the stream nor the run's log)")
         return Outcome(EXIT_FINISHED, run_id, rounds)
     return Outcome(EXIT_FAILED, run_id, rounds, f"the run ended as '{status or 'unknown'}' without a result: {' | '.join(tail[-2:])}")
 
@@ -264,16 +284,44 @@ def _plain(line: str) -> str:
     return " ".join(line.translate({ord(c): " " for c in _BOX}).split())
 
 
-def _run_status(run_id: str, conn: Connection) -> str | None:
-    env = dict(os.environ, FLWR_HOME=str(conn.flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+def _logged_events(run_id: str, conn: Connection) -> list[dict[str, Any]]:
+    """The progress events in the run's log as the SuperLink stores it (``flwr log RUN_ID --show``)."""
     try:
-        done = subprocess.run([flower_bin("flwr"), "ls", conn.federation, "--run-id", run_id, "--format", "json"], env=env,
+        done = subprocess.run([flower_bin("flwr"), "log", run_id, conn.federation, "--show"], env=_flwr_env(conn), capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [e for e in map(parse_progress, done.stdout.splitlines()) if e is not None]
+
+
+def _flwr_env(conn: Connection) -> dict[str, str]:
+    return dict(os.environ, FLWR_HOME=str(conn.flwr_home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+
+
+def _run_folder_events(run_id: str, conn: Connection) -> list[dict[str, Any]]:
+    """On the coordinator's machine: the progress rows the ServerApp wrote to the run folder (``logs/rounds.jsonl``)."""
+    if conn.runs_dir is None or not run_id.isdigit():
+        return []
+    path = conn.runs_dir / run_id / "logs" / "rounds.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    return [e for e in map(parse_progress, (PROGRESS_PREFIX + line for line in lines)) if e is not None]
+
+
+def _run_status(run_id: str, conn: Connection) -> tuple[str | None, str | None]:
+    try:
+        done = subprocess.run([flower_bin("flwr"), "ls", conn.federation, "--run-id", run_id, "--format", "json"], env=_flwr_env(conn),
                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         text = done.stdout
         runs = json.loads(text[text.find("{"):]).get("runs", [])
     except (OSError, subprocess.TimeoutExpired, ValueError):
-        return None
-    return str(runs[0].get("status")) if runs else None
+        return None, None
+    if not runs:
+        return None, None
+    details = str(runs[0].get("status-details") or "")
+    return str(runs[0].get("status")), (details if details not in ("", "N/A") else None)
 
 
 def _stop(proc: subprocess.Popen) -> None:

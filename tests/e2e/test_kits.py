@@ -120,11 +120,21 @@ def test_kits_start_a_federation_that_runs_a_submitted_plan(tmp_path, e2e_plan):
         header, row = submitted.stdout.splitlines()[:2]
         assert header.split()[:2] == ["round", "silos"] and "dice h0" in header and "eps h1" in header
         assert row.split()[:2] == ["1", "2/2"]
-        assert "finished after 1 round(s)" in submitted.stderr and "did not reach this stream" not in submitted.stderr
+        assert "finished after 1 round(s)" in submitted.stderr and "reached neither" not in submitted.stderr
+
+        # Signed by the researcher but approved nowhere: every silo refuses it, the failure reaches the submitter (exit 1).
+        altered = tmp_path / "altered" / "plan.yaml"
+        altered.parent.mkdir()
+        altered.write_text(e2e_plan.read_text().replace("local_epochs: 1", "local_epochs: 2"))
+        refused = subprocess.run([*FEDSILO, "plan", "submit", str(altered), "--key", str(tmp_path / "pki" / "researcher" / "demo-researcher.key"),
+                                  "--federation", FEDERATION, "--kit", str(coordinator_kit)], capture_output=True, text=True, timeout=600)
+        assert refused.returncode == 1, refused.stderr[-2000:]
+        assert "failed: round 1: 0 valid update(s) of 2 silo(s)" in refused.stderr
 
         status = _status(coordinator_kit)
-        [run] = status["runs"]
-        assert run["status"] == "finished:completed"
+        runs = {r["status"]: r for r in status["runs"]}
+        assert set(runs) == {"finished:completed", "finished:failed"}
+        run = runs["finished:completed"]
     finally:
         for proc, _ in reversed(procs):
             if proc.poll() is None:

@@ -166,3 +166,16 @@ def test_the_coordinators_certificate_is_checked_before_flower_connects(tmp_path
     said.clear()
     assert not probe_coordinator(kit, report=said.append)  # nobody listens: a note, not an error
     assert "does not answer yet" in said[0]
+
+
+def test_add_start_command_registers_silo_start():
+    """What silo_agent/cli.py calls to get ``fedsilo silo start``."""
+    import argparse
+
+    from silo_agent import node
+
+    parser = argparse.ArgumentParser()
+    node.add_start_command(parser.add_subparsers(dest="silo_command"))
+    args = parser.parse_args(["start", "--kit", "KIT", "--site-dir", "SITE", "--isolation", "subprocess", "--threads", "2"])
+    assert args.func is node._start
+    assert (str(args.kit), str(args.site_dir), args.isolation, args.threads, args.insecure_dev) == ("KIT", "SITE", "subprocess", 2, False)
