@@ -255,3 +255,19 @@ def test_names_shared_with_modules_the_coordinator_may_not_import():
     assert deployment.COORDINATOR_DIR_ENV == COORDINATOR_DIR_ENV
     assert submit.PROGRESS_PREFIX == PROGRESS_PREFIX
     assert flower_app.APP_PYPROJECT == local_federation.APP_PYPROJECT
+
+
+def test_status_table_names_sites_flags_unknown_nodes_and_lists_runs():
+    from coordinator.deployment import format_status
+
+    status = {"federation": "test-fed", "online": 1, "unknown_online": 1, "runs": [
+                  {"run_id": "42", "status": "finished:completed", "elapsed_s": 43.4, "started": "2025-06-02 10:02:11Z", "finished": None}],
+              "sites": [{"site": "hospital0", "node_id": 7, "status": "online", "online_at": "2025-06-02 09:14:03Z", "offline_at": None},
+                        {"site": "hospital1", "node_id": None, "status": "not registered", "online_at": None, "offline_at": None},
+                        {"site": None, "node_id": 9, "status": "online", "online_at": "2025-06-02 09:20:00Z", "offline_at": None}]}
+    lines = format_status(status).splitlines()
+    assert lines[0] == "federation test-fed: 1 of 2 site(s) online; 1 node(s) online that this kit did not register (UNKNOWN NODE below)"
+    assert lines[2].split() == ["hospital0", "online", "7", "2025-06-02", "09:14:03Z"]
+    assert lines[3].split() == ["hospital1", "not", "registered", "-"]
+    assert lines[4].startswith("UNKNOWN NODE") and "9" in lines[4].split()
+    assert lines[-1].split() == ["42", "finished:completed", "43", "s", "2025-06-02", "10:02:11Z"]
