@@ -35,6 +35,8 @@ from pipelines.serialization import save_model, state_digest, state_nbytes
 ROUNDS_FILE = "rounds.jsonl"
 #: Prefix of the progress lines the ServerApp prints; ``flwr run --stream`` carries them to whoever submitted the plan.
 PROGRESS_PREFIX = "fedsilo-progress "
+#: Flower's own interval between checks for replies (Grid.send_and_receive).
+FLOWER_POLL_S = 3.0
 #: The researcher's submission bundle, kept in the run folder so that a resumed run sends the same signature.
 SUBMISSION_FILE = "submission.json"
 
@@ -98,6 +100,7 @@ class FederatedRun:
         self.witnessed_size: dict[str, int] = {}  # site -> size of the last checkpoint it cosigned
         self.checkpoint_size = 0
         self.aggregate_seconds = 0.0
+        self.reply_node: dict[str, int] = {}  # message id -> the node it was sent to
         self.resume = resume
         self.flower_run_id = flower_run_id or run_id
         if resume is not None:
@@ -133,16 +136,18 @@ class FederatedRun:
     def _send_and_receive(self, messages: list, timeout_s: float) -> list:
         """Push ``messages`` and collect the replies that arrive within ``timeout_s``.
 
-        Flower's ``Grid.send_and_receive`` checks for replies every 3 s; a coordinator started with
-        fedsilo's Flower tuning (fedsilo.flower_tuning) checks every tenth of a second instead, through
-        the same public Grid calls.
+        Flower's ``Grid.send_and_receive`` checks for replies every 3 s (this does the same through
+        the same public Grid calls); a coordinator started with fedsilo's Flower tuning
+        (fedsilo.flower_tuning) checks every tenth of a second instead.
         """
         from fedsilo.flower_tuning import poll_interval
 
-        interval = poll_interval()
-        if interval is None:
-            return list(self.grid.send_and_receive(messages, timeout=timeout_s))
-        pending = set(self.grid.push_messages(messages))
+        interval = poll_interval() or FLOWER_POLL_S
+        ids = list(self.grid.push_messages(messages))
+        # Flower answers for a node that stopped sending heartbeats itself (an error reply from the
+        # SuperLink, whose source is not the node): map every reply back to the node it was sent to.
+        self.reply_node.update({mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)})
+        pending = set(ids)
         replies: list = []
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
@@ -186,6 +191,9 @@ class FederatedRun:
         self.audit.append(EventType.CHECKPOINT_COSIGNED, actor=self.actor, object={"type": "checkpoint", "id": f"{self.audit.origin}/{verified.checkpoint.size}",
                           "sha256": verified.checkpoint.root.hex()}, run_id=self.run_id, round=round_, details={"site": site, "node": str(node)})
 
+    def _node_of(self, reply) -> int:
+        return self.reply_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
     def _wait_for_silos(self) -> list[int]:
         need = self.plan.federation.min_silos
         deadline = time.monotonic() + self.plan.federation.wait_for_silos_s
@@ -203,23 +211,24 @@ class FederatedRun:
     # --- one round --------------------------------------------------------------------
 
     def _train_round(self, round_: int, nodes: list[int]) -> tuple[dict[str, dict[str, float]], int, list[int]]:
-        """Train at ``nodes``; returns per-site figures, the number of valid updates, and the nodes that answered."""
+        """Train at ``nodes``; returns per-site figures, the number of valid updates, and the nodes that sent an update."""
         replies = self._send(nodes, round_, "train")
         fed = self.plan.federation
         expect = Expectation(run_id=self.run_id, round=round_, norm_bound=fed.update_norm_bound, norm_action=fed.update_norm_action)
         valid, sites = [], {}
-        answered = {reply.metadata.src_node_id for reply in replies}
+        answered = {self._node_of(reply) for reply in replies}
         for node in nodes:
             if node not in answered:  # no reply within federation.round_timeout_s: the round goes on without it
                 self.audit.append(EventType.UPDATE_MISSING, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
                                   run_id=self.run_id, round=round_, outcome="failure",
                                   reason=f"no reply within {fed.round_timeout_s:g} s", details={"site": self.node_site.get(node)})
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self._node_of(reply)
             if reply.has_error():
                 reason = (reply.error.reason or "no reason given")[:300]
                 self.audit.append(EventType.UPDATE_REJECTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
-                                  run_id=self.run_id, round=round_, outcome="failure", reason=reason, details={"code": int(reply.error.code)})
+                                  run_id=self.run_id, round=round_, outcome="failure", reason=reason,
+                                  details={"code": int(reply.error.code), "site": self.node_site.get(node)})
                 continue
             try:
                 update = validate_reply(node, reply.content, self.global_state, expect)
@@ -255,12 +264,12 @@ class FederatedRun:
                           details={"rule": self.rule.name, "rule_args": dict(fed.aggregation.args), "rule_details": _sites_named(self.rule.details, valid),
                                    "server_optimizer": self.optimizer.name, "server_lr": fed.server_lr,
                                    "inputs": [d for _, d in valid], "input_sites": [u.site for u, _ in valid], "aggregate_sha256": state_digest(aggregate)})
-        return sites, len(valid), sorted(answered)
+        return sites, len(valid), sorted({self._node_of(r) for r in replies if not r.has_error()})
 
     def _evaluate_round(self, round_: int, nodes: list[int], sites: dict[str, dict[str, Any]], note: bytes | None) -> None:
         for reply in self._send(nodes, round_, "evaluate", note):
             if reply.has_error():
-                node = reply.metadata.src_node_id
+                node = self._node_of(reply)
                 self.audit.append(EventType.CHECKPOINT_COSIGNED if note else EventType.RUN_FAILED, actor=self.actor, run_id=self.run_id,
                                   round=round_, outcome="failure", reason=(reply.error.reason or "no reason given")[:300],
                                   details={"site": self.node_site.get(node), "node": str(node), "phase": "evaluate"})
@@ -295,8 +304,9 @@ class FederatedRun:
                 self.audit.append(EventType.ROUND_STARTED, actor=self.actor, run_id=self.run_id, round=round_, details={"nodes": len(nodes)})
                 sites, n_valid, answered = self._train_round(round_, nodes)
                 note = self._sign_checkpoint(round_)
-                # A silo that did not answer within the timeout is down or hung: asking it to evaluate would
-                # only wait out the timeout a second time. It is asked again next round.
+                # A silo that did not answer within the timeout is down or hung (asking it to evaluate would
+                # only wait out the timeout a second time), one that answered with an error refused or failed:
+                # only silos that sent an update evaluate. All are asked again next round.
                 self._evaluate_round(round_, answered, sites, note)
                 row = {"round": round_, "replied": n_valid, "silos": len(nodes), "seconds": round(time.perf_counter() - start, 2),
                        "aggregate_seconds": round(self.aggregate_seconds, 4), "sites": sites}

@@ -181,29 +181,60 @@ class LocalFederation:
             self.start_silo(spec.site)
         self._wait_online(cli_env)
 
-    def start_silo(self, site: str) -> ManagedProcess:
-        """Start (or restart) ``site``'s SuperNode with its key, and its warm executor in "warm" mode."""
+    def start_silo(self, site: str, *, rejoin_timeout_s: float = 0.0) -> ManagedProcess:
+        """Start (or restart) ``site``'s SuperNode with its key, and its warm executor in "warm" mode.
+
+        After a crash the SuperLink still counts the silo's key as active until its heartbeats lapse,
+        and refuses it (Flower exit code 305); with ``rejoin_timeout_s`` the start is retried until the
+        silo is accepted or the time is up, as a hospital's service manager would.
+        """
+        deadline = time.monotonic() + rejoin_timeout_s
+        while True:
+            node = self._start_node(site)
+            if self._activated(node) or time.monotonic() > deadline:
+                break
+            self.procs.finish(node)
+            time.sleep(2.0)
+        if not node.alive():
+            raise DeploymentError(f"silo {site} failed to start: its SuperNode exited with code {node.popen.returncode} ({node.log_tail(2)})",
+                                  fix=f"read {node.log_path}; after a crash the coordinator accepts the silo again once its heartbeats lapse")
+        self.nodes[site] = node
+        if self.isolation == "warm":
+            # The Runtime API is the SuperNode's loopback port: "--insecure" is that local hop only.
+            env = self._env(self.flwr_home / site)
+            self.executors[site] = self.procs.start(f"executor-{site}", [
+                sys.executable, "-m", "silo_agent.warm_exec", "--insecure", "--runtime-api-address", f"{LOOPBACK}:{node.port}",
+                "--parent-pid", str(node.pid),
+            ], env=env)
+        return node
+
+    def _start_node(self, site: str) -> ManagedProcess:
         spec = next(s for s in self.silos if s.site == site)
         key = self.root / "pki" / "nodes" / f"{site}.key"
         node_port = free_port()
         node_config = f"site-dir='{spec.site_dir.resolve()}' threads={self.threads}"
-        env = self._env(self.flwr_home / spec.site)
         isolation = ["--isolation", "process"] if self.isolation == "warm" else []
         launcher = [sys.executable, "-m", "fedsilo.flower_tuning", "flower-supernode"] if self.tuned else [_bin("flower-supernode")]
-        node = self.procs.start(f"supernode-{spec.site}", [
+        node = self.procs.start(f"supernode-{site}", [
             *launcher, "--root-certificates", str(self.tls.ca_cert), "--superlink", f"{LOOPBACK}:{self.port}",
             "--auth-supernode-private-key", str(key), "--host", LOOPBACK, "--port", str(node_port),
             "--node-config", node_config, *isolation,
-        ], env=env)
+        ], env=self._env(self.flwr_home / spec.site))
         self.procs.wait_for_port(node, node_port)
-        self.nodes[spec.site] = node
-        if self.isolation == "warm":
-            # The Runtime API is the SuperNode's loopback port: "--insecure" is that local hop only.
-            self.executors[spec.site] = self.procs.start(f"executor-{spec.site}", [
-                sys.executable, "-m", "silo_agent.warm_exec", "--insecure", "--runtime-api-address", f"{LOOPBACK}:{node_port}",
-                "--parent-pid", str(node.popen.pid),
-            ], env=env)
+        node.port = node_port
         return node
+
+    @staticmethod
+    def _activated(node: ManagedProcess, timeout_s: float = 60.0) -> bool:
+        """Whether the SuperLink accepted the SuperNode (it logs its node id), rather than refusing it."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if "SuperNode ID:" in node.output():
+                return True
+            if not node.alive():
+                return False
+            time.sleep(0.2)
+        return node.alive()
 
     def _env(self, flwr_home: Path) -> dict[str, str]:
         env = flower_env(flwr_home)

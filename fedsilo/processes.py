@@ -62,6 +62,8 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen
     log_path: Path
+    log_offset: int = 0  # the log's size when this process started (a restart appends to the same log)
+    port: int | None = None  # the port it serves, where it has one
 
     @property
     def pid(self) -> int:
@@ -69,6 +71,15 @@ class ManagedProcess:
 
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    def output(self) -> str:
+        """What this process has written to its log so far (not what an earlier process of the same name wrote)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self.log_offset)
+                return f.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
 
     def log_tail(self, lines: int = 5) -> str:
         try:
@@ -161,6 +172,7 @@ class ProcessSet:
     def start(self, name: str, argv: Sequence[str], *, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> ManagedProcess:
         """Start ``argv`` in its own session, output to logs/NAME.log, with ``env`` (default: the set's)."""
         log_path = self.logs_dir / f"{name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0
         log_file = open(log_path, "ab")  # noqa: SIM115 - the child owns it for its lifetime
         try:
             popen = subprocess.Popen(list(argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -169,7 +181,7 @@ class ProcessSet:
             raise DeploymentError(f"cannot start {name}: {argv[0]} not found", fix="run 'make venv' (or activate .venv) so Flower's commands are on PATH") from None
         finally:
             log_file.close()
-        proc = ManagedProcess(name=name, popen=popen, log_path=log_path)
+        proc = ManagedProcess(name=name, popen=popen, log_path=log_path, log_offset=offset)
         self.processes.append(proc)
         return proc
 

@@ -8,12 +8,13 @@ SuperLink and SuperNodes with TLS.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 import yaml
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from compliance import AuditLog, verify_log
 from coordinator.federation import FederatedRun
@@ -36,25 +37,46 @@ def serverapp_identity(monkeypatch):
 
 
 class LoopbackGrid:
-    """Answers each message with ``silo(node, message)``; evaluate messages get a plain metrics reply."""
+    """Answers each message with ``silo(node, message)``; evaluate messages get a plain metrics reply.
+
+    Implements the Grid calls the driver uses (push_messages, pull_messages) as Flower does: a pushed
+    message gets an id, a reply names it. A silo function returning None never answers; one returning
+    an ``Error`` gets the reply the SuperLink itself sends for a node that stopped beating (its source
+    is the SuperLink, not the node).
+    """
+
+    SUPERLINK = 1
 
     def __init__(self, nodes: list[int], silo: Callable[[int, Message], RecordDict]) -> None:
         self.nodes, self.silo = nodes, silo
+        self.replies: dict[str, Message] = {}
+        self.pushed = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        ids = []
         for msg in messages:
+            self.pushed += 1
+            msg.metadata.__dict__["_message_id"] = f"m{self.pushed}"
+            ids.append(msg.metadata.message_id)
             node = msg.metadata.dst_node_id
             if msg.metadata.message_type == "train":
                 content = self.silo(node, msg)
             else:
                 content = RecordDict({P.METRICS: MetricRecord({"dice": 0.5, P.NUM_EXAMPLES: 4}),
                                       P.IDENTITY: ConfigRecord({P.SITE: f"hospital{node}"})})
-            replies.append(Message(content, reply_to=msg))  # its src_node_id is the node the message went to
-        return replies
+            if content is None:
+                continue
+            reply = Message(content, reply_to=msg)  # its src_node_id is the node the message went to
+            if isinstance(content, Error):
+                reply.metadata.__dict__["_src_node_id"] = self.SUPERLINK
+            self.replies[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
 def honest(node: int, msg: Message, delta=None, run_id=None, round_=None) -> RecordDict:
@@ -151,3 +173,29 @@ def test_krum_selection_is_audited_by_site_and_the_outlier_left_out(tmp_path):
     assert details["rule"] == "krum" and details["rule_args"] == {"f": 1}
     assert len(details["rule_details"]["selected_sites"]) == 1 and "hospital1" not in details["rule_details"]["selected_sites"]
     assert float(driver.global_state["w"][0, 0]) == pytest.approx(0.1, abs=0.05)
+
+
+def test_silent_and_unavailable_silos_are_audited_by_node_and_the_round_goes_on(tmp_path, monkeypatch):
+    """One silo never answers (the round waits out its timeout); the SuperLink answers for another that
+    stopped beating. Both are recorded against the node they were sent to, and neither is asked to evaluate."""
+    from fedsilo import flower_tuning
+
+    monkeypatch.setenv(flower_tuning.ENV, "0.05")  # poll fast: the timeout below is the only wait
+
+    def silo(node: int, msg: Message):
+        if node == 3:
+            return None
+        if node == 4:
+            return Error(code=5, reason="Node Unavailable: no heartbeat")
+        return honest(node, msg)
+
+    started = time.monotonic()
+    driver, records = run(tmp_path, silo, nodes=(1, 2, 3, 4), rounds=2, min_silos=2, round_timeout_s=1)
+    assert time.monotonic() - started >= 2  # one timeout per round
+    missing = [r for r in records if r["event"] == "update.missing"]
+    assert [(r["round"], r["object"]["id"]) for r in missing] == [(1, "3"), (2, "3")]
+    rejected = [r for r in records if r["event"] == "update.rejected"]
+    assert [(r["round"], r["object"]["id"]) for r in rejected] == [(1, "4"), (2, "4")]  # the node, not the SuperLink
+    finished = [r for r in records if r["event"] == "round.finished"]
+    assert [r["details"]["valid_updates"] for r in finished] == [2, 2]
+    assert [sorted(r["sites"]) for r in driver.state.rounds] == [["hospital1", "hospital2"]] * 2  # only they evaluated

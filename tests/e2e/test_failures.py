@@ -84,7 +84,7 @@ def test_killed_and_silent_silos_do_not_stop_the_run(tmp_path, make_sites):
                 # hospital2 receives round 2 and crashes while training; it is back (same key, same site folder) at once.
                 _wait_for(by_name["hospital2"].audit_dir, "plan.received", 2)
                 fed.stop_silo("hospital2", kill=True)
-                fed.start_silo("hospital2")
+                fed.start_silo("hospital2", rejoin_timeout_s=120)  # accepted again once its heartbeats lapse
             if row["round"] == 2:
                 # hospital1 receives round 3, then hangs: no reply, no crash.
                 _wait_for(by_name["hospital1"].audit_dir, "plan.received", 3)

@@ -36,6 +36,9 @@ def test_apply_shortens_flowers_waits_in_a_fresh_process():
         "t = time.perf_counter(); sci.time.sleep(3); slept = time.perf_counter() - t\n"
         "assert slept < 1.0, slept\n"
         "assert sci.time.time() > 0 and sci.time.monotonic() > 0\n"
+        "from flwr.supernode import fleet_http_connection as fhc\n"
+        "from flwr.supercore import heartbeat\n"
+        "assert fhc.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == flower_tuning.HEARTBEAT_S\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
