@@ -192,6 +192,7 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     from pipelines.training import train_local
     from silo_agent.ledger import PrivacyLedger, Spend
 
+    started = time.perf_counter()  # the silo's whole work on this message: checks, data, training
     plan, run_id, round_ = _plan_from(msg)
     plan_hash = plan.hash()
     _approved(msg, site, plan, audit, actor, run_id, round_)
@@ -207,7 +208,8 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
         audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
                      run_id=run_id, round=round_, details={"cases": len(data), "split": "training"})
         result = train_local(model, data, plan, history=history, random_transform=random, seed=secrets.randbits(62))
-        metrics: dict[str, float] = {P.NUM_EXAMPLES: result.num_examples, "train-loss": result.train_loss, "seconds": result.seconds}
+        metrics: dict[str, float] = {P.NUM_EXAMPLES: result.num_examples, "train-loss": result.train_loss,
+                                     "seconds": time.perf_counter() - started}
         if result.privacy is not None:
             p = result.privacy
             # Durable before the update leaves: a crash after this point over-counts, never under-counts.
@@ -267,10 +269,10 @@ def _resend(site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int, 
 def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict:
     from pipelines.metrics import evaluate as evaluate_model
 
+    started = time.perf_counter()
     plan, run_id, round_ = _plan_from(msg)
     _approved(msg, site, plan, audit, actor, run_id, round_)
     model, _ = _global_model(msg, plan)
-    started = time.perf_counter()
     entry, data, _ = _load(site, plan, "test")
     metrics = evaluate_model(model, data, plan)
     metrics["seconds"] = time.perf_counter() - started  # for the coordinator's per-round overhead figure

@@ -59,11 +59,10 @@ def _wait_for(audit_dir: Path, event: str, round_: int, timeout_s: float = 120.0
     raise AssertionError(f"no {event} for round {round_} in {audit_dir} within {timeout_s} s")
 
 
-def _signal_silo(fed: LocalFederation, site: str, sig: int) -> None:
-    pids = [fed.nodes[site].pid, *descendant_pids(fed.nodes[site].pid)]
-    if site in fed.executors:
-        pids += [fed.executors[site].pid, *descendant_pids(fed.executors[site].pid)]
-    for pid in pids:
+def _signal_clientapps(fed: LocalFederation, site: str, sig: int) -> None:
+    """Signal the processes running ``site``'s ClientApp (its warm executor and the messages forked from it)."""
+    executor = fed.executors[site]
+    for pid in [executor.pid, *descendant_pids(executor.pid)]:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -86,14 +85,14 @@ def test_killed_and_silent_silos_do_not_stop_the_run(tmp_path, make_sites):
                 fed.stop_silo("hospital2", kill=True)
                 fed.start_silo("hospital2", rejoin_timeout_s=120)  # accepted again once its heartbeats lapse
             if row["round"] == 2:
-                # hospital1 receives round 3, then hangs: no reply, no crash.
+                # hospital1's ClientApp receives round 3, then hangs: no reply, no crash (its SuperNode stays up).
                 _wait_for(by_name["hospital1"].audit_dir, "plan.received", 3)
-                _signal_silo(fed, "hospital1", signal.SIGSTOP)
+                _signal_clientapps(fed, "hospital1", signal.SIGSTOP)
 
         try:
             fed.run_plan(bundle, tmp_path / "run", on_round=on_round, timeout_s=900)
         finally:
-            _signal_silo(fed, "hospital1", signal.SIGCONT)
+            _signal_clientapps(fed, "hospital1", signal.SIGCONT)
 
     def trained(row: dict) -> set[str]:
         return {site for site, m in row["sites"].items() if "num_examples" in m}
@@ -102,9 +101,14 @@ def test_killed_and_silent_silos_do_not_stop_the_run(tmp_path, make_sites):
     assert trained(rows[0]) == {"hospital0", "hospital1", "hospital2"}
     assert trained(rows[1]) == {"hospital0", "hospital1"}  # the round completed without the crashed silo
     assert trained(rows[2]) == {"hospital0", "hospital2"}  # the restarted silo rejoined; the hung one was left behind
-    assert rows[2]["seconds"] >= ROUND_TIMEOUT_S  # after waiting out the plan's round timeout
-    missing = {(r["round"], r["details"]["site"]) for r in _events(tmp_path / "run" / "audit", "update.missing")}
-    assert {(2, "hospital2"), (3, "hospital1")} <= missing
+    # Neither the crashed silo nor the hung ClientApp answered: each was waited out (the plan's round timeout)
+    # or reported by Flower (the SuperLink for a node whose heartbeats stopped, the SuperNode for a task whose
+    # heartbeats stopped), whichever came first, and the round went on without it.
+    audit = tmp_path / "run" / "audit"
+    missing = {(r["round"], r["details"]["site"]) for r in _events(audit, "update.missing")}
+    failed = {(r["round"], r["details"]["site"]) for r in _events(audit, "update.rejected")}
+    assert (2, "hospital2") in missing | failed
+    assert (3, "hospital1") in missing | failed
 
     # The restarted silo kept its ledger and accountant state: the epsilon it reported in round 3
     # composes every spend on record, including those from before the crash.
