@@ -116,6 +116,7 @@ def test_kits_start_a_federation_that_runs_a_submitted_plan(tmp_path, e2e_plan):
         pids = [p.pid for p, _ in procs] + [pid for p, _ in procs for pid in descendant_pids(p.pid)]
         submitted = subprocess.run([*FEDSILO, "plan", "submit", str(bundle), "--federation", FEDERATION, "--kit", str(coordinator_kit)],
                                    capture_output=True, text=True, timeout=600)
+        print(submitted.stdout, submitted.stderr, sep="\n")  # shown with pytest -s: the table and where its last line came from
         assert submitted.returncode == 0, submitted.stderr[-2000:]
         header, row = submitted.stdout.splitlines()[:2]
         assert header.split()[:2] == ["round", "silos"] and "dice h0" in header and "eps h1" in header
@@ -128,6 +129,7 @@ def test_kits_start_a_federation_that_runs_a_submitted_plan(tmp_path, e2e_plan):
         altered.write_text(e2e_plan.read_text().replace("local_epochs: 1", "local_epochs: 2"))
         refused = subprocess.run([*FEDSILO, "plan", "submit", str(altered), "--key", str(tmp_path / "pki" / "researcher" / "demo-researcher.key"),
                                   "--federation", FEDERATION, "--kit", str(coordinator_kit)], capture_output=True, text=True, timeout=600)
+        print(refused.stdout, refused.stderr, sep="\n")
         assert refused.returncode == 1, refused.stderr[-2000:]
         assert "failed: round 1: 0 valid update(s) of 2 silo(s)" in refused.stderr
 
