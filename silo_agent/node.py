@@ -271,8 +271,9 @@ def _exit_error(kit: SiteKit, proc: ManagedProcess) -> DeploymentError:
     if code == EXIT_NODE_REFUSED or f"Exit Code: {EXIT_NODE_REFUSED}" in proc.log_tail(40):
         return DeploymentError(f"the coordinator at {kit.coordinator} refused site {kit.site}'s node key "
                                f"(Flower SuperNode exit code {EXIT_NODE_REFUSED}: failed to activate)",
-                               fix=f"ask the coordinator operator to register {kit.root / 'node.pub'} (fedsilo coordinator start registers "
-                                   "every site of its kit); compare the fingerprints in both kits' README.md")
+                               fix=f"if this silo was running a minute ago, start it again once its heartbeats have lapsed (about 20 s to "
+                                   f"a minute); otherwise ask the coordinator operator to register {kit.root / 'node.pub'} (fedsilo "
+                                   "coordinator start registers every site of its kit) and compare the fingerprints in both kits' README.md")
     return DeploymentError(f"the SuperNode stopped with exit code {code}: {_flower_error(proc)}", fix=f"read {proc.log_path}")
 
 
