@@ -73,7 +73,9 @@ def main(grid: Grid, context: Context) -> None:
         # The ServerApp's exit is reported by Flower; the reason goes to its log in one line.
         log.error("fedsilo: error: %s", exc.one_line())
         print(PROGRESS_PREFIX + json.dumps({"event": "failed", "reason": exc.one_line()}), flush=True)
-        raise SystemExit(exc.exit_code) from None
+        # Not SystemExit: Flower's run_serverapp catches Exception only, and its handler is what uploads the
+        # remaining output and marks the run failed at once.
+        raise RuntimeError(exc.one_line()) from None
 
 
 def run_settings(run_config: dict, run_id: str) -> dict[str, str]:

@@ -210,7 +210,9 @@ def sign_plan(out: Path, plan_path: Path, *, researcher: str = "demo-researcher"
     keys = out / "pki" / "researcher"
     signer = load_signer(keys, researcher) if (keys / f"{researcher}.key").exists() else generate_signer(keys, researcher, role="person")
     bundle = sign_submission(plan_path.read_text(encoding="utf-8"), plan.hash(), plan.name, signer, utc_now())
-    bundle_path = out / (plan_path.stem + ".submission.json")  # in the run folder, never beside a plan in the repository
+    # Beside the plan when it lies in the run folder (each plan its own bundle); never beside a plan elsewhere (the repository's).
+    inside = plan_path.resolve().is_relative_to(out.resolve())
+    bundle_path = (plan_path.parent if inside else out) / (plan_path.stem + ".submission.json")
     bundle_path.write_text(bundle.to_json(), encoding="utf-8")
     return bundle_path
 

@@ -20,6 +20,8 @@ from typing import Any
 
 from coordinator.pki import create_node_key, create_server_tls
 from fedsilo.errors import ConfigError, DeploymentError
+from fedsilo.flower_app import APP_PYPROJECT, write_flower_app  # noqa: F401 - APP_PYPROJECT: re-exported
+from fedsilo.flower_app import flower_bin as _bin
 from fedsilo.flower_tuning import tuned_env
 from fedsilo.processes import LOOPBACK, ManagedProcess, ProcessSet, flower_env, free_port, port_in_use, run_command
 
@@ -30,33 +32,6 @@ ROUNDS_FILE = "rounds.jsonl"
 #: "subprocess": Flower's default, a fresh ``flwr-clientapp`` (and a fresh torch import) per message.
 ISOLATION_MODES = ("warm", "subprocess")
 
-APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "fedsiloapp"
-version = "1.0.0"
-description = "fedsilo's Flower app: the code is the installed fedsilo package"
-dependencies = []
-
-[tool.flwr.app]
-publisher = "fedsilo"
-
-[tool.flwr.app.components]
-serverapp = "coordinator.server_app:app"
-clientapp = "silo_agent.client_app:app"
-
-[tool.flwr.app.config]
-plan-path = ""
-submission = ""
-resume-from = ""
-out-dir = ""
-site-dirs = ""
-audit-key-dir = ""
-witness-keys-dir = ""
-"""
 
 
 def provision_audit_keys(root: Path, silos: Sequence["SiloSpec"]) -> dict[str, str]:
@@ -82,20 +57,6 @@ def provision_audit_keys(root: Path, silos: Sequence["SiloSpec"]) -> dict[str, s
         name = witness_key_name(spec.site)
         shutil.copyfile(spec.site_dir / "keys" / f"{name}.vkey", witness_keys / f"{name}.vkey")
     return {"audit-key-dir": str(audit_keys.resolve()), "witness-keys-dir": str(witness_keys.resolve())}
-
-
-def _bin(name: str) -> str:
-    """A console script of this environment (next to the running Python), else from PATH."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
-
-
-def write_flower_app(app_dir: Path) -> Path:
-    """The Flower app folder ``flwr run`` bundles. Its components live in the installed package."""
-    app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
-    (app_dir / "fedsiloapp.py").write_text('"""Components are imported from the installed fedsilo package."""\n', encoding="utf-8")
-    return app_dir
 
 
 @dataclass(frozen=True)

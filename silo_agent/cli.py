@@ -98,6 +98,10 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_budget)
 
+    from silo_agent.node import add_start_command
+
+    add_start_command(ssub)  # fedsilo silo start --kit DIR --site-dir SITE_DIR
+
 
 def _init(args: argparse.Namespace) -> int:
     from silo_agent.site import init_site

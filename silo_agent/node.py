@@ -53,6 +53,7 @@ SITE_KIT_FILE = "site-kit.yaml"
 ISOLATION = ("warm", "subprocess")
 #: Flower's exit code for a SuperNode the SuperLink will not activate (1.42: its key is not registered).
 EXIT_NODE_REFUSED = 305
+REJOIN_RETRY_S = 5.0
 EXPIRY_WARNING_DAYS = 30
 INSECURE_WARNING = ("WARNING: --insecure-dev: NO TLS to the coordinator and no node authentication (Flower requires TLS for it): "
                     "model updates and plans cross the network in clear text and the coordinator is not authenticated. Use this "
@@ -291,9 +292,27 @@ def _flower_error(proc: ManagedProcess) -> str:
     return " ".join(text.split())[:400]
 
 
+def _activation(node: ManagedProcess, timeout_s: float = 120.0) -> str:
+    """"active" once the SuperLink accepted the node (Flower logs its node id); "still-active" when it refused
+    because the site's key still counts as connected (Flower error 2004, after a crash); else "refused"."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = node.output()
+        if "SuperNode ID:" in text:
+            return "active"
+        if not node.alive():
+            return "still-active" if "[code: 2004]" in node.output() else "refused"
+        time.sleep(0.2)
+    return "active" if node.alive() else "refused"
+
+
 def run_node(kit: SiteKit, site_dir: Path, *, insecure_dev: bool = False, isolation: str = "warm", threads: int = 1,
-             port: int = 0, on_ready: Callable[[], None] | None = None) -> None:
-    """Run the site's SuperNode from ``kit`` until SIGINT/SIGTERM (raised as KeyboardInterrupt here) or until it stops."""
+             port: int = 0, on_ready: Callable[[], None] | None = None, rejoin_timeout_s: float = 180.0) -> None:
+    """Run the site's SuperNode from ``kit`` until SIGINT/SIGTERM (raised as KeyboardInterrupt here) or until it stops.
+
+    A silo restarted after a crash is refused until the coordinator sees its old heartbeats lapse; it
+    retries for up to ``rejoin_timeout_s``.
+    """
     if isolation not in ISOLATION:
         raise ConfigError(f"isolation '{isolation}' is not known", fix=f"use one of: {', '.join(ISOLATION)}")
     if threads < 1:
@@ -317,13 +336,23 @@ def run_node(kit: SiteKit, site_dir: Path, *, insecure_dev: bool = False, isolat
     tuned = isolation == "warm"
     env = tuned_env(flower_env(flwr_home)) if tuned else flower_env(flwr_home)
     launcher = [sys.executable, "-m", "fedsilo.flower_tuning", "flower-supernode"] if tuned else [flower_bin("flower-supernode")]
+    argv = [*launcher, *tls, "--superlink", kit.coordinator, "--host", LOOPBACK, "--port", str(node_port),
+            "--node-config", f"site-dir='{site.root.resolve()}' threads={threads}", *(["--isolation", "process"] if isolation == "warm" else [])]
     with ProcessSet(site.logs_dir, env) as procs:
-        node = procs.start("supernode", [
-            *launcher, *tls, "--superlink", kit.coordinator, "--host", LOOPBACK, "--port", str(node_port), "--node-config", f"site-dir='{site.root.resolve()}' threads={threads}",
-            *(["--isolation", "process"] if isolation == "warm" else []),
-        ], env=env)
-        _wait_listening(node, node_port)
-        if not node.alive():
+        deadline = time.monotonic() + rejoin_timeout_s
+        while True:
+            node = procs.start("supernode", argv, env=env)
+            _wait_listening(node, node_port)
+            state = _activation(node)
+            if state == "active":
+                break
+            procs.finish(node)
+            if state == "still-active" and time.monotonic() < deadline:
+                # After a crash the coordinator counts the site's key as connected until its heartbeats lapse.
+                say(f"site {kit.site}: the coordinator still counts this site as connected (its last SuperNode stopped moments ago); "
+                    f"retrying in {REJOIN_RETRY_S:.0f} s")
+                time.sleep(REJOIN_RETRY_S)
+                continue
             raise _exit_error(kit, node)
         if isolation == "warm":
             # The Runtime API is the SuperNode's own loopback port: "--insecure" is that local hop only.

@@ -246,7 +246,6 @@ def test_names_shared_with_modules_the_coordinator_may_not_import():
     from coordinator import deployment, provision as prov, submit
     from coordinator.federation import PROGRESS_PREFIX
     from coordinator.server_app import COORDINATOR_DIR_ENV
-    from fedsilo import flower_app, local_federation
     from silo_agent import node, site, witnessing
 
     assert prov.witness_key_name("hospital7") == witnessing.witness_key_name("hospital7")
@@ -254,7 +253,6 @@ def test_names_shared_with_modules_the_coordinator_may_not_import():
     assert (prov.SITE_KIT_FORMAT, prov.SITE_KIT_FILE) == (node.SITE_KIT_FORMAT, node.SITE_KIT_FILE)
     assert deployment.COORDINATOR_DIR_ENV == COORDINATOR_DIR_ENV
     assert submit.PROGRESS_PREFIX == PROGRESS_PREFIX
-    assert flower_app.APP_PYPROJECT == local_federation.APP_PYPROJECT
 
 
 def test_status_table_names_sites_flags_unknown_nodes_and_lists_runs():
