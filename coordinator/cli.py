@@ -43,6 +43,17 @@ def add_commands(sub) -> None:
     p.add_argument("--insecure-dev", action="store_true", help="UNSAFE: no TLS; development machines only")
     p.add_argument("-v", "--verbose", action="store_true", help="also print Flower's own log lines (to stderr)")
     p.set_defaults(func=_submit)
+    p = psub.add_parser("resume", help="continue an interrupted run after its last completed round, with that round's model "
+                                       "(exit 0 finished, 1 failed, 2 bad input)")
+    p.add_argument("run", metavar="RUN", help="the run's id (as 'plan submit' printed it), or its folder on the coordinator's machine")
+    p.add_argument("--federation", required=True, metavar="NAME", help="the federation's name (its connection name)")
+    p.add_argument("--metric", default="dice", help="the metric the round table shows (default dice)")
+    p.add_argument("--superlink", metavar="HOST:PORT", help="the coordinator's address (from the researcher kit's README)")
+    p.add_argument("--ca", type=Path, metavar="ca.crt", help="the federation's CA certificate (researcher kit)")
+    p.add_argument("--kit", type=Path, metavar="DIR", help="on the coordinator's machine: its kit folder, instead of --superlink/--ca")
+    p.add_argument("--insecure-dev", action="store_true", help="UNSAFE: no TLS; development machines only")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print Flower's own log lines (to stderr)")
+    p.set_defaults(func=_resume)
 
     p = sub.add_parser("provision", help="coordinator operator: write the startup kits of a federation (CA, coordinator, sites)")
     p.add_argument("project", type=Path, metavar="PROJECT.yaml", help="federation name, coordinator address and port, sites")
@@ -129,6 +140,30 @@ def _hash(args: argparse.Namespace) -> int:
 
     print(load_plan(args.plan).hash())
     return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from coordinator.submit import connection, resume
+
+    if sum(x is not None for x in (args.superlink, args.kit)) > 1:
+        raise ConfigError("give either --superlink (with --ca) or --kit, not both", fix="researchers use --superlink and --ca")
+    run = args.run.strip()
+    if not run.isdigit():
+        folder = Path(run).expanduser()
+        if not (folder / "state" / "run-state.json").is_file():
+            raise ConfigError(f"'{run}' is neither a run id nor a run folder with run state (state/run-state.json)",
+                              fix="give the run id 'plan submit' printed, or the run's folder on the coordinator's machine")
+        run = str(folder.resolve())
+    conn = connection(args.federation, superlink=args.superlink, ca=args.ca, kit=args.kit, insecure_dev=args.insecure_dev)
+    try:
+        outcome = resume(run, conn, metric=args.metric, verbose=args.verbose)
+    finally:
+        conn.close()
+    if outcome.exit_code == 0:
+        print(f"run {args.run} finished after resuming ({outcome.rounds} more round(s))", file=sys.stderr)
+    else:
+        print(f"fedsilo: resuming run {args.run} failed: {outcome.reason}", file=sys.stderr)
+    return outcome.exit_code
 
 
 def _submit(args: argparse.Namespace) -> int:

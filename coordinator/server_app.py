@@ -54,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         resume = None
         if cfg.get("resume-from"):
-            out_dir, plan_text, submission, resume = read_resume(Path(cfg["resume-from"]))
+            out_dir, plan_text, submission, resume = read_resume(resume_folder(cfg["resume-from"]))
         else:
             out_dir = Path(cfg["out-dir"]) if cfg.get("out-dir") else None
             if out_dir is None:
@@ -104,6 +104,17 @@ def read_submission(cfg: dict[str, str]):
         raise ConfigError(f"no plan at '{cfg.get('plan-path', '')}'",
                           fix="submit with fedsilo plan submit, or pass --run-config \"plan-path='/abs/plan.yaml' out-dir='/abs/run'\"")
     return read_plan_or_bundle(plan_path)
+
+
+def resume_folder(ref: str) -> Path:
+    """The run folder ``resume-from`` names: a path, or a run id under the coordinator's runs/ folder."""
+    home = os.environ.get(COORDINATOR_DIR_ENV, "")
+    if ref.isdigit():
+        if not home:
+            raise ConfigError(f"resume-from '{ref}' is a run id, but this coordinator has no state folder to find it in",
+                              fix="give the run's folder instead, or start the coordinator with fedsilo coordinator start")
+        return Path(home) / RUNS_DIR / ref
+    return Path(ref)
 
 
 def read_resume(run_dir: Path):

@@ -194,17 +194,27 @@ class Outcome:
 def submit(bundle, plan, conn: Connection, *, stream: TextIO = sys.stdout, report: Callable[[str], None] = say,
            verbose: bool = False) -> Outcome:
     """``flwr run`` the fedsilo app with the bundle on ``conn`` and print the round table until the run ends."""
+    report(f"submitting plan '{plan.name}' ({plan.hash()[:12]}) to federation {conn.federation} ...")
     metric = "dice" if plan.is_segmentation else "accuracy"
-    table = RoundTable(metric, stream)
+    return _run(f"submission = {toml_string(bundle.to_json())}\n", conn, RoundTable(metric, stream), report, verbose)
+
+
+def resume(run: str, conn: Connection, *, metric: str = "dice", stream: TextIO = sys.stdout, report: Callable[[str], None] = say,
+           verbose: bool = False) -> Outcome:
+    """Continue an interrupted run (its id, or its folder on the coordinator's machine) after its last completed round."""
+    report(f"resuming run {run} on federation {conn.federation} ...")
+    return _run(f"resume-from = {toml_string(run)}\n", conn, RoundTable(metric, stream), report, verbose)
+
+
+def _run(run_config_text: str, conn: Connection, table: "RoundTable", report: Callable[[str], None], verbose: bool) -> Outcome:
     work = Path(tempfile.mkdtemp(prefix="fedsilo-submit-"))
     try:
         app = write_flower_app(work / "app")
         run_config = work / "run-config.toml"
-        run_config.write_text(f"submission = {toml_string(bundle.to_json())}\n", encoding="utf-8")
+        run_config.write_text(run_config_text, encoding="utf-8")
         env = dict(os.environ)
         env.update({"FLWR_HOME": str(conn.flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"})
         argv = [flower_bin("flwr"), "run", str(app), conn.federation, "--run-config", str(run_config), "--stream"]
-        report(f"submitting plan '{plan.name}' ({plan.hash()[:12]}) to federation {conn.federation} ...")
         try:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
                                     env=env, start_new_session=True, bufsize=1)

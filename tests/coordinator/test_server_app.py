@@ -64,3 +64,22 @@ def test_resume_refuses_a_folder_without_run_state(tmp_path):
         read_resume(tmp_path)
     with pytest.raises(ConfigError, match="no run folder"):
         read_resume(tmp_path / "nowhere")
+
+
+def test_resume_from_names_a_folder_or_a_run_id_under_the_coordinator(tmp_path, monkeypatch):
+    from coordinator.server_app import resume_folder
+
+    monkeypatch.delenv(COORDINATOR_DIR_ENV, raising=False)
+    assert resume_folder(str(tmp_path / "run")) == tmp_path / "run"
+    with pytest.raises(ConfigError, match="is a run id, but this coordinator has no state folder"):
+        resume_folder("1234")
+    monkeypatch.setenv(COORDINATOR_DIR_ENV, str(tmp_path))
+    assert resume_folder("1234") == tmp_path / "runs" / "1234"
+
+
+def test_plan_resume_refuses_what_is_not_a_run(tmp_path, capsys):
+    from fedsilo.cli import main
+
+    assert main(["plan", "resume", str(tmp_path), "--federation", "f"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a run id nor a run folder with run state" in err and "Traceback" not in err
