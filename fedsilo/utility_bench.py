@@ -1,6 +1,6 @@
 """``fedsilo bench utility``: what federation and DP cost or buy in Dice, on hard non-IID silos.
 
-One process, no Flower (like ``fedsilo bench robustness``): each silo is a function call that trains with the
+No Flower (like ``fedsilo bench robustness``): each silo is a function call that trains with the
 toolkit's own :func:`pipelines.training.train_local` (Opacus DP-SGD where private), on the 2D silos of
 :mod:`fedsilo.hard_silos` (sizes 16..256 training cases, each silo with its own scanner offset and scale,
 contrast, noise, bias field, object size and unlabelled distractors), with a small MONAI UNet.
@@ -22,20 +22,30 @@ Arms, each without DP and with DP at every epsilon in ``epsilons`` (delta 1e-5):
   them, so the budget split is ``(rounds - 1) / rounds`` of the steps for federation and ``1 / rounds`` for
   fine-tuning, composing to the same epsilon.
 
-Same compute budget: every arm sees ``rounds x local_epochs`` epochs of each silo's data (pooled: of the union,
-so the same number of sample gradients in total; local: each silo alone for the same epochs). DP: per silo,
-sample-level DP-SGD, the noise multiplier chosen by :func:`pipelines.training.plan_noise_multiplier` so that the
-whole run spends the target epsilon, the accountant's history carried across rounds (the epsilon reached is in
-``params.epsilon_spent``). Pooled under DP is one dataset at the same epsilon.
+Same preprocessing and budget for every arm: each image is z-scored on its own (the plan's
+``data.transforms: [NormalizeIntensity]``, the standard fix for per-scanner intensity offset and scale in
+multi-site MRI/CT; ``--preprocess`` changes it), train and test alike, at every arm. Every arm sees
+``rounds x local_epochs`` epochs of each silo's data (pooled: of the union, so the same number of sample
+gradients in total; local: each silo alone for the same epochs). Federated arms use the plan's server optimizer
+(:mod:`coordinator.server_optimizer`; default plain FedAvg, ``--server-optimizer adam`` is FedAdam, Reddi et al.
+2021, arXiv:2003.00295). DP: per silo, sample-level DP-SGD, the noise multiplier chosen by
+:func:`pipelines.training.plan_noise_multiplier` so that the whole run spends the target epsilon, the
+accountant's history carried across rounds (the epsilon reached is in ``params.epsilon_spent``). Pooled under DP
+is one dataset at the same epsilon.
+
+Each (seed, privacy setting) is one job; ``workers`` child processes (``python -c``, job and result as JSON)
+run them at once, so the default run uses both cores of a 2-core machine.
 
 Evaluation: each silo's own held-out cases (Dice, :func:`pipelines.metrics.evaluate`); rows per silo and the
-mean over silos, averaged over ``seeds``. A ``threshold`` baseline: the single global intensity threshold
-with the best mean Dice on the pooled training data (non-private), applied at every silo.
+mean over silos, averaged over ``seeds``. ``threshold`` baselines: the single global intensity threshold with the
+best mean Dice on the pooled training data (non-private), applied at every silo, on raw intensities and on the
+z-scored images every arm sees.
 
 Rows: ``<arm> <privacy>`` / ``dice <silo>`` and ``dice mean``, baseline ``pooled <privacy>``; personalization
 gains (baseline ``fedavg <privacy>``); ``goal/...`` rows: the gap of each federated arm to pooled (goal: at
 most 2 Dice points), how many silos' local-only model it beats (goal: all), the gap of eps=8 to non-private
-(goal: at most 3 points), and the threshold's mean; ``total`` ``wall_seconds``.
+(goal: at most 3 points), for fedavg, fedprox, the robust rule and personalization; ``total`` ``wall_seconds``
+and ``cpu_seconds`` (this process and its workers).
 """
 
 from __future__ import annotations
@@ -55,6 +65,8 @@ from fedsilo.errors import ConfigError
 
 BENCH = "utility"
 ARMS = ("pooled", "local", "fedavg", "fedprox", "robust", "personalized")
+#: Per-image preprocessing the bench offers (names of pipelines.transforms.TRANSFORMS, no arguments) or "none".
+PREPROCESS = ("NormalizeIntensity", "ScaleIntensity", "none")
 #: Dice points (x 100) the goals allow.
 GOAL_POOLED_POINTS = 2.0
 GOAL_DP8_POINTS = 3.0
@@ -62,7 +74,7 @@ GOAL_DP8_POINTS = 3.0
 
 @dataclass(frozen=True)
 class UtilityConfig:
-    """Sizes and training settings (defaults: the ~10 minute setting on 2 cores).
+    """Sizes and training settings (defaults: the ~15 minute setting on an unshared 2-core machine).
 
     silos / train_sizes / test_cases / size: the data (:func:`fedsilo.hard_silos.hard_profiles`).
     rounds / local_epochs / batch_size: training; every arm gets rounds x local_epochs epochs.
@@ -70,29 +82,38 @@ class UtilityConfig:
     shrinks the gradients, hence the larger DP rate; see ../shared/STACK.md).
     channels / strides: the MONAI UNet (num_res_units 0). loss: the plan's loss.
     epsilons / delta / max_grad_norm: DP arms. fedprox_mu: FedProx's proximal weight.
-    robust_rule: rule from coordinator.aggregation (f = 1). seeds: repetitions. threads: torch threads.
+    robust_rule: rule from coordinator.aggregation (f = 1). seeds: repetitions. threads: torch threads per
+    training process. workers: processes training (seed, privacy setting) jobs at once (1: all in this process).
+    preprocess: the plan's deterministic per-image transform for every arm ("NormalizeIntensity": z-score each
+    image, the usual fix for per-scanner intensity offset and scale; "ScaleIntensity": min-max; "none").
+    server_optimizer / server_lr: the plan's ``federation.server_optimizer`` and ``server_lr`` for every federated
+    arm (sgd at 1.0: plain FedAvg).
     """
 
     silos: int = 5
     train_sizes: tuple[int, ...] | None = None
     test_cases: int = 40
     size: int = 32
-    rounds: int = 6
-    local_epochs: int = 2
+    rounds: int = 3
+    local_epochs: int = 4
     batch_size: int = 32
-    lr: float = 0.1
-    dp_lr: float = 0.5
+    lr: float = 0.2
+    dp_lr: float = 1.0
     momentum: float = 0.9
     channels: tuple[int, ...] = (8, 16, 32)
     strides: tuple[int, ...] = (2, 2)
     loss: str = "dice_ce"
     epsilons: tuple[float, ...] = (1.0, 3.0, 8.0)
     delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.5
     fedprox_mu: float = 0.01
     robust_rule: str = "trimmed_mean"
     seeds: int = 1
     threads: int = 1
+    workers: int = 2
+    preprocess: str = "NormalizeIntensity"
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
 
 
 def _privacy_name(eps: float | None) -> str:
@@ -114,7 +135,9 @@ def _plan(config: UtilityConfig, eps: float | None, *, fedprox_mu: float = 0.0):
                                    "momentum": config.momentum},
                      "fedprox_mu": fedprox_mu},
         "privacy": privacy,
-        "federation": {"rounds": config.rounds},
+        "data": {"transforms": [] if config.preprocess == "none" else [{"name": config.preprocess}]},
+        "federation": {"rounds": config.rounds, "server_lr": config.server_lr,
+                       "server_optimizer": {"name": config.server_optimizer}},
     })
 
 
@@ -165,123 +188,235 @@ def _dice(model, state, test, plan) -> float:
     return float(evaluate(model, test, plan)["dice"])
 
 
-def _federate(rule, trainer: _Trainer, initial, trains, rounds: int, epochs: int, salt: int,
+def _federate(rule, trainer: _Trainer, initial, trains, config: UtilityConfig, salt: int,
               keep_last_local: bool = False) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
-    """``rounds`` rounds: every silo trains from the global model, ``rule`` aggregates the deltas (weighted by
-    examples), the global model moves by the aggregate. Returns the global model and, when asked, the silos'
-    models of the last round (trained from the global model of round ``rounds - 1``)."""
+    """``config.rounds`` rounds: every silo trains from the global model, ``rule`` aggregates the deltas
+    (weighted by examples), the plan's server optimizer (:mod:`coordinator.server_optimizer`: plain ``sgd`` at
+    lr 1 is FedAvg; ``adam``/``yogi`` are FedAdam/FedYogi) moves the global model by the aggregate. Returns the
+    global model and, when asked, the silos' models of the last round (trained from the global model of round
+    ``rounds - 1``)."""
+    from coordinator.server_optimizer import build_server_optimizer
+
+    server = build_server_optimizer(config.server_optimizer, config.server_lr)
     state = {k: v.copy() for k, v in initial.items()}
     last: list[dict[str, np.ndarray]] = []
-    for r in range(rounds):
+    for r in range(config.rounds):
         deltas, weights, local_models = [], [], []
         for i, data in enumerate(trains):
-            local = trainer.train(f"silo{i}", state, data, epochs=epochs, salt=salt * 1000 + r * 100 + i)
+            local = trainer.train(f"silo{i}", state, data, epochs=config.local_epochs, salt=salt * 1000 + r * 100 + i)
             local_models.append(local)
             deltas.append({k: local[k] - state[k] for k in state if np.issubdtype(state[k].dtype, np.floating)})
             weights.append(float(len(data)))
         agg = rule.aggregate(deltas, weights)
-        for k, v in agg.items():
-            state[k] = (state[k] + v).astype(state[k].dtype)
-        if keep_last_local and r == rounds - 1:
+        state = server.step(state, {k: agg[k] if k in agg else np.zeros_like(v) for k, v in state.items()})
+        if keep_last_local and r == config.rounds - 1:
             last = local_models
     return state, last
+
+
+def _silo_data(config: UtilityConfig, seed: int, plan):
+    """(profiles, raw training sets, preprocessed training sets, preprocessed test sets) of one seed.
+
+    The plan's deterministic transforms (``data.transforms``: per-image z-scoring by default) run once on every
+    silo's training and test cases, as a silo agent runs them after reading its data; every arm trains and is
+    evaluated on the same preprocessed arrays."""
+    from fedsilo.hard_silos import hard_profiles, silo_cases
+    from pipelines.dataset import apply_transforms
+    from pipelines.transforms import split_transforms
+
+    profiles = hard_profiles(config.silos, seed=seed, train_sizes=config.train_sizes, n_test=config.test_cases)
+    raw_trains = [silo_cases(p, split="train", size=config.size) for p in profiles]
+    raw_tests = [silo_cases(p, split="test", size=config.size) for p in profiles]
+    deterministic, _ = split_transforms(plan.data.transforms, segmentation=True)
+    trains = [apply_transforms(t, deterministic, segmentation=True) for t in raw_trains]
+    tests = [apply_transforms(t, deterministic, segmentation=True) for t in raw_tests]
+    return profiles, raw_trains, raw_tests, trains, tests
+
+
+def _threshold_job(config: UtilityConfig, seed: int) -> dict[str, Any]:
+    """The threshold baselines of one seed: the best global threshold on the pooled training data, on raw
+    intensities and on the plan's preprocessed (z-scored) images, applied at every silo."""
+    from fedsilo.hard_silos import best_threshold, threshold_dice
+
+    _, raw_trains, raw_tests, trains, tests = _silo_data(config, seed, _plan(config, None))
+    out: dict[str, Any] = {}
+    for name, tr, te in (("raw", raw_trains, raw_tests), ("preprocessed", trains, tests)):
+        t = best_threshold(np.concatenate([x.images for x in tr]), np.concatenate([x.labels for x in tr]))
+        out[name] = {"threshold": t, "dice": [float(np.mean(threshold_dice(s.images, s.labels, t))) for s in te]}
+    return out
+
+
+def _setting_job(config: UtilityConfig, seed: int, eps: float | None, *, progress: bool,
+                 emit: Callable[[str], None]) -> dict[str, Any]:
+    """Every arm at one (seed, privacy setting); returns plain data (it may come back from a child process)."""
+    import torch
+
+    from coordinator.aggregation import build_rule
+    from fedsilo.robustness import rule_args
+    from pipelines.dataset import CaseArrays
+    from pipelines.networks import build_network
+
+    torch.set_num_threads(config.threads)
+    pname = _privacy_name(eps)
+    plan = _plan(config, eps)
+    _, _, _, trains, tests = _silo_data(config, seed, plan)
+    pooled = CaseArrays(np.concatenate([t.images for t in trains]), np.concatenate([t.labels for t in trains]))
+    epochs_total = config.rounds * config.local_epochs
+    n = len(trains)
+    rule = build_rule(config.robust_rule, rule_args(config.robust_rule, n, 1, 1.0))
+    fedavg = build_rule("fedavg", {})
+    model = build_network(plan, seed=seed)
+    initial = _state(model)
+    dice: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    out: dict[str, Any] = {"seed": seed, "privacy": pname, "dice": dice, "seconds": seconds}
+
+    def record(arm: str, states: Sequence[dict[str, np.ndarray]], t0: float) -> None:
+        scores = [_dice(model, s, test, plan) for s, test in zip(states, tests)]
+        dice[arm] = scores
+        seconds[arm] = round(time.perf_counter() - t0, 1)
+        if progress:
+            emit(f"utility: seed {seed} {arm} {pname}: mean Dice {statistics.fmean(scores):.3f} "
+                 f"({' '.join(f'{x:.2f}' for x in scores)}) {seconds[arm]:.0f}s")
+
+    t0 = time.perf_counter()
+    if eps is None:  # the floor: the initial weights every arm starts from
+        record("untrained", [initial] * n, t0)
+    trainer = _Trainer(plan, seed * 7919 + 1)
+    record("pooled", [trainer.train("pooled", initial, pooled, epochs=epochs_total, salt=1)] * n, t0)
+
+    t0 = time.perf_counter()
+    trainer = _Trainer(plan, seed * 7919 + 2)
+    record("local", [trainer.train(f"silo{i}", initial, d, epochs=epochs_total, salt=2 + i)
+                     for i, d in enumerate(trains)], t0)
+
+    t0 = time.perf_counter()
+    trainer = _Trainer(plan, seed * 7919 + 3)
+    fed_state, last = _federate(fedavg, trainer, initial, trains, config, 3, keep_last_local=True)
+    record("fedavg", [fed_state] * n, t0)
+    record("personalized", last, t0)
+    if eps is not None:
+        out["epsilon_spent"] = max(trainer.epsilon.values())
+        out["noise"] = {k: round(v, 4) for k, v in trainer.noise.items()}
+
+    t0 = time.perf_counter()
+    trainer = _Trainer(_plan(config, eps, fedprox_mu=config.fedprox_mu), seed * 7919 + 3)
+    record("fedprox", [_federate(fedavg, trainer, initial, trains, config, 3)[0]] * n, t0)
+
+    t0 = time.perf_counter()
+    trainer = _Trainer(plan, seed * 7919 + 3)
+    record(config.robust_rule, [_federate(rule, trainer, initial, trains, config, 3)[0]] * n, t0)
+    return out
+
+
+_RESULT_MARK = "UTILITY-RESULT "
+
+
+def _child_main() -> None:
+    """A worker process: one job as JSON on stdin, its result as one marked JSON line on stdout (no pickle)."""
+    import json
+
+    from fedsilo.errors import FedsiloError
+
+    job = json.loads(sys.stdin.read())
+    raw = job["config"]
+    for key in ("train_sizes", "channels", "strides", "epsilons"):
+        if raw.get(key) is not None:
+            raw[key] = tuple(raw[key])
+    config = UtilityConfig(**raw)
+    try:
+        result = _setting_job(config, job["seed"], job["eps"], progress=job["progress"],
+                              emit=lambda line: print(line, file=sys.stderr, flush=True))
+    except FedsiloError as exc:
+        result = {"error": exc.message, "fix": exc.fix}
+    print(_RESULT_MARK + json.dumps(result), flush=True)
+
+
+def _run_jobs(config: UtilityConfig, jobs: list[tuple[int, float | None]], *, progress: bool,
+              emit: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run the (seed, epsilon) jobs: in this process when ``workers`` is 1, else in up to ``workers`` child
+    processes at once (``python -c`` with the job as JSON; their progress lines go to this process's stderr)."""
+    import json
+    import subprocess
+
+    if config.workers == 1 or len(jobs) == 1:
+        return [_setting_job(config, seed, eps, progress=progress, emit=emit) for seed, eps in jobs]
+    code = "from fedsilo.utility_bench import _child_main; _child_main()"
+    pending = list(jobs)
+    running: list[tuple[subprocess.Popen, tuple[int, float | None]]] = []
+    results: dict[tuple[int, float | None], dict[str, Any]] = {}
+    try:
+        while pending or running:
+            while pending and len(running) < config.workers:
+                seed, eps = pending.pop(0)
+                proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+                assert proc.stdin is not None
+                proc.stdin.write(json.dumps({"config": asdict(config), "seed": seed, "eps": eps, "progress": progress}))
+                proc.stdin.close()
+                running.append((proc, (seed, eps)))
+            proc, key = running.pop(0)
+            assert proc.stdout is not None
+            out = proc.stdout.read()
+            code_ = proc.wait()
+            lines = [x for x in out.splitlines() if x.startswith(_RESULT_MARK)]
+            if code_ != 0 or not lines:
+                raise RuntimeError(f"utility bench worker for seed {key[0]} {_privacy_name(key[1])} failed "
+                                   f"(exit code {code_}; its error is above)")
+            result = json.loads(lines[-1][len(_RESULT_MARK):])
+            if "error" in result:
+                raise ConfigError(result["error"], fix=result["fix"])
+            results[key] = result
+    finally:
+        for proc, _ in running:
+            proc.kill()
+            proc.wait()
+    return [results[k] for k in jobs]
 
 
 def run_utility_bench(*, config: UtilityConfig | None = None, progress: bool = False,
                       log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every arm at every privacy setting; returns ``{"bench": "utility", "params", "machine", "rows"}``."""
-    import torch
-
-    from coordinator.aggregation import build_rule
-    from fedsilo.hard_silos import best_threshold, hard_profiles, silo_cases, threshold_dice
-    from fedsilo.robustness import rule_args
-    from pipelines.dataset import CaseArrays
-    from pipelines.networks import build_network
+    from fedsilo.hard_silos import hard_profiles
 
     config = config or UtilityConfig()
     _check(config)
     emit = log or (lambda line: print(line, file=sys.stderr, flush=True))
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    children_started = os.times()
     settings: list[float | None] = [None, *config.epsilons]
+    # DP settings first: they take longest, so that the workers finish together.
+    jobs = [(seed, eps) for eps in [*config.epsilons, None] for seed in range(config.seeds)]
+    outcomes = _run_jobs(config, jobs, progress=progress, emit=emit)
     # dice[(arm, privacy)][seed] = per-silo Dice list
     dice: dict[tuple[str, str], list[list[float]]] = {}
     spent: dict[str, float] = {}
     noise: dict[str, dict[str, float]] = {}
-    threshold_scores: list[list[float]] = []
-    thresholds: list[float] = []
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
-        for seed in range(config.seeds):
-            profiles = hard_profiles(config.silos, seed=seed, train_sizes=config.train_sizes, n_test=config.test_cases)
-            trains = [silo_cases(p, split="train", size=config.size) for p in profiles]
-            tests = [silo_cases(p, split="test", size=config.size) for p in profiles]
-            pooled = CaseArrays(np.concatenate([t.images for t in trains]), np.concatenate([t.labels for t in trains]))
-            t = best_threshold(pooled.images, pooled.labels)
-            thresholds.append(t)
-            threshold_scores.append([float(np.mean(threshold_dice(s.images, s.labels, t))) for s in tests])
-            epochs_total = config.rounds * config.local_epochs
-            n = len(trains)
-            rule = build_rule(config.robust_rule, rule_args(config.robust_rule, n, 1, 1.0))
-            fedavg = build_rule("fedavg", {})
-            for eps in settings:
-                pname = _privacy_name(eps)
-                plan = _plan(config, eps)
-                model = build_network(plan, seed=seed)
-                initial = _state(model)
-
-                def record(arm: str, states: Sequence[dict[str, np.ndarray]], t0: float) -> None:
-                    scores = [_dice(model, s, test, plan) for s, test in zip(states, tests)]
-                    dice.setdefault((arm, pname), []).append(scores)
-                    if progress:
-                        emit(f"utility: seed {seed} {arm} {pname}: mean Dice {statistics.fmean(scores):.3f} "
-                             f"({' '.join(f'{x:.2f}' for x in scores)}) {time.perf_counter() - t0:.0f}s")
-
-                t0 = time.perf_counter()
-                if eps is None:  # the floor: the initial weights every arm starts from
-                    record("untrained", [initial] * n, t0)
-                trainer = _Trainer(plan, seed * 7919 + 1)
-                pooled_state = trainer.train("pooled", initial, pooled, epochs=epochs_total, salt=1)
-                record("pooled", [pooled_state] * n, t0)
-
-                t0 = time.perf_counter()
-                trainer = _Trainer(plan, seed * 7919 + 2)
-                local_states = [trainer.train(f"silo{i}", initial, d, epochs=epochs_total, salt=2 + i)
-                                for i, d in enumerate(trains)]
-                record("local", local_states, t0)
-
-                t0 = time.perf_counter()
-                trainer = _Trainer(plan, seed * 7919 + 3)
-                fed_state, last = _federate(fedavg, trainer, initial, trains, config.rounds, config.local_epochs, 3,
-                                            keep_last_local=True)
-                record("fedavg", [fed_state] * n, t0)
-                record("personalized", last, t0)
-                if eps is not None:
-                    spent[pname] = max(trainer.epsilon.values())
-                    noise[pname] = {k: round(v, 4) for k, v in trainer.noise.items()}
-
-                t0 = time.perf_counter()
-                prox_plan = _plan(config, eps, fedprox_mu=config.fedprox_mu)
-                trainer = _Trainer(prox_plan, seed * 7919 + 3)
-                prox_state, _ = _federate(fedavg, trainer, initial, trains, config.rounds, config.local_epochs, 3)
-                record("fedprox", [prox_state] * n, t0)
-
-                t0 = time.perf_counter()
-                trainer = _Trainer(plan, seed * 7919 + 3)
-                robust_state, _ = _federate(rule, trainer, initial, trains, config.rounds, config.local_epochs, 3)
-                record(config.robust_rule, [robust_state] * n, t0)
-    finally:
-        torch.set_num_threads(threads_before)
+    seconds: dict[str, dict[str, float]] = {}
+    for out in sorted(outcomes, key=lambda o: (settings.index(None if o["privacy"] == "no-DP" else
+                                                               float(o["privacy"][4:])), o["seed"])):
+        for arm, scores in out["dice"].items():
+            dice.setdefault((arm, out["privacy"]), []).append(scores)
+        if "epsilon_spent" in out:
+            spent[out["privacy"]] = max(spent.get(out["privacy"], 0.0), out["epsilon_spent"])
+            noise.setdefault(out["privacy"], out["noise"])
+        seconds.setdefault(out["privacy"], out["seconds"])
+    thresholds = [_threshold_job(config, seed) for seed in range(config.seeds)]
     wall = time.perf_counter() - started
-    cpu = time.process_time() - cpu_started
-    return _result(config, dice, threshold_scores, thresholds, spent, noise, wall, cpu, [p.name for p in profiles],
+    children = os.times()
+    cpu = (time.process_time() - cpu_started) + (children.children_user - children_started.children_user) + (
+        children.children_system - children_started.children_system)
+    profiles = hard_profiles(config.silos, seed=0, train_sizes=config.train_sizes, n_test=config.test_cases)
+    return _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, [p.name for p in profiles],
                    [p.n_train for p in profiles])
 
 
 def _check(config: UtilityConfig) -> None:
     from coordinator.aggregation import RULES
+    from coordinator.server_optimizer import OPTIMIZERS
 
-    for name in ("silos", "rounds", "local_epochs", "batch_size", "seeds", "threads", "test_cases"):
+    for name in ("silos", "rounds", "local_epochs", "batch_size", "seeds", "threads", "test_cases", "workers"):
         value = getattr(config, name)
         low = 2 if name in ("silos", "rounds") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -291,6 +426,14 @@ def _check(config: UtilityConfig) -> None:
     if config.robust_rule not in RULES or config.robust_rule == "fedavg":
         robust = [r for r in RULES if r != "fedavg"]
         raise ConfigError(f"--robust-rule {config.robust_rule!r} is not a robust rule", fix=f"use one of: {', '.join(robust)}")
+    if config.preprocess not in PREPROCESS:
+        raise ConfigError(f"--preprocess {config.preprocess!r} is not offered", fix=f"use one of: {', '.join(PREPROCESS)}")
+    if config.server_optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--server-optimizer {config.server_optimizer!r} is not known", fix=f"use one of: {', '.join(OPTIMIZERS)}")
+    if not config.server_lr > 0:
+        raise ConfigError(f"--server-lr {config.server_lr} must be positive", fix="e.g. --server-lr 1.0")
+    if not config.max_grad_norm > 0:
+        raise ConfigError(f"--max-grad-norm {config.max_grad_norm} must be positive", fix="e.g. --max-grad-norm 0.5")
     if config.fedprox_mu <= 0:
         raise ConfigError(f"--fedprox-mu {config.fedprox_mu} must be positive", fix="e.g. --fedprox-mu 0.01")
 
@@ -306,7 +449,7 @@ def _row(case: str, metric: str, value: float | None, baseline: str | None = Non
             "baseline": baseline, "ratio": ratio}
 
 
-def _result(config, dice, threshold_scores, thresholds, spent, noise, wall, cpu, names, sizes) -> dict[str, Any]:
+def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, sizes) -> dict[str, Any]:
     import monai
     import opacus
     import torch
@@ -315,10 +458,14 @@ def _result(config, dice, threshold_scores, thresholds, spent, noise, wall, cpu,
         return [statistics.fmean(run[i] for run in dice[key]) for i in range(len(names))]
 
     rows: list[dict[str, Any]] = []
-    thr = [statistics.fmean(s[i] for s in threshold_scores) for i in range(len(names))]
-    for i, name in enumerate(names):
-        rows.append(_row("threshold (global, non-private)", f"dice {name}", thr[i]))
-    rows.append(_row("threshold (global, non-private)", "dice mean", statistics.fmean(thr)))
+    for kind, case in (("raw", "threshold (global, raw intensities)"),
+                       ("preprocessed", f"threshold (global, after {config.preprocess})")):
+        if kind == "preprocessed" and config.preprocess == "none":
+            continue
+        thr = [statistics.fmean(t[kind]["dice"][i] for t in thresholds) for i in range(len(names))]
+        for i, name in enumerate(names):
+            rows.append(_row(case, f"dice {name}", thr[i]))
+        rows.append(_row(case, "dice mean", statistics.fmean(thr)))
     untrained = per_silo(("untrained", _privacy_name(None)))
     rows.append(_row("untrained (initial weights)", "dice mean", statistics.fmean(untrained)))
     arms = ["pooled", "local", "fedavg", "fedprox", config.robust_rule, "personalized"]
@@ -344,7 +491,7 @@ def _result(config, dice, threshold_scores, thresholds, spent, noise, wall, cpu,
     goals: dict[str, Any] = {}
     nodp = _privacy_name(None)
     local = per_silo(("local", nodp))
-    for arm in ("fedavg", "fedprox", config.robust_rule):
+    for arm in ("fedavg", "fedprox", config.robust_rule, "personalized"):
         gap = (means[("pooled", nodp)] - means[(arm, nodp)]) * 100
         fed = per_silo((arm, nodp))
         beats = sum(f > lo for f, lo in zip(fed, local))
@@ -375,6 +522,9 @@ def _result(config, dice, threshold_scores, thresholds, spent, noise, wall, cpu,
         "network": f"UNet channels={list(config.channels)} strides={list(config.strides)} num_res_units=0",
         "training": f"{config.rounds} rounds x {config.local_epochs} local epochs, batch {config.batch_size}, "
                     f"SGD lr {config.lr} (DP: {config.dp_lr}) momentum {config.momentum}, loss {config.loss}",
+        "preprocess": f"{config.preprocess} per image, every arm (train and test)",
+        "server_optimizer": f"{config.server_optimizer} lr {config.server_lr} (every federated arm)",
+        "arm_seconds": seconds, "workers": config.workers,
         "budget": f"every arm {config.rounds * config.local_epochs} epochs of each silo's data (pooled: of the union)",
         "epsilons": list(config.epsilons), "delta": config.delta, "max_grad_norm": config.max_grad_norm,
         "epsilon_spent": {k: round(v, 3) for k, v in spent.items()},
@@ -382,13 +532,14 @@ def _result(config, dice, threshold_scores, thresholds, spent, noise, wall, cpu,
         "fedprox_mu": config.fedprox_mu, "robust_rule": config.robust_rule, "robust_rule_f": 1,
         "personalization": "FedAvg for rounds-1 rounds, then local_epochs of local fine-tuning at each silo: the same "
                            "compute and privacy budget as fedavg ((rounds-1)/rounds of the steps federated, 1/rounds fine-tuning)",
-        "threshold": {"values_per_seed": [round(t, 4) for t in thresholds],
-                      "chosen": "global, best mean Dice on the pooled training data"},
+        "threshold": {"raw_per_seed": [round(t["raw"]["threshold"], 4) for t in thresholds],
+                      "preprocessed_per_seed": [round(t["preprocessed"]["threshold"], 4) for t in thresholds],
+                      "chosen": "global, best mean Dice on the pooled training data (non-private)"},
         "profiles": profiles_text,
         "goals": goals,
     }
     machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "monai": monai.__version__, "opacus": opacus.__version__,
-               "torch_threads": config.threads, "python": platform.python_version()}
+               "torch_threads": config.threads, "workers": config.workers, "python": platform.python_version()}
     return {"bench": BENCH, "params": params, "machine": machine, "rows": rows}
 
 
@@ -409,11 +560,20 @@ def add_bench_command(bsub) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate without DP (default {d.lr})")
     p.add_argument("--dp-lr", type=float, default=d.dp_lr, help=f"SGD learning rate with DP (default {d.dp_lr})")
+    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help=f"DP-SGD per-sample clipping norm (default {d.max_grad_norm})")
     p.add_argument("--epsilons", default=",".join(f"{e:g}" for e in d.epsilons), help="DP settings (default 1,3,8)")
     p.add_argument("--fedprox-mu", type=float, default=d.fedprox_mu)
     p.add_argument("--robust-rule", default=d.robust_rule)
     p.add_argument("--seeds", type=int, default=d.seeds, help=f"repetitions (default {d.seeds})")
-    p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads (default {d.threads})")
+    p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads per process (default {d.threads})")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help=f"processes training privacy settings at once (default {d.workers}; 1: all in this process)")
+    p.add_argument("--preprocess", default=d.preprocess,
+                   help=f"per-image transform for every arm: {', '.join(PREPROCESS)} (default {d.preprocess})")
+    p.add_argument("--server-optimizer", default=d.server_optimizer,
+                   help=f"server optimizer of the federated arms: sgd, adam, yogi (default {d.server_optimizer})")
+    p.add_argument("--server-lr", type=float, default=d.server_lr, help=f"server learning rate (default {d.server_lr})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_utility)
 
@@ -438,8 +598,10 @@ def _utility(args) -> int:
     config = UtilityConfig(
         silos=len(sizes) if sizes else args.silos, train_sizes=sizes, test_cases=args.test_cases, size=args.size,
         rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, dp_lr=args.dp_lr,
+        max_grad_norm=args.max_grad_norm,
         epsilons=_numbers(args.epsilons, "epsilons", float) or (), fedprox_mu=args.fedprox_mu,
-        robust_rule=args.robust_rule, seeds=args.seeds, threads=args.threads,
+        robust_rule=args.robust_rule, seeds=args.seeds, threads=args.threads, workers=args.workers,
+        preprocess=args.preprocess, server_optimizer=args.server_optimizer, server_lr=args.server_lr,
     )
     if config.size < 16:
         raise ConfigError(f"--size {config.size} is too small", fix="use 16 or more")

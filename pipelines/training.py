@@ -12,6 +12,7 @@ has spent, computed by the accountant (RDP: Mironov 2017, arXiv:1702.07476; PRV:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -133,25 +134,27 @@ def sample_rate(plan: Plan, num_examples: int) -> float:
 
 def plan_noise_multiplier(plan: Plan, num_examples: int) -> float:
     """The noise multiplier that spends the plan's target epsilon over all its rounds."""
-    from opacus.accountants.utils import get_noise_multiplier
-
     p = plan.privacy
     epochs = plan.federation.rounds * plan.training.local_epochs
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=p.target_epsilon,
-                target_delta=p.target_delta,
-                sample_rate=sample_rate(plan, num_examples),
-                epochs=epochs,
-                accountant=p.accountant,
-            )
-        )
+        return _noise_multiplier(float(p.target_epsilon), float(p.target_delta), sample_rate(plan, num_examples), epochs,
+                                 p.accountant)
     except ValueError as exc:
         raise PrivacyBudgetError(
             f"no noise level reaches epsilon {p.target_epsilon} with {num_examples} cases over {epochs} epochs ({exc})",
             fix="raise privacy.target_epsilon, add cases, or lower rounds/local_epochs",
         ) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _noise_multiplier(target_epsilon: float, target_delta: float, rate: float, epochs: int, accountant: str) -> float:
+    """Opacus' bisection (``get_noise_multiplier``), remembered per process: with RDP each probe evaluates the
+    Renyi divergence at ~150 orders, in pure Python for the fractional ones (seconds per search on one core),
+    and the answer depends only on these five numbers."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=rate,
+                                      epochs=epochs, accountant=accountant))
 
 
 def planned_round_entry(plan: Plan, num_examples: int) -> HistoryEntry:
@@ -166,14 +169,38 @@ def planned_round_entry(plan: Plan, num_examples: int) -> HistoryEntry:
 
 
 def composed_epsilon(history: Sequence[HistoryEntry], *, delta: float, accountant: str) -> float:
-    """Epsilon of a whole accountant history at ``delta`` (0.0 for an empty history)."""
+    """Epsilon of a whole accountant history at ``delta`` (0.0 for an empty history).
+
+    RDP (Mironov 2017, arXiv:1702.07476, Prop. 1: RDP composes by addition): the per-step RDP curve of each
+    (noise multiplier, sample rate) is computed once per process (:func:`_rdp_per_step`) and scaled by the steps,
+    the same sums Opacus' ``RDPAccountant.get_privacy_spent`` makes, so the value is Opacus' own. PRV and GDP go
+    through Opacus' accountant as they are.
+    """
     from opacus.accountants import create_accountant
 
     if not history:
         return 0.0
+    if accountant == "rdp":
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        rdp = sum(np.asarray(_rdp_per_step(float(nm), float(rate))) * int(steps) for nm, rate, steps in history)
+        eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+        return float(eps)
     acc = create_accountant(mechanism=accountant)
     acc.history = [tuple(h) for h in history]
     return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=1024)
+def _rdp_per_step(noise_multiplier: float, rate: float) -> tuple[float, ...]:
+    """RDP of one step of the subsampled Gaussian mechanism at Opacus' default orders (Mironov et al. 2019,
+    arXiv:1908.10530), remembered per process: every round of a run repeats the same few (sigma, q) pairs."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    return tuple(float(x) for x in compute_rdp(q=rate, noise_multiplier=noise_multiplier, steps=1,
+                                                orders=RDPAccountant.DEFAULT_ALPHAS))
 
 
 def add_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Module, mu: float) -> None:
@@ -257,14 +284,15 @@ def train_local(
 
         if noise_multiplier is None:
             noise_multiplier = plan_noise_multiplier(plan, len(data))
-        engine = PrivacyEngine(accountant=plan.privacy.accountant)
-        engine.accountant.history = [tuple(h) for h in history]
         mode = grad_sample_mode(plan)
-        common = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-                      max_grad_norm=plan.privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode=mode)
         with warnings.catch_warnings():
-            # Opacus warns that secure_mode is off (CPU RNG): accepted for this toolkit's threat model.
+            # Opacus warns that secure_mode is off (CPU RNG), when the engine is built and again when it wraps:
+            # accepted for this toolkit's threat model.
             warnings.simplefilter("ignore", UserWarning)
+            engine = PrivacyEngine(accountant=plan.privacy.accountant)
+            engine.accountant.history = [tuple(h) for h in history]
+            common = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+                          max_grad_norm=plan.privacy.max_grad_norm, poisson_sampling=True, grad_sample_mode=mode)
             if mode == "ghost":
                 # Ghost clipping: per-sample gradient norms only, then a second backward pass on the loss
                 # reweighted by the clipping coefficients; the returned criterion does both in .backward().
@@ -299,6 +327,7 @@ def train_local(
             sample_rate=sample_rate(plan, len(data)),
             steps=steps_total - sum(int(h[2]) for h in history),
             delta=plan.privacy.target_delta,
-            epsilon=float(engine.accountant.get_epsilon(delta=plan.privacy.target_delta)),
+            epsilon=composed_epsilon(engine.accountant.history, delta=plan.privacy.target_delta,
+                                     accountant=plan.privacy.accountant),
         )
     return TrainResult(state_dict=state, num_examples=len(data), train_loss=losses[-1] if losses else math.nan, seconds=seconds, privacy=report)

@@ -11,8 +11,9 @@ from fedsilo.hard_silos import best_threshold, hard_profiles, silo_cases, thresh
 from fedsilo.utility_bench import UtilityConfig, run_utility_bench
 
 KEYS = {"case", "metric", "value", "baseline", "ratio"}
-TINY = UtilityConfig(silos=2, train_sizes=(6, 10), test_cases=3, size=16, rounds=2, local_epochs=1, batch_size=8,
-                     epsilons=(8.0,), channels=(4, 8), strides=(2,), seeds=1)
+# batch 16 >= every silo (and the pooled 16 cases): sample rate 1, so the noise search is instant (RDP in closed form).
+TINY = UtilityConfig(silos=2, train_sizes=(6, 10), test_cases=3, size=16, rounds=2, local_epochs=1, batch_size=16,
+                     epsilons=(8.0,), channels=(4, 8), strides=(2,), seeds=1, workers=2)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +44,12 @@ def test_tiny_run_has_every_arm_privacy_and_silo(tiny_result) -> None:
     pers, fed = by_key[("personalized eps=8", "dice silo1")]["value"], by_key[("fedavg eps=8", "dice silo1")]["value"]
     assert gain == pytest.approx((pers - fed) * 100, abs=0.05)
     goals = result["params"]["goals"]
-    assert set(goals) == {"fedavg", "fedprox", "trimmed_mean"}
+    assert set(goals) == {"fedavg", "fedprox", "trimmed_mean", "personalized"}
     assert {"points_behind_pooled", "within_2_points", "silos_beating_their_local_model", "eps8_within_3_points"} <= set(goals["fedavg"])
-    assert ("threshold (global, non-private)", "dice mean") in by_key and ("total", "wall_seconds") in by_key
+    assert ("threshold (global, raw intensities)", "dice mean") in by_key and ("total", "wall_seconds") in by_key
+    assert ("threshold (global, after NormalizeIntensity)", "dice mean") in by_key
+    # Both settings ran (in two worker processes: workers=2) and came back whole.
+    assert set(result["params"]["arm_seconds"]) == {"no-DP", "eps=8"}
 
 
 def test_dp_arms_spend_the_target_epsilon_over_the_whole_run(tiny_result) -> None:
@@ -74,6 +78,23 @@ def test_hard_silos_are_deterministic_and_differ() -> None:
     assert max(backgrounds) - min(backgrounds) > 0.3
 
 
+def test_preprocessing_z_scores_every_image_for_every_arm() -> None:
+    # The plan every arm trains with carries the per-image z-score; after it, each image has mean 0 and std 1,
+    # whatever its silo's scanner offset and scale.
+    from fedsilo.utility_bench import _plan, _silo_data
+
+    config = UtilityConfig(silos=2, train_sizes=(4, 4), test_cases=2, size=16)
+    for eps in (None, 8.0):
+        assert [t.name for t in _plan(config, eps).data.transforms] == ["NormalizeIntensity"]
+    _, raw, _, trains, tests = _silo_data(config, 0, _plan(config, None))
+    assert abs(float(raw[0].images.mean()) - float(raw[1].images.mean())) > 0.1
+    for arrays in (*trains, *tests):
+        flat = arrays.images.reshape(len(arrays), -1)
+        assert np.allclose(flat.mean(axis=1), 0.0, atol=1e-4) and np.allclose(flat.std(axis=1), 1.0, atol=1e-3)
+    none = UtilityConfig(silos=2, train_sizes=(4, 4), test_cases=2, size=16, preprocess="none")
+    assert _plan(none, None).data.transforms == ()
+
+
 def test_threshold_dice_by_hand() -> None:
     images = np.array([[[0.0, 1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], dtype=np.float32)[:, None]
     masks = np.array([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], dtype=np.float32)[:, None]
@@ -90,6 +111,9 @@ def test_threshold_dice_by_hand() -> None:
         (UtilityConfig(epsilons=(0.0,)), "--epsilons"),
         (UtilityConfig(robust_rule="fedavg"), "not a robust rule.*median"),
         (UtilityConfig(fedprox_mu=0.0), "--fedprox-mu"),
+        (UtilityConfig(preprocess="Histogram"), "--preprocess.*NormalizeIntensity"),
+        (UtilityConfig(server_optimizer="lamb"), "--server-optimizer.*yogi"),
+        (UtilityConfig(workers=0), "--workers 0"),
     ],
 )
 def test_bad_config_is_refused_before_training(config, match) -> None:
