@@ -23,7 +23,7 @@ lint-imports: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test: $(STAMP) lint-imports
-	# Two workers: the end-to-end runs (one xdist group, run one after another) beside the unit tests.
+	# Two workers: the end-to-end runs in two xdist groups (each group one test after another) beside the unit tests.
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean:

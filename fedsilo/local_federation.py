@@ -86,7 +86,7 @@ class LocalFederation:
     """
 
     def __init__(self, root: Path, silos: Sequence[SiloSpec], *, superlink_port: int = 0, threads_per_silo: int = 1,
-                 isolation: str = "subprocess", tuned: bool | None = None) -> None:
+                 isolation: str = "warm", tuned: bool | None = None) -> None:
         if isolation not in ISOLATION_MODES:
             raise ConfigError(f"isolation '{isolation}' is not known", fix=f"use one of: {', '.join(ISOLATION_MODES)}")
         if not silos:

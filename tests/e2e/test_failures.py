@@ -28,7 +28,7 @@ from pipelines.serialization import load_model, state_digest
 from pipelines.training import composed_epsilon
 from silo_agent.ledger import PrivacyLedger
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-b")]
 
 # Long enough for a healthy silo on a busy 2-core machine, short enough to wait for twice in a test.
 ROUND_TIMEOUT_S = 60

@@ -21,7 +21,7 @@ from file_access import FileAccessWatch
 from silo_agent.ledger import PrivacyLedger
 from silo_agent.witnessing import witness_fingerprint
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]  # one worker runs them in turn
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-a")]  # one worker runs a group in turn
 
 
 def _events(path, event):

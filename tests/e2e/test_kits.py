@@ -23,7 +23,7 @@ from silo_agent.approvals import decide, import_bundle
 from silo_agent.node import install_kit, load_site_kit
 from silo_agent.site import register_dataset
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-b")]
 
 FEDSILO = [sys.executable, "-m", "fedsilo.cli"]
 FEDERATION = "e2e-kits"

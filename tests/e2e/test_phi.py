@@ -22,7 +22,7 @@ from fedsilo.demo import sign_and_approve
 from fedsilo.local_federation import LocalFederation, SiloSpec
 from silo_agent.site import Site
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-a")]
 
 PHI_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate", "ReferringPhysicianName",
                 "InstitutionName", "ImageComments")

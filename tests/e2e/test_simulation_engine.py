@@ -11,7 +11,7 @@ from fedsilo.local_federation import SiloSpec
 from fedsilo.demo import sign_and_approve
 from fedsilo.local_simulation import LocalSimulation
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e")]  # one worker runs them in turn
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-a")]  # one worker runs a group in turn
 
 
 def test_simulation_engine_runs_the_plan_on_each_site_folder(tmp_path, e2e_plan, make_sites):
