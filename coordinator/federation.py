@@ -156,7 +156,8 @@ class FederatedRun:
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if pending:
                 time.sleep(interval)
-        return replies
+        order = {mid: i for i, mid in enumerate(ids)}  # replies in the order the messages went out: a deterministic aggregation
+        return sorted(replies, key=lambda r: order.get(r.metadata.reply_to_message_id, len(order)))
 
     # --- signed checkpoints, witnessed by the silos -----------------------------------
 

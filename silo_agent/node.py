@@ -54,6 +54,7 @@ ISOLATION = ("warm", "subprocess")
 #: Flower's exit code for a SuperNode the SuperLink will not activate (1.42: its key is not registered).
 EXIT_NODE_REFUSED = 305
 REJOIN_RETRY_S = 5.0
+ACCEPTED_MARK = "accepted-by-coordinator"  # in SITE_DIR/flwr: the coordinator has accepted this site's node before
 EXPIRY_WARNING_DAYS = 30
 INSECURE_WARNING = ("WARNING: --insecure-dev: NO TLS to the coordinator and no node authentication (Flower requires TLS for it): "
                     "model updates and plans cross the network in clear text and the coordinator is not authenticated. Use this "
@@ -310,8 +311,8 @@ def run_node(kit: SiteKit, site_dir: Path, *, insecure_dev: bool = False, isolat
              port: int = 0, on_ready: Callable[[], None] | None = None, rejoin_timeout_s: float = 180.0) -> None:
     """Run the site's SuperNode from ``kit`` until SIGINT/SIGTERM (raised as KeyboardInterrupt here) or until it stops.
 
-    A silo restarted after a crash is refused until the coordinator sees its old heartbeats lapse; it
-    retries for up to ``rejoin_timeout_s``.
+    A silo restarted after a crash is refused until the coordinator sees its old heartbeats lapse; a site
+    the coordinator has accepted before retries for up to ``rejoin_timeout_s``.
     """
     if isolation not in ISOLATION:
         raise ConfigError(f"isolation '{isolation}' is not known", fix=f"use one of: {', '.join(ISOLATION)}")
@@ -345,9 +346,13 @@ def run_node(kit: SiteKit, site_dir: Path, *, insecure_dev: bool = False, isolat
             _wait_listening(node, node_port)
             state = _activation(node)
             if state == "active":
+                flwr_home.mkdir(parents=True, exist_ok=True)
+                (flwr_home / ACCEPTED_MARK).write_text(kit.coordinator + "\n", encoding="utf-8")
                 break
             procs.finish(node)
-            if state == "still-active" and time.monotonic() < deadline:
+            # Flower refuses a key that is not registered and a key still counted as connected alike (2004):
+            # only a site the coordinator accepted before can be the second case, so only it retries.
+            if state == "still-active" and (flwr_home / ACCEPTED_MARK).is_file() and time.monotonic() < deadline:
                 # After a crash the coordinator counts the site's key as connected until its heartbeats lapse.
                 say(f"site {kit.site}: the coordinator still counts this site as connected (its last SuperNode stopped moments ago); "
                     f"retrying in {REJOIN_RETRY_S:.0f} s")

@@ -76,7 +76,8 @@ class LoopbackGrid:
         return ids
 
     def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+        # Like the SuperLink, in no promised order: the driver must not depend on it.
+        return [self.replies.pop(i) for i in sorted(message_ids, reverse=True) if i in self.replies]
 
 
 def honest(node: int, msg: Message, delta=None, run_id=None, round_=None) -> RecordDict:

@@ -164,7 +164,14 @@ def test_the_coordinators_certificate_is_checked_before_flower_connects(tmp_path
     finally:
         listener.close()
     said.clear()
-    assert not probe_coordinator(kit, report=said.append)  # nobody listens: a note, not an error
+    # A port held bound but not listening: nobody can answer there (a port merely closed might be taken by
+    # another test's server meanwhile).
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        silent = dataclasses.replace(kit, coordinator=f"127.0.0.1:{held.getsockname()[1]}")
+        assert not probe_coordinator(silent, report=said.append)  # nobody listens: a note, not an error
     assert "does not answer yet" in said[0]
 
 
