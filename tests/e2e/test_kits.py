@@ -96,6 +96,7 @@ def test_kits_start_a_federation_that_runs_a_submitted_plan(tmp_path, e2e_plan):
     logs = tmp_path / "logs"
     logs.mkdir()
     procs: list[tuple[subprocess.Popen, Path]] = []
+    intruder = None
     try:
         coordinator = _spawn([*FEDSILO, "coordinator", "start", "--kit", str(coordinator_kit), "--host", "127.0.0.1"], logs / "coordinator.log")
         procs.append((coordinator, logs / "coordinator.log"))
@@ -138,6 +139,9 @@ def test_kits_start_a_federation_that_runs_a_submitted_plan(tmp_path, e2e_plan):
         assert set(runs) == {"finished:completed", "finished:failed"}
         run = runs["finished:completed"]
     finally:
+        if intruder is not None and intruder.poll() is None:  # SIGTERM: it stops its own SuperNode, by PID
+            os.killpg(intruder.pid, signal.SIGTERM)
+            intruder.wait(timeout=60)
         for proc, _ in reversed(procs):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
