@@ -74,8 +74,8 @@ GOAL_DP8_POINTS = 3.0
 
 @dataclass(frozen=True)
 class UtilityConfig:
-    """Sizes and training settings (defaults: 3 seeds, about 770 CPU-seconds: some 7 minutes on an unshared
-    2-core machine with 2 workers; one seed took 255 CPU-seconds on 2026-11-27).
+    """Sizes and training settings (defaults: 3 seeds, 722 CPU-seconds measured 2026-11-27: some 6 to 7 minutes
+    on an unshared 2-core machine with 2 workers).
 
     silos / train_sizes / test_cases / size: the data (:func:`fedsilo.hard_silos.hard_profiles`).
     rounds / local_epochs / batch_size: training; every arm gets rounds x local_epochs epochs.
