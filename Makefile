@@ -24,7 +24,7 @@ lint-imports: $(STAMP)
 
 test: $(STAMP) lint-imports
 	# Two workers: the end-to-end runs in two xdist groups (each group one test after another) beside the unit tests.
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=12
 
 clean:
 	rm -rf runs .pytest_cache
