@@ -19,7 +19,6 @@ come from the silos' replies (``seconds``), aggregation time from the coordinato
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -139,6 +138,3 @@ def run_round_bench(*, plan_path: Path = DEFAULT_PLAN, silos: int = 3, rounds: i
         "rows": rows,
     }
 
-
-if __name__ == "__main__":  # pragma: no cover - debugging aid
-    print(json.dumps(run_round_bench(say=print)))

@@ -146,11 +146,7 @@ def load_cases(
         images.append(img)
         if progress:
             progress(i + 1, len(cases))
-    shapes = {a.shape for a in images}
-    if len(shapes) > 1:
-        raise DataError(f"the registered cases have {len(shapes)} different shapes", fix="add a Resize or SpatialPad transform to the plan")
-    stacked_labels = np.stack(labels) if segmentation else np.asarray(labels, dtype=np.int64)
-    return CaseArrays(images=np.stack(images), labels=stacked_labels)
+    return _stack(images, labels, segmentation=segmentation, what="the registered cases")
 
 
 @dataclass(frozen=True)
@@ -248,9 +244,14 @@ def load_split(
         images.append(img)
         if progress:
             progress(i + 1, len(entries))
+    return _stack(images, labels, segmentation=segmentation, what=f"{datalist}: cases")
+
+
+def _stack(images: list, labels: list, *, segmentation: bool, what: str) -> CaseArrays:
+    """One split's cases as arrays; cases of different shapes cannot be batched."""
     shapes = {a.shape for a in images}
     if len(shapes) > 1:
-        raise DataError(f"{datalist}: cases have {len(shapes)} different shapes", fix="add a Resize or SpatialPad transform to the plan")
+        raise DataError(f"{what} have {len(shapes)} different shapes", fix="add a Resize or SpatialPad transform to the plan")
     stacked_labels = np.stack(labels) if segmentation else np.asarray(labels, dtype=np.int64)
     return CaseArrays(images=np.stack(images), labels=stacked_labels)
 

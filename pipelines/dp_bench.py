@@ -224,6 +224,17 @@ def _finite(model, loss_value: float) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters()) and loss_value == loss_value
 
 
+def _timed(step, torch, cuda: bool) -> tuple[float, float]:
+    """(seconds, loss) of one step; on CUDA the clock waits for the device's queued work."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss_value = step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, loss_value
+
+
 def measure_case(job: dict[str, Any]) -> dict[str, Any]:
     """Build, make private (unless ``mode`` is None), run ``WARMUP + repeats`` steps; time and memory.
 
@@ -236,13 +247,8 @@ def measure_case(job: dict[str, Any]) -> dict[str, Any]:
         step, model = _build_step(job, job["mode"], device)
         times = []
         for _ in range(WARMUP + int(job["repeats"])):
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            loss_value = step()
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
+            seconds, loss_value = _timed(step, torch, cuda)
+            times.append(seconds)
         if not _finite(model, loss_value):
             return {"skipped": "non-finite weights or loss after the steps"}
     except Exception as exc:  # a mode that does not work for this network: reported, not raised
@@ -278,13 +284,8 @@ def measure_interleaved(job: dict[str, Any]) -> dict[str, Any]:
                 continue
             step, model = steps[name]
             try:
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                loss_value = step()
-                if cuda:
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+                seconds, loss_value = _timed(step, torch, cuda)
+                times[name].append(seconds)
             except Exception as exc:
                 out[name] = {"skipped": _first_line(exc)}
                 continue
