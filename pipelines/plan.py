@@ -31,9 +31,22 @@ AGGREGATION_RULES = (
 )
 SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
 NORM_ACTIONS = ("reject", "clip")
+# How updates travel from silo to coordinator (pipelines.compression implements them).
+COMPRESSIONS = ("float32", "float16", "int8", "topk")
+# ``secagg+``: Flower's SecAgg+ (Bell et al. 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic
+# Overhead", CCS): the coordinator sees only the weighted sum of the silos' updates.
+SECURE_AGGREGATION = ("none", "secagg+")
+#: Rules that work on the sum alone, and so are possible under secure aggregation (every other rule needs to
+#: look at individual updates: sort them, measure distances between them, or clip each one at the coordinator).
+SECURE_RULES = ("fedavg",)
 #: (section, key) -> default of keys added after the first plans were hashed: omitted from the normalized plan
 #: (and so from its hash) at their default.
-LATER_KEYS: dict[tuple[str, str], Any] = {("training", "fedprox_mu"): 0.0}
+LATER_KEYS: dict[tuple[str, str], Any] = {
+    ("training", "fedprox_mu"): 0.0,
+    ("federation", "compression"): "float32",
+    ("federation", "topk_fraction"): 0.01,
+    ("federation", "secure_aggregation"): "none",
+}
 
 
 def _fail(key: str, problem: str, fix: str) -> ConfigError:
@@ -135,6 +148,11 @@ class FederationSpec:
     update_norm_action: str = "reject"
     round_timeout_s: float = 600.0
     wait_for_silos_s: float = 120.0
+    # How each update travels (float32, float16, int8, or top-k with error feedback kept at the silo).
+    compression: str = "float32"
+    topk_fraction: float = 0.01  # topk only: the share of the model's entries each update carries
+    # "secagg+": the coordinator sees only the sum (each silo clips its update to update_norm_bound before masking).
+    secure_aggregation: str = "none"
 
 
 @dataclass(frozen=True)
@@ -339,7 +357,7 @@ def _parse_privacy(raw: Any) -> PrivacySpec:
 def _parse_federation(raw: Any) -> FederationSpec:
     f = _mapping(raw, "federation")
     _check_keys(f, ("rounds", "min_silos", "aggregation", "server_lr", "server_optimizer", "update_norm_bound", "update_norm_action",
-                    "round_timeout_s", "wait_for_silos_s"), "federation")
+                    "round_timeout_s", "wait_for_silos_s", "compression", "topk_fraction", "secure_aggregation"), "federation")
     a = _mapping(f.get("aggregation"), "federation.aggregation")
     _check_keys(a, ("rule", "args"), "federation.aggregation")
     aggregation = AggregationSpec(
@@ -355,9 +373,17 @@ def _parse_federation(raw: Any) -> FederationSpec:
     bound = f.get("update_norm_bound")
     if bound is not None:
         bound = _number(f, "update_norm_bound", "federation", 10.0, low=0, low_open=True)
+    compression = _choice(f, "compression", "federation", COMPRESSIONS, "float32")
+    if "topk_fraction" in f and compression != "topk":
+        raise _fail("federation.topk_fraction", f"is used only with compression: topk (this plan has {compression})",
+                    "remove topk_fraction, or set compression: topk")
+    secure = _choice(f, "secure_aggregation", "federation", SECURE_AGGREGATION, "none")
+    min_silos = _number(f, "min_silos", "federation", 2, integer=True, low=1, high=10000)
+    if secure != "none":
+        _check_secure(secure, aggregation.rule, bound, min_silos, compression)
     return FederationSpec(
         rounds=_number(f, "rounds", "federation", 3, integer=True, low=1, high=10000),
-        min_silos=_number(f, "min_silos", "federation", 2, integer=True, low=1, high=10000),
+        min_silos=min_silos,
         aggregation=aggregation,
         server_lr=_number(f, "server_lr", "federation", 1.0, low=0, low_open=True, high=100),
         server_optimizer=server_optimizer,
@@ -365,7 +391,28 @@ def _parse_federation(raw: Any) -> FederationSpec:
         update_norm_action=_choice(f, "update_norm_action", "federation", NORM_ACTIONS, "reject"),
         round_timeout_s=_number(f, "round_timeout_s", "federation", 600.0, low=1),
         wait_for_silos_s=_number(f, "wait_for_silos_s", "federation", 120.0, low=1),
+        compression=compression,
+        topk_fraction=_number(f, "topk_fraction", "federation", 0.01, low=0, low_open=True, high=1),
+        secure_aggregation=secure,
     )
+
+
+def _check_secure(secure: str, rule: str, bound: float | None, min_silos: int, compression: str) -> None:
+    """What secure aggregation rules out, each refusal saying why and what is possible instead."""
+    key = "federation.secure_aggregation"
+    if rule not in SECURE_RULES:
+        raise _fail(key, f"{secure} hides individual updates, and rule '{rule}' needs them (it compares or clips each silo's update "
+                    "at the coordinator)", "use aggregation rule fedavg (the weighted mean; each silo clips its own update to "
+                    "update_norm_bound before masking), or drop secure_aggregation to keep a robust rule")
+    if bound is None:
+        raise _fail(key, f"{secure} needs federation.update_norm_bound: the coordinator cannot check a masked update, so each silo "
+                    "clips its own to that bound before masking", "set federation.update_norm_bound, e.g. 10.0")
+    if min_silos < 3:
+        raise _fail(key, f"{secure} with min_silos {min_silos}: with two silos each one can subtract its own update from the sum "
+                    "and read the other's", "set federation.min_silos to 3 or more")
+    if compression != "float32":
+        raise _fail(key, f"{secure} with compression {compression}: masking turns every entry into a dense 32-bit integer, so "
+                    "compression would save nothing", "remove federation.compression (float32), or drop secure_aggregation")
 
 
 PLAN_KEYS = ("name", "task", "model", "data", "training", "privacy", "federation", "metrics")
@@ -425,7 +472,8 @@ def load_plan(path: str | Path) -> Plan:
 _CHOICES = {
     "task": TASKS, "training.optimizer.name": OPTIMIZERS, "training.loss": LOSSES, "privacy.accountant": ACCOUNTANTS,
     "metrics": METRICS, "federation.aggregation.rule": AGGREGATION_RULES, "federation.server_optimizer.name": SERVER_OPTIMIZERS,
-    "federation.update_norm_action": NORM_ACTIONS,
+    "federation.update_norm_action": NORM_ACTIONS, "federation.compression": COMPRESSIONS,
+    "federation.secure_aggregation": SECURE_AGGREGATION,
 }
 
 

@@ -106,3 +106,56 @@ def test_the_schema_reference_in_docs_is_generated_from_the_schema():
     assert doc.read_text(encoding="utf-8") == schema_reference(), "regenerate it: fedsilo plan schema --out docs/plan-schema.md"
     for key in ("federation.aggregation.rule", "privacy.target_epsilon", "data.transforms[].name", "federation.update_norm_action"):
         assert f"| `{key}` |" in doc.read_text(encoding="utf-8")
+
+
+def _secure(**federation) -> dict:
+    raw = base()
+    raw["federation"].update({"secure_aggregation": "secagg+", "update_norm_bound": 5.0, "min_silos": 3, **federation})
+    return raw
+
+
+def test_secure_aggregation_and_compression_are_read_and_hashed_only_when_set():
+    default_hash = parse_plan(base()).hash()
+    plan = parse_plan(_secure())
+    assert plan.federation.secure_aggregation == "secagg+" and plan.hash() != default_hash
+    raw = base()
+    raw["federation"].update({"compression": "topk", "topk_fraction": 0.05})
+    plan = parse_plan(raw)
+    assert (plan.federation.compression, plan.federation.topk_fraction) == ("topk", 0.05)
+    raw = base()  # the defaults, written out, keep the hash of a plan written before these keys existed
+    raw["federation"].update({"compression": "float32", "secure_aggregation": "none"})
+    assert parse_plan(raw).hash() == default_hash
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "krum", "multikrum", "bulyan", "centered_clipping", "geometric_median",
+                                  "norm_bounded_mean"])
+def test_secure_aggregation_refuses_rules_that_need_individual_updates(rule):
+    with pytest.raises(ConfigError) as err:
+        parse_plan(_secure(aggregation={"rule": rule}))
+    text = err.value.one_line()
+    assert "federation.secure_aggregation" in text and f"rule '{rule}' needs them" in text and "use aggregation rule fedavg" in text
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"update_norm_bound": None}, "needs federation.update_norm_bound"),
+    ({"min_silos": 2}, "read the other's"),
+    ({"compression": "int8"}, "compression would save nothing"),
+])
+def test_secure_aggregation_refusals_say_why_and_what_instead(change, words):
+    raw = _secure(**change)
+    if change.get("update_norm_bound", 0) is None:
+        del raw["federation"]["update_norm_bound"]
+    with pytest.raises(ConfigError) as err:
+        parse_plan(raw)
+    assert words in err.value.one_line() and "federation.secure_aggregation" in err.value.one_line()
+
+
+def test_topk_fraction_without_topk_and_unknown_compression_are_refused():
+    raw = base()
+    raw["federation"]["topk_fraction"] = 0.1
+    with pytest.raises(ConfigError, match="topk_fraction.*only with compression: topk"):
+        parse_plan(raw)
+    raw = base()
+    raw["federation"]["compression"] = "zip"
+    with pytest.raises(ConfigError, match="federation.compression"):
+        parse_plan(raw)
