@@ -172,8 +172,27 @@ def _finite_or_raise(name: str, array: np.ndarray, what: str) -> None:
         raise CompressionError("non_finite", f"{what} tensor '{name}' has NaN or infinite entries: compress only finite updates")
 
 
+_F16_MIN_NORMAL = 2.0**-14  # below it float16 is subnormal, spaced 2**-24
+
+
 def _float16(x: np.ndarray) -> np.ndarray:
-    return np.clip(x, -FLOAT16_MAX, FLOAT16_MAX).astype(np.float16)
+    """IEEE round-half-even to float16, clipped to its finite range; bit-identical to ``astype(np.float16)``.
+
+    numpy converts subnormal results on a slow path (measured: 30M float32 entries all below 2**-14 take 2.8 s
+    against 0.22 s for normal ones), and small updates are mostly subnormal in float16. Those entries are
+    written directly: a float16 subnormal is ``m * 2**-24`` with bit pattern ``sign << 15 | m``, so
+    ``m = rint(|x| * 2**24)`` (an exact power-of-two scaling, then round-half-even); ``m = 1024`` is 0x0400,
+    the smallest normal number, which is where such an ``x`` rounds to.
+    """
+    x = np.clip(x, -FLOAT16_MAX, FLOAT16_MAX)
+    tiny = np.abs(x) < _F16_MIN_NORMAL
+    if not tiny.any():
+        return x.astype(np.float16)
+    out = np.where(tiny, 0, x).astype(np.float16)
+    small = x[tiny]
+    m = np.rint(np.abs(small) * 2.0**24).astype(np.uint16)
+    out.view(np.uint16)[tiny] = m | (np.signbit(small).astype(np.uint16) << 15)
+    return out
 
 
 def _int8(name: str, x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

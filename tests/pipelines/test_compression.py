@@ -65,6 +65,17 @@ def test_float16_relative_error_and_clipping() -> None:
     assert out["conv.bias"][1] == FLOAT16_MAX and out["conv.bias"][2] == -FLOAT16_MAX
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float16_is_bit_identical_to_numpy_rounding(dtype) -> None:
+    # compress writes float16 subnormals itself (numpy's converter is slow there): same bits as astype(float16).
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.standard_normal(20_000) * sd for sd in (1e-2, 1e-4, 1e-6, 1e-8)]).astype(dtype)
+    edges = [0.0, -0.0, 2.0**-14, -(2.0**-14) * (1 - 2.0**-12), 2.0**-25, 3 * 2.0**-26, -(2.0**-24), 5e-8, 65504.0, -65519.0]
+    x[: len(edges)] = edges
+    payload, _ = compress({"w": x}, "float16")
+    np.testing.assert_array_equal(payload["w"].view(np.uint16), x.astype(np.float16).view(np.uint16))
+
+
 def test_int8_by_hand() -> None:
     # range 0..255: scale 1, offset 0; integer entries are grid points, so stochastic rounding is exact there.
     delta = {"w": np.asarray([0.0, 1.0, 254.0, 255.0], dtype=np.float32)}
