@@ -215,7 +215,8 @@ class FederatedRun:
         """Train at ``nodes``; returns per-site figures, the number of valid updates, and the nodes that sent an update."""
         replies = self._send(nodes, round_, "train")
         fed = self.plan.federation
-        expect = Expectation(run_id=self.run_id, round=round_, norm_bound=fed.update_norm_bound, norm_action=fed.update_norm_action)
+        expect = Expectation(run_id=self.run_id, round=round_, norm_bound=fed.update_norm_bound, norm_action=fed.update_norm_action,
+                             compression=fed.compression, topk_fraction=fed.topk_fraction)
         valid, sites = [], {}
         answered = {self._node_of(reply) for reply in replies}
         for node in nodes:
@@ -242,11 +243,13 @@ class FederatedRun:
                 self.audit.append(EventType.NODE_STARTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
                                   run_id=self.run_id, round=round_, details={"site": update.site, "authenticated": "supernode key (Flower node auth)"})
             self.node_site[node] = update.site
-            digest = state_digest(update.delta)
+            digest = update.wire_sha256  # of the payload as it travelled: the silo's update.sent record names the same
+            details = {"site": update.site, "node": str(node), "bytes": update.wire_bytes, "compression": fed.compression,
+                       "l2_norm": update.l2_norm, "clipped": update.clipped, "num_examples": update.num_examples, "epsilon": update.metrics.get("epsilon")}
+            if fed.compression != "float32":
+                details.update(dense_bytes=state_nbytes(update.delta), delta_sha256=state_digest(update.delta))
             self.audit.append(EventType.UPDATE_RECEIVED, actor=self.actor, object={"type": "update", "id": f"{update.site}/{round_}", "sha256": digest},
-                              run_id=self.run_id, round=round_,
-                              details={"site": update.site, "node": str(node), "bytes": state_nbytes(update.delta), "l2_norm": update.l2_norm,
-                                       "clipped": update.clipped, "num_examples": update.num_examples, "epsilon": update.metrics.get("epsilon")})
+                              run_id=self.run_id, round=round_, details=details)
             valid.append((update, digest))
             sites[update.site] = {"num_examples": update.num_examples, "train_loss": update.metrics.get("train-loss"),
                                   "epsilon": update.metrics.get("epsilon"), "train_seconds": update.metrics.get("seconds")}

@@ -1,9 +1,10 @@
 """Checks on every silo reply before it may count towards the aggregate.
 
 A reply is accepted only if it carries a site id, the run id and round it answers, a positive
-example count, and a delta with exactly the global model's tensor names, shapes and dtypes, each
-tensor's payload no bigger than its shape needs (checked before decoding), every value finite, and
-an L2 norm within the plan's bound (or clipped to it, as the plan says). Each failed check is an
+example count, and a delta in the plan's encoding (pipelines.compression: float32, float16, int8 or
+top-k) with exactly the names, shapes and dtypes that encoding gives the global model, each array no
+bigger than its slot allows (checked before decoding); decompressed, every value finite, and an L2
+norm within the plan's bound (or clipped to it, as the plan says). Each failed check is an
 :class:`UpdateRejected` with a short reason code and a human message; the caller audits it. Arrays
 arrive as Flower ``Array`` objects in numpy's .npy format, decoded with ``allow_pickle=False``:
 nothing is ever unpickled.
@@ -44,6 +45,8 @@ class Expectation:
     round: int
     norm_bound: float | None = None
     norm_action: str = "reject"  # or "clip"
+    compression: str = "float32"  # the plan's update encoding (pipelines.compression)
+    topk_fraction: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,8 @@ class ValidUpdate:
     metrics: dict[str, float]
     l2_norm: float = 0.0  # of the delta as received (before any clipping)
     clipped: bool = False
+    wire_bytes: int = 0  # the payload's array bytes as received (compressed or not)
+    wire_sha256: str = ""  # state_digest of the payload as received: matches the silo's update.sent record
 
 
 def validate_reply(node_id: int, content, reference: Mapping[str, np.ndarray], expect: Expectation | None = None) -> ValidUpdate:
@@ -80,26 +85,7 @@ def validate_reply(node_id: int, content, reference: Mapping[str, np.ndarray], e
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and not math.isfinite(value):
             raise UpdateRejected("non-finite-metric", f"metric '{key}' is not finite")
-    record = content[P.ARRAYS]
-    names = set(record.keys())
-    if names != set(reference):
-        raise UpdateRejected("wrong-names", f"tensor names differ from the global model ({len(names ^ set(reference))} mismatched)")
-    delta = {}
-    for name, ref in reference.items():
-        payload = record[name]
-        if len(payload.data) > ref.nbytes + NPY_HEADER_MAX:
-            raise UpdateRejected("payload-too-large", f"tensor '{name}' arrives as {len(payload.data)} bytes, its shape needs {ref.nbytes}")
-        try:
-            arr = payload.numpy()
-        except (ValueError, TypeError, OSError, EOFError):
-            raise UpdateRejected("bad-payload", f"tensor '{name}' is not a valid .npy array") from None
-        if arr.shape != ref.shape:
-            raise UpdateRejected("wrong-shape", f"tensor '{name}' has shape {list(arr.shape)}, expected {list(ref.shape)}")
-        if arr.dtype != ref.dtype:
-            raise UpdateRejected("wrong-dtype", f"tensor '{name}' has dtype {arr.dtype}, expected {ref.dtype}")
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            raise UpdateRejected("non-finite", f"tensor '{name}' holds NaN or Inf")
-        delta[name] = arr
+    delta, wire_bytes, wire_sha256 = _decode_update(content[P.ARRAYS], reference, expect or Expectation(run_id="", round=0))
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     norm = global_l2_norm(delta)
     clipped = False
@@ -109,7 +95,46 @@ def validate_reply(node_id: int, content, reference: Mapping[str, np.ndarray], e
         scale = expect.norm_bound / norm
         delta = {k: (v * scale).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in delta.items()}
         clipped = True
-    return ValidUpdate(node_id=node_id, site=site, delta=delta, num_examples=int(n), metrics=clean, l2_norm=norm, clipped=clipped)
+    return ValidUpdate(node_id=node_id, site=site, delta=delta, num_examples=int(n), metrics=clean, l2_norm=norm, clipped=clipped,
+                       wire_bytes=wire_bytes, wire_sha256=wire_sha256)
+
+
+def _decode_update(record, reference: Mapping[str, np.ndarray], expect: Expectation) -> tuple[dict[str, np.ndarray], int, str]:
+    """The payload's arrays checked against the plan's encoding (sizes before decoding), then decompressed to the
+    dense delta, which must have exactly the global model's names, shapes and dtypes, every value finite."""
+    from pipelines.compression import CompressionError, decompress, payload_layout
+    from pipelines.serialization import state_digest
+
+    layout = payload_layout(reference, expect.compression, expect.topk_fraction)
+    names = set(record.keys())
+    if names != set(layout):
+        raise UpdateRejected("wrong-names", f"tensor names differ from the plan's {expect.compression} encoding of the global model "
+                             f"({len(names ^ set(layout))} mismatched)")
+    payload = {}
+    for name, slot in layout.items():
+        array = record[name]
+        limit = slot.max_elements * np.dtype(slot.dtype).itemsize
+        if len(array.data) > limit + NPY_HEADER_MAX:
+            raise UpdateRejected("payload-too-large", f"tensor '{name}' arrives as {len(array.data)} bytes, its encoding needs at most {limit}")
+        try:
+            arr = array.numpy()
+        except (ValueError, TypeError, OSError, EOFError):
+            raise UpdateRejected("bad-payload", f"tensor '{name}' is not a valid .npy array") from None
+        shape_ok = arr.shape == slot.shape if slot.shape is not None else arr.ndim == 1
+        if not shape_ok:
+            raise UpdateRejected("wrong-shape", f"tensor '{name}' has shape {list(arr.shape)}, expected "
+                                 f"{list(slot.shape) if slot.shape is not None else 'a 1-D array'}")
+        if arr.dtype.str != slot.dtype:
+            raise UpdateRejected("wrong-dtype", f"tensor '{name}' has dtype {arr.dtype}, expected {np.dtype(slot.dtype)}")
+        payload[name] = arr
+    try:
+        delta = decompress(payload, reference, expect.compression, topk_fraction=expect.topk_fraction)
+    except CompressionError as exc:
+        raise UpdateRejected(exc.code.replace("_", "-"), exc.message) from None
+    for name, arr in delta.items():
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            raise UpdateRejected("non-finite", f"tensor '{name}' holds NaN or Inf")
+    return delta, int(sum(a.nbytes for a in payload.values())), state_digest(payload)
 
 
 def global_l2_norm(delta: Mapping[str, np.ndarray]) -> float:

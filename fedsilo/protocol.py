@@ -22,6 +22,7 @@ OLD_SIZE = "old-size"  # the size the proof starts from (the last checkpoint thi
 COSIGNED = "cosigned"  # the checkpoint note with the silo's cosignature added
 COORDINATOR_LOG_KEY = "fedsilo-coordinator"  # name of the coordinator's checkpoint key
 NUM_EXAMPLES = "num-examples"
+TENSOR_NAMES = "tensor-names"  # secure rounds: JSON list of the model's tensor names, in the order Flower's parameters carry them
 
 # Error codes of refusal replies (Flower Error.code); the reason is a one-line message.
 ERR_REFUSED = 1001  # plan, policy or budget refusal

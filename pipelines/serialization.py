@@ -48,6 +48,16 @@ def l2_norm(state: Mapping[str, Any]) -> float:
     return math.sqrt(total)
 
 
+def clip_to_norm(state: Mapping[str, Any], bound: float) -> tuple[dict[str, np.ndarray], bool]:
+    """Scale the floating-point tensors so that their joint L2 norm is at most ``bound``; (state, whether it was scaled)."""
+    arrays = to_numpy(state)
+    norm = l2_norm(arrays)
+    if norm <= bound:
+        return arrays, False
+    scale = bound / norm
+    return {k: (v * scale).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()}, True
+
+
 def save_model(path: Path, state: Mapping[str, Any], *, metadata: Mapping[str, str] | None = None) -> None:
     """Write tensors as safetensors (atomic: temp file, then rename)."""
     from safetensors.numpy import save_file

@@ -17,6 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app import Error
 from flwr.clientapp import ClientApp
@@ -25,13 +26,14 @@ from compliance import AuditLog, EventType
 from fedsilo import protocol as P
 from fedsilo.errors import ConfigError, DataError, FedsiloError, RefusalError
 from silo_agent.egress import check_arrays, check_metrics
+from silo_agent.secure_aggregation import secure_aggregation_mod
 from silo_agent.site import Site
 
 app = ClientApp()
 log = logging.getLogger("fedsilo.silo")
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
     return _handle(msg, context, "train")
 
@@ -188,19 +190,24 @@ def _load(site: Site, plan, split: str):
 
 
 def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict:
-    from pipelines.serialization import l2_norm, state_digest, state_nbytes, to_numpy
+    from pipelines.compression import payload_nbytes
+    from pipelines.serialization import clip_to_norm, l2_norm, state_digest, state_nbytes, to_numpy
     from pipelines.training import train_local
     from silo_agent.ledger import PrivacyLedger, Spend
+    from silo_agent.secure_aggregation import SECURE_CHANNEL
 
     started = time.perf_counter()  # the silo's whole work on this message: checks, data, training
     plan, run_id, round_ = _plan_from(msg)
     plan_hash = plan.hash()
+    secure = plan.federation.secure_aggregation != "none"
+    if secure and not SECURE_CHANNEL.get():
+        raise RefusalError(f"the plan requires secure aggregation ({plan.federation.secure_aggregation}), but this request would send the update in the clear")
     _approved(msg, site, plan, audit, actor, run_id, round_)
     model, global_state = _global_model(msg, plan)  # refuse a foreign model before reading any data
     with PrivacyLedger.for_site(site.privacy_dir) as ledger:
         entry = site.dataset(plan.data.dataset)
         if plan.privacy.enabled and ledger.has_spent(entry.name, run_id, round_):
-            return _resend(site, audit, actor, run_id, round_, entry.name, global_state)
+            return _resend(site, audit, actor, run_id, round_, entry.name, global_state, plan.federation)
         history = ledger.history(entry.name) if plan.privacy.enabled else []
         if plan.privacy.enabled:  # from the registry's case count: no image is read for a round that is refused
             _check_budget(site, plan, entry.name, history, _case_count(entry, "training"))
@@ -223,26 +230,54 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
             metrics.update({"epsilon": p.epsilon, "delta": p.delta, "noise-multiplier": p.noise_multiplier,
                             "sample-rate": p.sample_rate, "steps": p.steps, "max-grad-norm": p.max_grad_norm})
     delta = {name: result.state_dict[name] - global_state[name] for name in global_state}
+    reference = to_numpy(global_state)
     delta_np = to_numpy(delta)
-    check_arrays(delta_np, to_numpy(global_state))
+    check_arrays(delta_np, reference)
     check_metrics(metrics)
+    details = {"l2_norm": l2_norm(delta_np), "num_examples": result.num_examples, "dense_bytes": state_nbytes(delta_np)}
+    fed = plan.federation
+    if secure:  # the coordinator cannot check a masked update: the silo bounds its own (after DP noise: post-processing)
+        delta_np, details["clipped"] = clip_to_norm(delta_np, fed.update_norm_bound)
+        details["secure_aggregation"] = fed.secure_aggregation
+    payload = _compress(site, run_id, fed, delta_np)
+    details.update(compression=fed.compression, bytes=payload_nbytes(payload))
     if result.privacy is not None:  # a retried round (coordinator resumed) gets this update again, at no new cost
         from silo_agent.outbox import save_update
 
-        save_update(site.root, run_id, round_, state_digest(global_state), delta_np, metrics)
-    audit.append(EventType.UPDATE_SENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(delta_np)},
-                 run_id=run_id, round=round_, details={"bytes": state_nbytes(delta_np), "l2_norm": l2_norm(delta_np), "num_examples": result.num_examples})
+        save_update(site.root, run_id, round_, state_digest(global_state), payload, metrics)
+    audit.append(EventType.UPDATE_SENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(payload)},
+                 run_id=run_id, round=round_, details=details)
+    return _reply(site, run_id, round_, fed, payload, metrics, reference)
+
+
+def _compress(site: Site, run_id: str, fed, delta: dict) -> dict:
+    """The update as it travels (the plan's compression); top-k's error feedback stays at the site, per run."""
+    if fed.compression == "float32":
+        return delta
+    from pipelines.compression import compress
+    from silo_agent.outbox import load_residual, save_residual
+
+    residual = load_residual(site.root, run_id) if fed.compression == "topk" else None
+    payload, residual = compress(delta, fed.compression, topk_fraction=fed.topk_fraction, residual=residual)
+    if residual is not None:
+        save_residual(site.root, run_id, residual)
+    return payload
+
+
+def _reply(site: Site, run_id: str, round_: int, fed, payload: dict, metrics: dict, reference: dict) -> RecordDict:
+    import torch
+
     content = RecordDict({
-        P.ARRAYS: ArrayRecord(delta),
+        P.ARRAYS: ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in payload.items()}),
         P.METRICS: MetricRecord(metrics),
         P.IDENTITY: ConfigRecord({P.SITE: site.site_id, P.RUN_ID: run_id, P.ROUND: round_}),
     })
-    _check_egress(content, site, run_id, round_, to_numpy(global_state))
+    _check_egress(content, site, run_id, round_, reference, fed)
     return content
 
 
-def _resend(site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int, dataset: str, global_state) -> RecordDict:
-    """Answer a retried round with the update already trained for it: no training, no new privacy spend."""
+def _resend(site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int, dataset: str, global_state, fed) -> RecordDict:
+    """Answer a retried round with the update already sent for it: no training, no new privacy spend."""
     from pipelines.serialization import state_digest, to_numpy
     from silo_agent.outbox import load_update
 
@@ -250,20 +285,11 @@ def _resend(site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int, 
     kept = load_update(site.root, run_id, round_, state_digest(reference))
     if kept is None:
         raise RefusalError(f"round {round_} of run {run_id[:12]} already trained on dataset '{dataset}' (replayed message)")
-    delta, metrics = kept
-    check_arrays(delta, reference)
+    payload, metrics = kept
     check_metrics(metrics)
-    audit.append(EventType.UPDATE_RESENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(delta)},
+    audit.append(EventType.UPDATE_RESENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(payload)},
                  run_id=run_id, round=round_, details={"dataset": dataset, "reason": "round retried with the same global model; no new training or privacy spend"})
-    import torch
-
-    content = RecordDict({
-        P.ARRAYS: ArrayRecord({k: torch.from_numpy(v) for k, v in delta.items()}),
-        P.METRICS: MetricRecord(metrics),
-        P.IDENTITY: ConfigRecord({P.SITE: site.site_id, P.RUN_ID: run_id, P.ROUND: round_}),
-    })
-    _check_egress(content, site, run_id, round_, reference)
-    return content
+    return _reply(site, run_id, round_, fed, payload, metrics, reference)
 
 
 def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict:
@@ -286,13 +312,18 @@ def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordD
     return content
 
 
-def _check_egress(content: RecordDict, site: Site, run_id: str, round_: int, reference) -> None:
+def _check_egress(content: RecordDict, site: Site, run_id: str, round_: int, reference, fed=None) -> None:
     """The whole reply against the egress allow-list and the site policy; a block is audited by _handle."""
     from silo_agent.egress import check_reply
     from silo_agent.policy import load_policy
 
+    layout = None
+    if reference is not None:
+        from pipelines.compression import payload_layout
+
+        layout = payload_layout(reference, fed.compression, fed.topk_fraction)
     check_reply(content, site_id=site.site_id, run_id=run_id, round_=round_,
-                allowed_metrics=load_policy(site.root).allowed_metrics, reference=reference)
+                allowed_metrics=load_policy(site.root).allowed_metrics, layout=layout)
 
 
 def _case_count(entry, split: str) -> int:

@@ -47,12 +47,13 @@ POLICY_METRICS = {"loss": "loss", "train-loss": "loss", "dice": "dice", "accurac
 
 
 def check_reply(content, *, site_id: str, run_id: str, round_: int, allowed_metrics: tuple[str, ...],
-                reference: Mapping[str, np.ndarray] | None = None) -> None:
+                layout: Mapping[str, object] | None = None) -> None:
     """The last check on a whole reply before it leaves: which records, which keys, which strings.
 
-    Records: only arrays (the global model's names, shapes and dtypes), metrics (allow-listed, finite, and
-    among the site policy's ``allowed_metrics``), identity (exactly site, run id and round, equal to this
-    site and the message answered) and witness (a cosigned checkpoint, checked by witnessing.check_cosigned).
+    Records: only arrays (exactly the names, dtypes and shapes of the plan's update encoding for the global
+    model: ``layout`` is :func:`pipelines.compression.payload_layout`), metrics (allow-listed, finite, and among
+    the site policy's ``allowed_metrics``), identity (exactly site, run id and round, equal to this site and the
+    message answered) and witness (a cosigned checkpoint, checked by witnessing.check_cosigned).
     """
     from fedsilo import protocol as P
 
@@ -60,15 +61,18 @@ def check_reply(content, *, site_id: str, run_id: str, round_: int, allowed_metr
     if not names <= {P.ARRAYS, P.METRICS, P.IDENTITY, P.WITNESS}:
         raise RefusalError(f"egress blocked: reply carries unexpected records {sorted(names - REPLY_RECORDS)}")
     if P.ARRAYS in content:
-        if reference is None:
+        if layout is None:
             raise RefusalError("egress blocked: arrays in a reply that sends none")
         record = content[P.ARRAYS]
-        if set(record.keys()) != set(reference):
+        if set(record.keys()) != set(layout):
             raise RefusalError("egress blocked: reply tensors differ from the global model")
-        for name, ref in reference.items():
+        for name, slot in layout.items():
             array = record[name]
-            if tuple(array.shape) != ref.shape or array.dtype != str(ref.dtype):
-                raise RefusalError(f"egress blocked: tensor '{name}' is {array.dtype}{list(array.shape)}, the global model has {ref.dtype}{list(ref.shape)}")
+            shape, dtype = tuple(array.shape), np.dtype(slot.dtype)
+            fits = shape == slot.shape if slot.shape is not None else len(shape) == 1 and shape[0] <= slot.max_elements
+            if not fits or array.dtype != str(dtype):
+                raise RefusalError(f"egress blocked: tensor '{name}' is {array.dtype}{list(shape)}, the update encoding needs {dtype}"
+                                   f"{list(slot.shape) if slot.shape is not None else '[<=%d]' % slot.max_elements}")
     if P.METRICS in content:
         metrics = dict(content[P.METRICS])
         check_metrics(metrics)

@@ -8,7 +8,8 @@ tensors, never pickle; the metrics and the global model's digest in the header).
 same run and round with a *different* global model is still refused as a replay.
 
 An entry is written (atomically) after the ledger and before the reply leaves; only the last
-:data:`KEEP` rounds per run are kept.
+:data:`KEEP` rounds per run are kept. With compressed updates the entry is the payload as sent, and the
+run's top-k error-feedback residual lives beside the entries (``residual.safetensors``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 KEEP = 2
+RESIDUAL_FILE = "residual.safetensors"
 
 
 def _folder(site_root: Path, run_id: str) -> Path:
@@ -58,3 +60,24 @@ def load_update(site_root: Path, run_id: str, round_: int, global_sha256: str) -
     if meta.get("global_sha256") != global_sha256:
         return None
     return load_file(str(path)), {k: float(v) for k, v in json.loads(meta.get("metrics", "{}")).items()}
+
+
+def save_residual(site_root: Path, run_id: str, residual: dict[str, np.ndarray]) -> None:
+    """Top-k's error feedback for this run (what the silo's updates have not yet sent), written atomically."""
+    from safetensors.numpy import save_file
+
+    folder = _folder(site_root, run_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (RESIDUAL_FILE + ".tmp")
+    save_file({k: np.array(v, order="C") for k, v in residual.items()}, str(tmp))
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / RESIDUAL_FILE)
+
+
+def load_residual(site_root: Path, run_id: str) -> dict[str, np.ndarray] | None:
+    """The run's error-feedback residual, or None before its first compressed update."""
+    from safetensors.numpy import load_file
+
+    path = _folder(site_root, run_id) / RESIDUAL_FILE
+    return load_file(str(path)) if path.is_file() else None

@@ -9,6 +9,7 @@ import pytest
 from compliance import AuditLog, verify_log
 from compliance.keys import read_vkey_file
 from fedsilo.errors import ConfigError, RefusalError
+from pipelines.compression import payload_layout
 from pipelines.training import composed_epsilon
 from silo_agent.egress import check_arrays, check_metrics, check_reply
 from silo_agent.ledger import PrivacyLedger, Spend
@@ -125,11 +126,12 @@ def _reply(**extra):
 
 
 REF = {"w": np.zeros((2, 2), np.float32)}
+LAYOUT = payload_layout(REF, "float32")
 ALL = ("loss", "dice", "accuracy", "auc")
 
 
 def test_the_whole_reply_passes_the_egress_guard():
-    check_reply(_reply(), site_id="hospital0", run_id="r1", round_=2, allowed_metrics=ALL, reference=REF)
+    check_reply(_reply(), site_id="hospital0", run_id="r1", round_=2, allowed_metrics=ALL, layout=LAYOUT)
 
 
 @pytest.mark.parametrize("mutate, message", [
@@ -144,9 +146,9 @@ def test_anything_else_is_blocked(mutate, message):
     content = _reply()
     mutate(content)
     with pytest.raises(RefusalError, match=message):
-        check_reply(content, site_id="hospital0", run_id="r1", round_=2, allowed_metrics=ALL, reference=REF)
+        check_reply(content, site_id="hospital0", run_id="r1", round_=2, allowed_metrics=ALL, layout=LAYOUT)
 
 
 def test_the_site_policy_decides_which_metrics_leave():
     with pytest.raises(RefusalError, match="the site policy does not let dice leave"):
-        check_reply(_reply(), site_id="hospital0", run_id="r1", round_=2, allowed_metrics=("loss",), reference=REF)
+        check_reply(_reply(), site_id="hospital0", run_id="r1", round_=2, allowed_metrics=("loss",), layout=LAYOUT)

@@ -1,0 +1,148 @@
+"""SecAgg+ at the silo: Flower's ``secaggplus_mod`` around the silo's own train handler.
+
+Secure aggregation (Bonawitz et al. 2017, "Practical Secure Aggregation for Privacy-Preserving Machine
+Learning", CCS; SecAgg+: Bell et al. 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic
+Overhead", CCS) lets the coordinator learn only the weighted sum of the silos' updates. Flower ships it
+in its legacy API: the coordinator's ``SecAggPlusWorkflow`` runs four stages (setup, share keys, collect
+masked vectors, unmask) and speaks in FitIns/FitRes records. This mod
+
+- routes the protocol's messages (they carry Flower's ``secaggplus_configs`` record) through Flower's
+  ``secaggplus_mod`` and leaves every other message to the handler untouched;
+- in the stage that trains, translates Flower's FitIns into the silo's own records, runs the same train
+  handler as a plain round (plan checks, approvals, privacy budget, DP-SGD, ledger, egress guard), with
+  :data:`SECURE_CHANNEL` set so the handler knows the update will be masked (and clips it to the plan's
+  norm bound), and translates the reply into FitRes for Flower to quantize and mask;
+- sends the masked vectors as uint32 instead of Flower's int64: the masks live modulo 2**32 (the
+  workflow's default ``modulus_range``), so uint32 arithmetic at the coordinator wraps exactly as the
+  protocol needs, and the upload is the size of a float32 update instead of twice it.
+
+A refusal (unapproved plan, spent budget) answers the stage with the handler's own error reply; the
+coordinator then treats the silo as dropped and removes its masks with the other silos' key shares.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from contextvars import ContextVar
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
+
+from fedsilo import protocol as P
+
+#: True while the train handler runs inside the SecAgg+ collect stage: its reply will be masked.
+SECURE_CHANNEL: ContextVar[bool] = ContextVar("fedsilo_secure_channel", default=False)
+#: Records a masked reply may carry (Flower's FitRes records, emptied of parameters, and the silo's own).
+SECURE_REPLY_RECORDS = frozenset({"fitres.parameters", "fitres.num_examples", "fitres.metrics", "fitres.status", RECORD_KEY_CONFIGS,
+                                  P.METRICS, P.IDENTITY})
+UINT32_RANGE = 2**32
+
+
+class _Refused(Exception):
+    def __init__(self, reply: Message) -> None:
+        self.reply = reply
+
+
+def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
+    """Run SecAgg+ for the protocol's messages; pass every other message to ``call_next`` unchanged."""
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, ctxt)
+
+    def train(fit_msg: Message, context: Context) -> Message:
+        fit_msg.content = _native_content(fit_msg.content)
+        token = SECURE_CHANNEL.set(True)
+        try:
+            reply = call_next(fit_msg, context)
+        finally:
+            SECURE_CHANNEL.reset(token)
+        if reply.has_error():
+            raise _Refused(reply)
+        return Message(_fitres_content(reply.content, _max_weight(context)), reply_to=fit_msg)
+
+    try:
+        out = secaggplus_mod(msg, ctxt, train)
+    except _Refused as refused:
+        return Message(refused.reply.error, reply_to=msg)
+    except (KeyError, TypeError, ValueError) as exc:  # Flower's protocol checks (stage order, key lists): no data in them
+        return Message(Error(P.ERR_REFUSED, f"secure aggregation aborted: {str(exc)[:200]}"), reply_to=msg)
+    if out.has_content():
+        from fedsilo.errors import RefusalError
+
+        _masked_as_uint32(out.content, ctxt)
+        try:
+            check_secure_reply(out.content)
+        except RefusalError as exc:
+            return Message(Error(P.ERR_REFUSED, exc.one_line()), reply_to=msg)
+    return out
+
+
+def _native_content(content: RecordDict) -> RecordDict:
+    """Flower's FitIns records -> the silo's own: the global model by name, and the plan's config."""
+    import torch
+
+    if "fitins.config" not in content or "fitins.parameters" not in content:
+        raise KeyError("the secure round's train message lacks Flower's fitins records")
+    config = dict(content["fitins.config"])
+    names = json.loads(str(config.pop(P.TENSOR_NAMES, "[]")))
+    arrays = content["fitins.parameters"]
+    if not isinstance(names, list) or len(names) != len(arrays) or len(set(names)) != len(names):
+        raise ValueError("the secure round's global model does not match its tensor names")
+    state = {}
+    for name, key in zip(names, sorted(arrays.keys(), key=int)):
+        state[str(name)] = torch.from_numpy(np.load(io.BytesIO(arrays[key].data), allow_pickle=False))
+    return RecordDict({P.ARRAYS: ArrayRecord(state), P.CONFIG: ConfigRecord(config)})
+
+
+def _fitres_content(content: RecordDict, max_weight: float) -> RecordDict:
+    """The handler's reply -> Flower's FitRes records (update in sorted-name order), keeping the silo's metrics and identity.
+
+    The weight is the silo's example count, capped at the workflow's ``max_weight`` (above it the masked sum could overflow).
+    """
+    from flwr.common import Code, FitRes, Parameters, Status, ndarray_to_bytes
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+
+    arrays = content[P.ARRAYS]
+    tensors = [ndarray_to_bytes(arrays[name].numpy()) for name in sorted(arrays.keys())]
+    num_examples = int(content[P.METRICS][P.NUM_EXAMPLES])
+    weight = min(num_examples, int(max_weight)) if max_weight > 0 else num_examples
+    fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=Parameters(tensors=tensors, tensor_type="numpy.ndarray"),
+                    num_examples=weight, metrics={})
+    out = fitres_to_recorddict(fitres, keep_input=False)
+    out[P.METRICS] = content[P.METRICS]
+    out[P.IDENTITY] = content[P.IDENTITY]
+    return out
+
+
+def _max_weight(context: Context) -> float:
+    state = context.state.config_records.get(RECORD_KEY_STATE)
+    return float(state.get("max_weight", 0.0)) if state is not None else 0.0
+
+
+def _masked_as_uint32(content: RecordDict, ctxt: Context) -> None:
+    """Flower's masked vectors (int64 .npy, values in [0, modulus_range)) re-encoded as uint32 .npy."""
+    from flwr.common import bytes_to_ndarray, ndarray_to_bytes
+
+    configs = content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is None or Key.MASKED_PARAMETERS not in configs:
+        return
+    mod_range = int(ctxt.state.config_records[RECORD_KEY_STATE].get("mod_range", 0))
+    if not 0 < mod_range <= UINT32_RANGE:
+        return  # a wider modulus would not fit: leave Flower's encoding
+    masked = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+    configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(np.asarray(a).astype(np.uint32)) for a in masked]
+
+
+def check_secure_reply(content: RecordDict) -> None:
+    """The egress guard for a masked reply: only Flower's protocol records and the silo's metrics and identity,
+    and no parameters in the clear."""
+    from fedsilo.errors import RefusalError
+
+    names = set(content.keys())
+    if not names <= SECURE_REPLY_RECORDS:
+        raise RefusalError(f"egress blocked: a secure reply carries unexpected records {sorted(names - SECURE_REPLY_RECORDS)}")
+    if "fitres.parameters" in content and len(content["fitres.parameters"]) > 0:
+        raise RefusalError("egress blocked: a secure reply carries parameters in the clear")
