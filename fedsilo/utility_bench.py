@@ -22,6 +22,18 @@ Arms, each without DP and with DP at every epsilon in ``epsilons`` (delta 1e-5):
   them, so the budget split is ``(rounds - 1) / rounds`` of the steps for federation and ``1 / rounds`` for
   fine-tuning, composing to the same epsilon.
 
+Compressed arms (only when asked: ``--compression int8,topk``; each costs one more FedAvg run per setting):
+
+- ``fedavg-int8``, ``fedavg-topk`` (and ``fedavg-float16``): FedAvg where each silo's delta goes through
+  :func:`pipelines.compression.compress` and :func:`~pipelines.compression.decompress` before aggregation, as
+  it would on the wire: int8 per-tensor affine quantization with stochastic rounding (Jacob et al. 2018,
+  arXiv:1712.05877), top-k at ``topk_fraction`` (default 1%) of the model's entries with the error-feedback
+  residual kept per silo across rounds in the arm's own state (Stich et al. 2018, arXiv:1809.07599). They train
+  with the fedavg arm's seeds, so the only difference from ``fedavg`` is the compression (a paired comparison);
+  under DP the compression comes after clipping and noise (post-processing, no extra privacy). Rows: per-silo
+  and mean Dice (baseline ``fedavg <privacy>``) and ``goal/<arm> vs fedavg <privacy>``: Dice points lost to
+  plain FedAvg at the same privacy (goal: at most 0.5 for int8, 1.0 for top-k).
+
 Same preprocessing and budget for every arm: each image is z-scored on its own (the plan's
 ``data.transforms: [NormalizeIntensity]``, the standard fix for per-scanner intensity offset and scale in
 multi-site MRI/CT; ``--preprocess`` changes it), train and test alike, at every arm. Every arm sees
@@ -70,6 +82,10 @@ PREPROCESS = ("NormalizeIntensity", "ScaleIntensity", "none")
 #: Dice points (x 100) the goals allow.
 GOAL_POOLED_POINTS = 2.0
 GOAL_DP8_POINTS = 3.0
+#: Update compression the bench can add as FedAvg arms (``--compression``), and the Dice points each may lose
+#: against plain FedAvg at the same privacy (issue 9's goals; float16 has none).
+COMPRESSIONS = ("float16", "int8", "topk")
+GOAL_COMPRESSION_POINTS = {"int8": 0.5, "topk": 1.0}
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,8 @@ class UtilityConfig:
     image, the usual fix for per-scanner intensity offset and scale; "ScaleIntensity": min-max; "none").
     server_optimizer / server_lr: the plan's ``federation.server_optimizer`` and ``server_lr`` for every federated
     arm (sgd at 1.0: plain FedAvg).
+    compression: extra arms ``fedavg-<mode>`` for each mode of :data:`COMPRESSIONS` named (default none).
+    topk_fraction: the share of the model's entries the top-k arm sends each round (default 1%).
     """
 
     silos: int = 5
@@ -115,6 +133,8 @@ class UtilityConfig:
     preprocess: str = "NormalizeIntensity"
     server_optimizer: str = "sgd"
     server_lr: float = 1.0
+    compression: tuple[str, ...] = ()
+    topk_fraction: float = 0.01
 
 
 def _privacy_name(eps: float | None) -> str:
@@ -189,13 +209,33 @@ def _dice(model, state, test, plan) -> float:
     return float(evaluate(model, test, plan)["dice"])
 
 
+class _Codec:
+    """What the wire does to each silo's delta in a compressed arm: compress at the silo, decompress at the
+    coordinator (:mod:`pipelines.compression`). Top-k's error-feedback residual is kept per silo across rounds."""
+
+    def __init__(self, mode: str, topk_fraction: float, seed: int) -> None:
+        self.mode, self.topk_fraction = mode, topk_fraction
+        self.rng = np.random.default_rng(seed)  # int8's stochastic rounding
+        self.residuals: dict[int, dict[str, np.ndarray] | None] = {}
+
+    def __call__(self, silo: int, delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.compression import compress, decompress
+
+        payload, self.residuals[silo] = compress(delta, self.mode, topk_fraction=self.topk_fraction,
+                                                 residual=self.residuals.get(silo), rng=self.rng)
+        return decompress(payload, delta, self.mode, topk_fraction=self.topk_fraction)
+
+
 def _federate(rule, trainer: _Trainer, initial, trains, config: UtilityConfig, salt: int,
-              keep_last_local: bool = False) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+              keep_last_local: bool = False,
+              codec: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+              ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     """``config.rounds`` rounds: every silo trains from the global model, ``rule`` aggregates the deltas
     (weighted by examples), the plan's server optimizer (:mod:`coordinator.server_optimizer`: plain ``sgd`` at
     lr 1 is FedAvg; ``adam``/``yogi`` are FedAdam/FedYogi) moves the global model by the aggregate. Returns the
     global model and, when asked, the silos' models of the last round (trained from the global model of round
-    ``rounds - 1``)."""
+    ``rounds - 1``). ``codec(silo, delta)``, when given, is what the wire does to each silo's delta (a
+    :class:`_Codec`)."""
     from coordinator.server_optimizer import build_server_optimizer
 
     server = build_server_optimizer(config.server_optimizer, config.server_lr)
@@ -206,7 +246,8 @@ def _federate(rule, trainer: _Trainer, initial, trains, config: UtilityConfig, s
         for i, data in enumerate(trains):
             local = trainer.train(f"silo{i}", state, data, epochs=config.local_epochs, salt=salt * 1000 + r * 100 + i)
             local_models.append(local)
-            deltas.append({k: local[k] - state[k] for k in state if np.issubdtype(state[k].dtype, np.floating)})
+            delta = {k: local[k] - state[k] for k in state if np.issubdtype(state[k].dtype, np.floating)}
+            deltas.append(codec(i, delta) if codec is not None else delta)
             weights.append(float(len(data)))
         agg = rule.aggregate(deltas, weights)
         state = server.step(state, {k: agg[k] if k in agg else np.zeros_like(v) for k, v in state.items()})
@@ -300,6 +341,12 @@ def _setting_job(config: UtilityConfig, seed: int, eps: float | None, *, progres
         out["epsilon_spent"] = max(trainer.epsilon.values())
         out["noise"] = {k: round(v, 4) for k, v in trainer.noise.items()}
 
+    for mode in config.compression:  # the fedavg arm's seeds: only the compression differs
+        t0 = time.perf_counter()
+        trainer = _Trainer(plan, seed * 7919 + 3)
+        codec = _Codec(mode, config.topk_fraction, seed * 7919 + 4)
+        record(f"fedavg-{mode}", [_federate(fedavg, trainer, initial, trains, config, 3, codec=codec)[0]] * n, t0)
+
     t0 = time.perf_counter()
     trainer = _Trainer(_plan(config, eps, fedprox_mu=config.fedprox_mu), seed * 7919 + 3)
     record("fedprox", [_federate(fedavg, trainer, initial, trains, config, 3)[0]] * n, t0)
@@ -321,7 +368,7 @@ def _child_main() -> None:
 
     job = json.loads(sys.stdin.read())
     raw = job["config"]
-    for key in ("train_sizes", "channels", "strides", "epsilons"):
+    for key in ("train_sizes", "channels", "strides", "epsilons", "compression"):
         if raw.get(key) is not None:
             raw[key] = tuple(raw[key])
     config = UtilityConfig(**raw)
@@ -437,6 +484,12 @@ def _check(config: UtilityConfig) -> None:
         raise ConfigError(f"--max-grad-norm {config.max_grad_norm} must be positive", fix="e.g. --max-grad-norm 0.5")
     if config.fedprox_mu <= 0:
         raise ConfigError(f"--fedprox-mu {config.fedprox_mu} must be positive", fix="e.g. --fedprox-mu 0.01")
+    unknown = [m for m in config.compression if m not in COMPRESSIONS]
+    if unknown or len(set(config.compression)) != len(config.compression):
+        raise ConfigError(f"--compression {','.join(config.compression)}: {'unknown ' + ', '.join(unknown) if unknown else 'a mode twice'}",
+                          fix=f"use some of: {', '.join(COMPRESSIONS)} (float32 is the fedavg arm)")
+    if isinstance(config.topk_fraction, bool) or not 0 < config.topk_fraction <= 1:
+        raise ConfigError(f"--topk-fraction {config.topk_fraction} must be in (0, 1]", fix="e.g. --topk-fraction 0.01")
 
 
 def _row(case: str, metric: str, value: float | None, baseline: str | None = None,
@@ -469,7 +522,8 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
         rows.append(_row(case, "dice mean", statistics.fmean(thr)))
     untrained = per_silo(("untrained", _privacy_name(None)))
     rows.append(_row("untrained (initial weights)", "dice mean", statistics.fmean(untrained)))
-    arms = ["pooled", "local", "fedavg", "fedprox", config.robust_rule, "personalized"]
+    compressed = [f"fedavg-{m}" for m in config.compression]
+    arms = ["pooled", "local", "fedavg", "fedprox", config.robust_rule, "personalized", *compressed]
     privacy_names = [_privacy_name(None), *(_privacy_name(e) for e in config.epsilons)]
     means: dict[tuple[str, str], float] = {}
     for pname in privacy_names:
@@ -480,7 +534,7 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
             means[(arm, pname)] = statistics.fmean(values)
             case = f"{arm} {pname}"
             ref_case, ref = (base_case, base) if arm != "pooled" else (None, None)
-            if arm == "personalized":
+            if arm == "personalized" or arm in compressed:
                 ref_case, ref = f"fedavg {pname}", per_silo(("fedavg", pname))
             for i, name in enumerate(names):
                 rows.append(_row(case, f"dice {name}", values[i], ref_case, ref[i] if ref else None))
@@ -505,6 +559,16 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
             gap8 = (means[(arm, nodp)] - means[(arm, _privacy_name(8.0))]) * 100
             rows.append(_row(f"goal/{arm} eps=8 vs {nodp}", "dice points behind", gap8))
             g.update(eps8_points_behind_nodp=round(gap8, 2), eps8_within_3_points=gap8 <= GOAL_DP8_POINTS)
+        goals[arm] = g
+    for mode in config.compression:
+        arm = f"fedavg-{mode}"
+        lost = {p: (means[("fedavg", p)] - means[(arm, p)]) * 100 for p in privacy_names}
+        for p, points in lost.items():
+            rows.append(_row(f"goal/{arm} vs fedavg {p}", "dice points lost", points))
+        g: dict[str, Any] = {"points_lost_vs_fedavg": {p: round(v, 2) for p, v in lost.items()}}
+        if mode in GOAL_COMPRESSION_POINTS:
+            g.update(goal_points=GOAL_COMPRESSION_POINTS[mode],
+                     within_goal=all(v <= GOAL_COMPRESSION_POINTS[mode] for v in lost.values()))
         goals[arm] = g
     rows.append(_row("total", "wall_seconds", wall))
     rows.append(_row("total", "cpu_seconds", cpu))
@@ -537,6 +601,9 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
                       "preprocessed_per_seed": [round(t["preprocessed"]["threshold"], 4) for t in thresholds],
                       "chosen": "global, best mean Dice on the pooled training data (non-private)"},
         "profiles": profiles_text,
+        "compression": {"arms": compressed, "topk_fraction": config.topk_fraction,
+                        "how": "FedAvg with each silo's delta compressed and decompressed (pipelines.compression) "
+                               "before aggregation; the fedavg arm's seeds; top-k residual kept per silo across rounds"},
         "goals": goals,
     }
     machine = {"cpus": os.cpu_count(), "torch": torch.__version__, "monai": monai.__version__, "opacus": opacus.__version__,
@@ -551,6 +618,7 @@ def add_bench_command(bsub) -> None:
     """``fedsilo bench utility`` (registered by fedsilo.bench_cli.BENCH_MODULES)."""
     d = UtilityConfig()
     p = bsub.add_parser("utility", help="Dice of pooled, local-only, FedAvg, FedProx, robust and personalized "
+                                        "(and, with --compression, FedAvg with int8/top-k updates) "
                                         "training on hard non-IID silos, without DP and at several epsilons")
     p.add_argument("--silos", type=int, default=d.silos, help=f"silos (default {d.silos})")
     p.add_argument("--train-sizes", default=None, help="comma-separated training cases per silo (default 16,32,64,128,256)")
@@ -575,6 +643,11 @@ def add_bench_command(bsub) -> None:
     p.add_argument("--server-optimizer", default=d.server_optimizer,
                    help=f"server optimizer of the federated arms: sgd, adam, yogi (default {d.server_optimizer})")
     p.add_argument("--server-lr", type=float, default=d.server_lr, help=f"server learning rate (default {d.server_lr})")
+    p.add_argument("--compression", default=None,
+                   help=f"add FedAvg arms with compressed updates, comma-separated from {', '.join(COMPRESSIONS)} "
+                        "(default none; each adds one FedAvg run per setting)")
+    p.add_argument("--topk-fraction", type=float, default=d.topk_fraction,
+                   help=f"share of entries the top-k arm sends (default {d.topk_fraction})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_utility)
 
@@ -592,6 +665,15 @@ def _numbers(text: str | None, what: str, kind: type) -> tuple | None:
     return tuple(out)
 
 
+def _modes(text: str | None) -> list[str]:
+    if text is None:
+        return []
+    modes = [t.strip() for t in text.split(",") if t.strip()]
+    if not modes:
+        raise ConfigError("--compression: no mode given", fix=f"name some of: {', '.join(COMPRESSIONS)}")
+    return modes
+
+
 def _utility(args) -> int:
     from fedsilo.bench_report import print_result
 
@@ -603,6 +685,7 @@ def _utility(args) -> int:
         epsilons=_numbers(args.epsilons, "epsilons", float) or (), fedprox_mu=args.fedprox_mu,
         robust_rule=args.robust_rule, seeds=args.seeds, threads=args.threads, workers=args.workers,
         preprocess=args.preprocess, server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+        compression=tuple(_modes(args.compression)), topk_fraction=args.topk_fraction,
     )
     if config.size < 16:
         raise ConfigError(f"--size {config.size} is too small", fix="use 16 or more")
@@ -611,4 +694,4 @@ def _utility(args) -> int:
     return 0
 
 
-__all__ = ["ARMS", "UtilityConfig", "add_bench_command", "run_utility_bench"]
+__all__ = ["ARMS", "COMPRESSIONS", "UtilityConfig", "add_bench_command", "run_utility_bench"]

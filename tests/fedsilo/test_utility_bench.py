@@ -13,7 +13,7 @@ from fedsilo.utility_bench import UtilityConfig, run_utility_bench
 KEYS = {"case", "metric", "value", "baseline", "ratio"}
 # batch 16 >= every silo (and the pooled 16 cases): sample rate 1, so the noise search is instant (RDP in closed form).
 TINY = UtilityConfig(silos=2, train_sizes=(6, 10), test_cases=3, size=16, rounds=2, local_epochs=1, batch_size=16,
-                     epsilons=(8.0,), channels=(4, 8), strides=(2,), seeds=1, workers=2)
+                     epsilons=(8.0,), channels=(4, 8), strides=(2,), seeds=1, workers=2, compression=("int8", "topk"))
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +44,69 @@ def test_tiny_run_has_every_arm_privacy_and_silo(tiny_result) -> None:
     pers, fed = by_key[("personalized eps=8", "dice silo1")]["value"], by_key[("fedavg eps=8", "dice silo1")]["value"]
     assert gain == pytest.approx((pers - fed) * 100, abs=0.05)
     goals = result["params"]["goals"]
-    assert set(goals) == {"fedavg", "fedprox", "trimmed_mean", "personalized"}
+    assert set(goals) == {"fedavg", "fedprox", "trimmed_mean", "personalized", "fedavg-int8", "fedavg-topk"}
     assert {"points_behind_pooled", "within_2_points", "silos_beating_their_local_model", "eps8_within_3_points"} <= set(goals["fedavg"])
     assert ("threshold (global, raw intensities)", "dice mean") in by_key and ("total", "wall_seconds") in by_key
     assert ("threshold (global, after NormalizeIntensity)", "dice mean") in by_key
     # Both settings ran (in two worker processes: workers=2) and came back whole.
     assert set(result["params"]["arm_seconds"]) == {"no-DP", "eps=8"}
+
+
+def test_compressed_arms_are_reported_against_fedavg(tiny_result) -> None:
+    rows = {(r["case"], r["metric"]): r for r in tiny_result["rows"]}
+    goals = tiny_result["params"]["goals"]
+    for arm, goal in (("fedavg-int8", 0.5), ("fedavg-topk", 1.0)):
+        for privacy in ("no-DP", "eps=8"):
+            for metric in ("dice silo0", "dice silo1", "dice mean"):
+                row, base = rows[(f"{arm} {privacy}", metric)], rows[(f"fedavg {privacy}", metric)]
+                assert 0.0 <= row["value"] <= 1.0
+                if row["ratio"] is not None:
+                    assert row["baseline"] == f"fedavg {privacy}"
+                    assert row["ratio"] == pytest.approx(row["value"] / base["value"], rel=1e-3)
+            lost = rows[(f"goal/{arm} vs fedavg {privacy}", "dice points lost")]["value"]
+            expected = (rows[(f"fedavg {privacy}", "dice mean")]["value"] - rows[(f"{arm} {privacy}", "dice mean")]["value"]) * 100
+            assert lost == pytest.approx(expected, abs=0.05)
+            assert goals[arm]["points_lost_vs_fedavg"][privacy] == pytest.approx(lost, abs=0.01)
+        assert goals[arm]["goal_points"] == goal
+        assert goals[arm]["within_goal"] == all(v <= goal for v in goals[arm]["points_lost_vs_fedavg"].values())
+    assert tiny_result["params"]["compression"]["arms"] == ["fedavg-int8", "fedavg-topk"]
+
+
+def test_compressed_fedavg_differs_from_fedavg_only_by_the_compression() -> None:
+    # Same seeds as the fedavg arm: lossless top-k (fraction 1) gives FedAvg's model exactly; int8 a nearby one.
+    from coordinator.aggregation import build_rule
+    from fedsilo.utility_bench import _Codec, _federate, _plan, _silo_data, _state, _Trainer
+    from pipelines.networks import build_network
+
+    config = UtilityConfig(silos=2, train_sizes=(4, 6), test_cases=1, size=16, rounds=2, local_epochs=1, batch_size=8,
+                           channels=(4, 8), strides=(2,))
+    plan = _plan(config, None)
+    _, _, _, trains, _ = _silo_data(config, 0, plan)
+    initial = _state(build_network(plan, seed=0))
+    fedavg = build_rule("fedavg", {})
+
+    def run(codec=None):
+        return _federate(fedavg, _Trainer(plan, 3), initial, trains, config, 3, codec=codec)[0]
+
+    plain, lossless, int8 = run(), run(_Codec("topk", 1.0, 0)), run(_Codec("int8", 0.01, 0))
+    moved = 0.0
+    for name in plain:
+        np.testing.assert_array_equal(lossless[name], plain[name])
+        moved = max(moved, float(np.abs(plain[name] - initial[name]).max()))
+    differences = [float(np.abs(int8[n] - plain[n]).max()) for n in plain]
+    assert 0 < max(differences) < moved
+
+
+def test_codec_keeps_each_silos_error_feedback() -> None:
+    from fedsilo.utility_bench import _Codec
+
+    codec = _Codec("topk", 0.25, 0)
+    delta = {"w": np.asarray([4.0, 3.0, 2.0, 1.0], np.float32)}
+    assert codec(0, delta)["w"].tolist() == [4.0, 0.0, 0.0, 0.0]
+    # silo 0 carries its residual (0, 3, 2, 1): a = (4, 6, 4, 2) sends 6; silo 1 starts from none.
+    assert codec(0, delta)["w"].tolist() == [0.0, 6.0, 0.0, 0.0]
+    assert codec(1, delta)["w"].tolist() == [4.0, 0.0, 0.0, 0.0]
+    assert codec.residuals[0]["w"].tolist() == [4.0, 0.0, 4.0, 2.0]
 
 
 def test_dp_arms_spend_the_target_epsilon_over_the_whole_run(tiny_result) -> None:
@@ -114,6 +171,9 @@ def test_threshold_dice_by_hand() -> None:
         (UtilityConfig(preprocess="Histogram"), "--preprocess.*NormalizeIntensity"),
         (UtilityConfig(server_optimizer="lamb"), "--server-optimizer.*yogi"),
         (UtilityConfig(workers=0), "--workers 0"),
+        (UtilityConfig(compression=("int4",)), "--compression int4: unknown int4.*float16, int8, topk"),
+        (UtilityConfig(compression=("int8", "int8")), "--compression int8,int8: a mode twice"),
+        (UtilityConfig(compression=("topk",), topk_fraction=0.0), "--topk-fraction 0.0"),
     ],
 )
 def test_bad_config_is_refused_before_training(config, match) -> None:
@@ -127,4 +187,13 @@ def test_cli_refuses_bad_sizes_in_one_line(capsys) -> None:
     code = main(["bench", "utility", "--train-sizes", "8,x", "--json"])
     err = capsys.readouterr().err
     assert code == 2 and "--train-sizes: 'x' is not a number" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_refuses_an_unknown_compression_in_one_line(capsys) -> None:
+    from fedsilo.cli import main
+
+    code = main(["bench", "utility", "--compression", "int8,zip", "--json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--compression int8,zip: unknown zip" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
