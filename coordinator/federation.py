@@ -100,6 +100,7 @@ class FederatedRun:
         self.witnessed_size: dict[str, int] = {}  # site -> size of the last checkpoint it cosigned
         self.checkpoint_size = 0
         self.aggregate_seconds = 0.0
+        self.uplink_bytes = 0  # serialized bytes of this round's train replies (all protocol stages)
         self.reply_node: dict[str, int] = {}  # message id -> the node it was sent to
         self.resume = resume
         self.flower_run_id = flower_run_id or run_id
@@ -213,8 +214,11 @@ class FederatedRun:
 
     def _train_round(self, round_: int, nodes: list[int]) -> tuple[dict[str, dict[str, float]], int, list[int]]:
         """Train at ``nodes``; returns per-site figures, the number of valid updates, and the nodes that sent an update."""
-        replies = self._send(nodes, round_, "train")
         fed = self.plan.federation
+        if fed.secure_aggregation != "none":
+            return self._secure_train_round(round_, nodes)
+        replies = self._send(nodes, round_, "train")
+        self.uplink_bytes = sum(_wire_size(r.content) for r in replies if not r.has_error())
         expect = Expectation(run_id=self.run_id, round=round_, norm_bound=fed.update_norm_bound, norm_action=fed.update_norm_action,
                              compression=fed.compression, topk_fraction=fed.topk_fraction)
         valid, sites = [], {}
@@ -270,6 +274,43 @@ class FederatedRun:
                                    "inputs": [d for _, d in valid], "input_sites": [u.site for u, _ in valid], "aggregate_sha256": state_digest(aggregate)})
         return sites, len(valid), sorted({self._node_of(r) for r in replies if not r.has_error()})
 
+    def _secure_train_round(self, round_: int, nodes: list[int]) -> tuple[dict[str, dict[str, float]], int, list[int]]:
+        """Train at ``nodes`` through SecAgg+ (coordinator.secure_round): only the weighted mean is ever unmasked here."""
+        from coordinator.secure_round import audit_secure_round, run_secure_round
+
+        fed = self.plan.federation
+        started = time.perf_counter()
+        outcome = run_secure_round(self, round_, nodes)
+        self.uplink_bytes = outcome.uplink_bytes
+        sites = {}
+        for node, c in outcome.contributions.items():
+            if self.node_site.get(node) != c["site"]:
+                self.audit.append(EventType.NODE_STARTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
+                                  run_id=self.run_id, round=round_, details={"site": c["site"], "authenticated": "supernode key (Flower node auth)"})
+            self.node_site[node] = c["site"]
+            m = c["metrics"]
+            sites[c["site"]] = {"num_examples": c["num_examples"], "train_loss": m.get("train-loss"), "epsilon": m.get("epsilon"),
+                                "train_seconds": m.get("seconds")}
+        audit_secure_round(self, round_, outcome, self.node_site)
+        need = fed.min_silos
+        if len(outcome.contributions) < need:
+            raise FedsiloError(f"round {round_}: {len(outcome.contributions)} silo(s) in the secure sum of {len(nodes)}, the plan needs {need}",
+                               fix="check the silos' error replies in the audit log (fedsilo audit show) and their logs")
+        aggregate_started = time.perf_counter()
+        self.global_state = self.optimizer.step(self.global_state, outcome.aggregate)
+        self.aggregate_seconds = sum(outcome.stage_seconds.get(s, 0.0) for s in ("unmask",)) + time.perf_counter() - aggregate_started
+        p = outcome.params
+        self.audit.append(EventType.AGGREGATE_COMPUTED, actor=self.actor, object={"type": "model", "id": f"round-{round_}", "sha256": state_digest(self.global_state)},
+                          run_id=self.run_id, round=round_,
+                          details={"rule": self.rule.name, "secure_aggregation": fed.secure_aggregation, "server_optimizer": self.optimizer.name,
+                                   "server_lr": fed.server_lr, "input_sites": sorted(c["site"] for c in outcome.contributions.values()),
+                                   "dropped_nodes": [{"node": str(n), "site": self.node_site.get(n), "stage": s} for n, s in sorted(outcome.dropped.items())],
+                                   "num_shares": p["num_shares"], "reconstruction_threshold": p["reconstruction_threshold"],
+                                   "clipping_range": p["clipping_range"], "quantization_range": p["quantization_range"], "max_weight": p["max_weight"],
+                                   "uplink_bytes": outcome.uplink_bytes, "stage_seconds": outcome.stage_seconds,
+                                   "aggregate_sha256": state_digest(outcome.aggregate), "seconds": round(time.perf_counter() - started, 3)})
+        return sites, len(outcome.contributions), sorted(outcome.contributions)
+
     def _evaluate_round(self, round_: int, nodes: list[int], sites: dict[str, dict[str, Any]], note: bytes | None) -> None:
         for reply in self._send(nodes, round_, "evaluate", note):
             if reply.has_error():
@@ -313,7 +354,7 @@ class FederatedRun:
                 # only silos that sent an update evaluate. All are asked again next round.
                 self._evaluate_round(round_, answered, sites, note)
                 row = {"round": round_, "replied": n_valid, "silos": len(nodes), "seconds": round(time.perf_counter() - start, 2),
-                       "aggregate_seconds": round(self.aggregate_seconds, 4), "sites": sites}
+                       "aggregate_seconds": round(self.aggregate_seconds, 4), "uplink_bytes": self.uplink_bytes, "sites": sites}
                 self.state.rounds.append(row)
                 self._checkpoint(row)
                 self.audit.append(EventType.ROUND_FINISHED, actor=self.actor, object={"type": "model", "id": f"round-{round_}", "sha256": state_digest(self.global_state)},
@@ -363,6 +404,13 @@ class FederatedRun:
                           run_id=self.run_id, round=row["round"], details={"model_sha256": snap.model_sha256, "optimizer": self.optimizer.name})
 
 
+def _wire_size(content) -> int:
+    """A reply's serialized size (Flower's protobuf encoding of its records): the bytes it took on the wire."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).ByteSize()
+
+
 def _sites_named(details: dict[str, Any], valid: list) -> dict[str, Any]:
     """A rule's details with update indices (e.g. Krum's selection) also given as site names."""
     out = {k: _plain(v) for k, v in (details or {}).items()}
@@ -385,7 +433,7 @@ def _plain(value: Any) -> Any:
 
 def summarize(state: RunState) -> dict[str, Any]:
     """metrics.json: every round's per-site figures and the final ones."""
-    rounds = [{"round": r["round"], "replied": r["replied"], "seconds": r["seconds"], "aggregate_seconds": r.get("aggregate_seconds"),
+    rounds = [{"round": r["round"], "replied": r["replied"], "seconds": r["seconds"], "aggregate_seconds": r.get("aggregate_seconds"), "uplink_bytes": r.get("uplink_bytes"),
                "sites": dict(sorted(r["sites"].items()))} for r in state.rounds]
     final: dict[str, Any] = {}
     if rounds:

@@ -64,7 +64,25 @@ class ValidUpdate:
 
 def validate_reply(node_id: int, content, reference: Mapping[str, np.ndarray], expect: Expectation | None = None) -> ValidUpdate:
     """Validate one train reply's content against the global model ``reference`` and this round's ``expect``."""
-    if P.IDENTITY not in content or P.METRICS not in content or P.ARRAYS not in content:
+    if P.ARRAYS not in content:
+        raise UpdateRejected("missing-record", "reply lacks the identity, metrics or arrays record")
+    site, n, metrics = check_identity_and_metrics(content, expect)
+    delta, wire_bytes, wire_sha256 = _decode_update(content[P.ARRAYS], reference, expect or Expectation(run_id="", round=0))
+    norm = global_l2_norm(delta)
+    clipped = False
+    if expect is not None and expect.norm_bound is not None and norm > expect.norm_bound:
+        if expect.norm_action != "clip":
+            raise UpdateRejected("norm-too-large", f"update L2 norm {norm:.4g} exceeds the plan's bound {expect.norm_bound:.4g}")
+        scale = expect.norm_bound / norm
+        delta = {k: (v * scale).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in delta.items()}
+        clipped = True
+    return ValidUpdate(node_id=node_id, site=site, delta=delta, num_examples=n, metrics=metrics, l2_norm=norm, clipped=clipped,
+                       wire_bytes=wire_bytes, wire_sha256=wire_sha256)
+
+
+def check_identity_and_metrics(content, expect: Expectation | None) -> tuple[str, int, dict[str, float]]:
+    """(site, num-examples, numeric metrics) of a train reply whose identity answers this run and round."""
+    if P.IDENTITY not in content or P.METRICS not in content:
         raise UpdateRejected("missing-record", "reply lacks the identity, metrics or arrays record")
     identity = content[P.IDENTITY]
     site = identity.get(P.SITE)
@@ -85,18 +103,8 @@ def validate_reply(node_id: int, content, reference: Mapping[str, np.ndarray], e
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and not math.isfinite(value):
             raise UpdateRejected("non-finite-metric", f"metric '{key}' is not finite")
-    delta, wire_bytes, wire_sha256 = _decode_update(content[P.ARRAYS], reference, expect or Expectation(run_id="", round=0))
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    norm = global_l2_norm(delta)
-    clipped = False
-    if expect is not None and expect.norm_bound is not None and norm > expect.norm_bound:
-        if expect.norm_action != "clip":
-            raise UpdateRejected("norm-too-large", f"update L2 norm {norm:.4g} exceeds the plan's bound {expect.norm_bound:.4g}")
-        scale = expect.norm_bound / norm
-        delta = {k: (v * scale).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in delta.items()}
-        clipped = True
-    return ValidUpdate(node_id=node_id, site=site, delta=delta, num_examples=int(n), metrics=clean, l2_norm=norm, clipped=clipped,
-                       wire_bytes=wire_bytes, wire_sha256=wire_sha256)
+    return site, int(n), clean
 
 
 def _decode_update(record, reference: Mapping[str, np.ndarray], expect: Expectation) -> tuple[dict[str, np.ndarray], int, str]:

@@ -106,7 +106,9 @@ def _fitres_content(content: RecordDict, max_weight: float) -> RecordDict:
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
     arrays = content[P.ARRAYS]
-    tensors = [ndarray_to_bytes(arrays[name].numpy()) for name in sorted(arrays.keys())]
+    # float64: Flower scales and quantizes in the parameters' own dtype, and float32's 24-bit mantissa would
+    # round away most of the 2**29 or 2**30 levels (this copy stays at the silo; only the masked integers leave).
+    tensors = [ndarray_to_bytes(arrays[name].numpy().astype(np.float64)) for name in sorted(arrays.keys())]
     num_examples = int(content[P.METRICS][P.NUM_EXAMPLES])
     weight = min(num_examples, int(max_weight)) if max_weight > 0 else num_examples
     fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=Parameters(tensors=tensors, tensor_type="numpy.ndarray"),
