@@ -121,7 +121,7 @@ class FederatedRun:
         import torch
         from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-        arrays = ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.global_state.items()})
+        arrays = ArrayRecord({k: torch.from_numpy(np.array(v, order="C")) for k, v in self.global_state.items()})
         config = ConfigRecord({P.PLAN_YAML: self.plan_text, P.PLAN_HASH: self.plan_hash, P.RUN_ID: self.run_id, P.ROUND: round_})
         if self.submission is not None:
             config[P.SUBMISSION] = self.submission.note

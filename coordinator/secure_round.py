@@ -181,7 +181,7 @@ def run_secure_round(run, round_: int, nodes: list[int]) -> SecureOutcome:
     outcome = SecureOutcome(aggregate={}, params=params)
     grid = _RoundGrid(run, reference, Expectation(run_id=run.run_id, round=round_), outcome)
 
-    global_record = ArrayRecord({name: Array(np.ascontiguousarray(reference[name])) for name in names})
+    global_record = ArrayRecord({name: Array(np.array(reference[name], order="C")) for name in names})
     config: dict[str, Any] = {P.PLAN_YAML: run.plan_text, P.PLAN_HASH: run.plan_hash, P.RUN_ID: run.run_id, P.ROUND: round_,
                               P.TENSOR_NAMES: json.dumps(names)}
     if run.submission is not None:

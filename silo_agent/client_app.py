@@ -268,7 +268,7 @@ def _reply(site: Site, run_id: str, round_: int, fed, payload: dict, metrics: di
     import torch
 
     content = RecordDict({
-        P.ARRAYS: ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in payload.items()}),
+        P.ARRAYS: ArrayRecord({k: torch.from_numpy(np.array(v, order="C")) for k, v in payload.items()}),  # np.array keeps 0-d arrays 0-d
         P.METRICS: MetricRecord(metrics),
         P.IDENTITY: ConfigRecord({P.SITE: site.site_id, P.RUN_ID: run_id, P.ROUND: round_}),
     })

@@ -1,10 +1,12 @@
-"""SecAgg+ through a real SuperLink and four SuperNodes with TLS on loopback.
+"""SecAgg+ and compressed updates through a real SuperLink and four SuperNodes with TLS on loopback.
 
 Run 1: every silo takes part; the model the coordinator applies equals the plain weighted mean of the
 silos' (clipped, DP) updates within the quantization bound, and nothing the coordinator wrote holds any
-single silo's update. Run 2: one silo is killed after it shared its keys (while it trains, in the
-collect stage); the round still completes with the other three (the reconstruction threshold is 3 of 4),
-their mean is applied, and the audit log names the silo that dropped and the stage.
+single silo's update. Run 2: top-k compressed updates (5%, error feedback kept at the silos) with the
+trimmed mean: what each silo sent is what the coordinator received and decoded. Run 3: one silo is
+killed after it shared its keys (while it trains, in the collect stage); the round still completes with
+the other three (the reconstruction threshold is 3 of 4), their mean is applied, and the audit log names
+the stage at which the silo dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pipelines.plan import load_plan
 from pipelines.serialization import l2_norm, load_model, state_digest, to_numpy
 from silo_agent.outbox import load_update
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-b")]
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("e2e-a")]  # one worker runs a group in turn
 
 BOUND = 1.0
 
@@ -77,11 +79,22 @@ def test_secure_aggregation_equals_the_weighted_mean_and_survives_a_dropout(tmp_
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     plan = load_plan(plan_path)
-    sites, _ = make_sites(tmp_path, [20, 24, 28, 32])
+    sites, _ = make_sites(tmp_path, [12, 12, 14, 16])
     bundle = sign_and_approve(tmp_path, plan_path, sites)
-    out1, out2 = tmp_path / "run1", tmp_path / "run2"
+    compressed = copy.deepcopy(E2E_PLAN)
+    compressed["federation"].update({"rounds": 1, "min_silos": 3, "compression": "topk", "topk_fraction": 0.05,
+                                     "aggregation": {"rule": "trimmed_mean", "args": {"beta": 0.25}}})
+    compressed_path = tmp_path / "compressed" / "plan.yaml"
+    compressed_path.parent.mkdir()
+    compressed_path.write_text(yaml.safe_dump(compressed), encoding="utf-8")
+    compressed_bundle = sign_and_approve(tmp_path, compressed_path, sites)
+    for s in sites:  # three plans at epsilon 8 each: more than the default lifetime budget of 20
+        policy = s.root / "policy.yaml"
+        policy.write_text(policy.read_text().replace("lifetime_epsilon_per_dataset: 20.0", "lifetime_epsilon_per_dataset: 40.0"))
+    out1, out2, outc = tmp_path / "run1", tmp_path / "run2", tmp_path / "run-topk"
     with LocalFederation(tmp_path, [SiloSpec(s.site_id, s.root) for s in sites]) as fed:
         fed.run_plan(bundle, out1, timeout_s=900)
+        fed.run_plan(compressed_bundle, outc, timeout_s=900)
         victim = sites[3]
         seen = len(_events(victim.audit_dir, "plan.received"))
         killed = threading.Event()
@@ -123,7 +136,18 @@ def test_secure_aggregation_equals_the_weighted_mean_and_survives_a_dropout(tmp_
         for start in range(0, biggest.size - 16, max(1, biggest.size // 8)):
             assert biggest.ravel()[start:start + 16].tobytes() not in coordinator_text
 
-    # Run 2: the killed silo dropped after sharing its keys; the other three make the round.
+    # Run 2 (top-k): each update the coordinator received is the one a silo sent, a twentieth of the dense bytes.
+    received = _events(outc / "audit", "update.received")
+    assert len(received) == 4 and {r["details"]["compression"] for r in received} == {"topk"}
+    sent = {(r["round"], r["object"]["sha256"]): r for s in sites for r in _events(s.audit_dir, "update.sent")
+            if r["details"].get("compression") == "topk"}
+    for r in received:
+        assert (r["round"], r["object"]["sha256"]) in sent
+        assert r["details"]["bytes"] <= 0.11 * r["details"]["dense_bytes"]  # 5% of the entries: values and indices
+    assert [a["details"]["rule"] for a in _events(outc / "audit", "aggregate.computed")] == ["trimmed_mean"]
+    assert all(any((s.root / "outbox").rglob("residual.safetensors")) for s in sites)
+
+    # Run 3: the killed silo dropped after sharing its keys; the other three make the round.
     run2 = _events(out2 / "audit", "run.started")[0]["run_id"]
     _check_mean(out2, plan, sites[:3], run2)
     [agg] = _events(out2 / "audit", "aggregate.computed")

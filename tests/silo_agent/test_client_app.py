@@ -242,3 +242,10 @@ def test_a_plan_text_edited_after_signing_is_refused(site):
     msg.content[P.CONFIG][P.PLAN_YAML] = "# cleared by the ethics board\n" + text  # same hash, other text
     reply = train(msg, context(site.root))
     assert reply.has_error() and "plan text differs from the text the researcher signed" in reply.error.reason
+
+
+def test_a_secure_aggregation_plan_asked_for_in_the_clear_is_refused(site):
+    """A coordinator that names secagg+ in the plan but asks for a plain update would see it: the silo refuses."""
+    raw = {**PLAN, "federation": {"rounds": 1, "min_silos": 3, "secure_aggregation": "secagg+", "update_norm_bound": 5.0}}
+    reason = refused(site, raw=raw)
+    assert "requires secure aggregation (secagg+), but this request would send the update in the clear" in reason

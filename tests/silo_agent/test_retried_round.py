@@ -61,3 +61,35 @@ def test_the_same_round_with_another_global_model_is_still_refused(site):
     other = ArrayRecord(build_network(plan, seed=1).state_dict())
     reply = train(message(text, plan.hash(), other), context(site.root))
     assert reply.has_error() and "already trained on dataset 'ct' (replayed message)" in reply.error.reason
+
+
+@pytest.mark.parametrize("compression", ["int8", "topk"])
+def test_a_compressed_update_is_what_the_coordinator_decodes_and_a_retry_resends_it(site, compression):
+    from coordinator.validation import Expectation, validate_reply
+    from pipelines.serialization import to_numpy
+    from silo_agent.outbox import load_residual
+
+    raw = {**PLAN, "federation": {**PLAN["federation"], "compression": compression}}
+    approve(site, raw)
+    plan = parse_plan(raw)
+    text = yaml.safe_dump(raw)
+    reference = to_numpy(build_network(plan, seed=0).state_dict())
+    arrays = ArrayRecord(build_network(plan, seed=0).state_dict())
+    first = train(message(text, plan.hash(), arrays), context(site.root))
+    assert not first.has_error(), first.error.reason if first.has_error() else ""
+    names = set(first.content["arrays"].keys())
+    suffix = {"int8": "/q", "topk": "/idx"}[compression]
+    assert names and all(any(n.endswith(s) for s in (suffix, "/scale", "/offset", "/val")) for n in names)
+    [sent] = _events(site, "update.sent")
+    assert sent["details"]["compression"] == compression
+    assert sent["details"]["bytes"] < sent["details"]["dense_bytes"] * (0.3 if compression == "int8" else 0.05)
+    update = validate_reply(1, first.content, reference, Expectation(run_id="run1", round=1, compression=compression))
+    assert set(update.delta) == set(reference) and update.wire_sha256 == sent["object"]["sha256"]
+    assert update.wire_bytes == sent["details"]["bytes"]
+    assert (load_residual(site.root, "run1") is not None) == (compression == "topk")  # error feedback stays at the site
+
+    again = train(message(text, plan.hash(), arrays), context(site.root))  # a retried round: the same payload, no new spend
+    assert not again.has_error()
+    a, b = first.content["arrays"].to_torch_state_dict(), again.content["arrays"].to_torch_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(_events(site, "dp.spent")) == 1
