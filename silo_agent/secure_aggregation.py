@@ -17,7 +17,9 @@ masked vectors, unmask) and speaks in FitIns/FitRes records. This mod
   protocol needs, and the upload is the size of a float32 update instead of twice it.
 
 A refusal (unapproved plan, spent budget) answers the stage with the handler's own error reply; the
-coordinator then treats the silo as dropped and removes its masks with the other silos' key shares.
+coordinator then treats the silo as dropped and removes its masks with the other silos' key shares. A
+setup whose settings would not protect the silo's update (fewer than 3 silos, a threshold of at most
+half the shares) is refused before any key is made.
 """
 
 from __future__ import annotations
@@ -63,6 +65,9 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
             raise _Refused(reply)
         return Message(_fitres_content(reply.content, _max_weight(context)), reply_to=fit_msg)
 
+    problem = _weak_setup(msg.content.config_records[RECORD_KEY_CONFIGS])
+    if problem:
+        return Message(Error(P.ERR_REFUSED, f"secure aggregation refused: {problem}"), reply_to=msg)
     try:
         out = secaggplus_mod(msg, ctxt, train)
     except _Refused as refused:
@@ -78,6 +83,27 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
         except RefusalError as exc:
             return Message(Error(P.ERR_REFUSED, exc.one_line()), reply_to=msg)
     return out
+
+
+def _weak_setup(configs: ConfigRecord) -> str:
+    """Why a setup stage's settings would not protect this silo's update ("" when they do).
+
+    The silo does not take the coordinator's word for them: with two parties, or a reconstruction threshold
+    of at most half the shares, a coordinator could learn one silo's update (from the sum, or by asking some
+    neighbours for its mask seed and others for its key as though it had dropped; Bell et al. 2020, Sec. 3).
+    """
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    if configs.get(Key.STAGE) != Stage.SETUP:
+        return ""
+    samples, shares, threshold = (configs.get(k) for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (samples, shares, threshold)):
+        return "the setup lacks the number of silos, shares or the threshold"
+    if samples < 3:
+        return f"{samples} silo(s) in the sum: each could read the other's update"
+    if 2 * threshold <= shares:
+        return f"reconstruction threshold {threshold} of {shares} shares is not more than half"
+    return ""
 
 
 def _native_content(content: RecordDict) -> RecordDict:

@@ -249,3 +249,26 @@ def test_a_secure_aggregation_plan_asked_for_in_the_clear_is_refused(site):
     raw = {**PLAN, "federation": {"rounds": 1, "min_silos": 3, "secure_aggregation": "secagg+", "update_norm_bound": 5.0}}
     reason = refused(site, raw=raw)
     assert "requires secure aggregation (secagg+), but this request would send the update in the clear" in reason
+
+
+@pytest.mark.parametrize("samples, shares, threshold, words", [
+    (2, 2, 2, "each could read the other's update"),
+    (5, 5, 2, "threshold 2 of 5 shares is not more than half"),
+])
+def test_a_secure_aggregation_setup_that_would_not_protect_the_update_is_refused(site, samples, shares, threshold, words):
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+    from silo_agent.secure_aggregation import secure_aggregation_mod
+
+    setup = ConfigRecord({Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: samples, Key.SHARE_NUMBER: shares, Key.THRESHOLD: threshold,
+                          Key.CLIPPING_RANGE: 1.0, Key.TARGET_RANGE: 2**20, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: 100.0})
+    msg = Message(content=RecordDict({RECORD_KEY_CONFIGS: setup}), message_type="train", dst_node_id=1)
+    called = []
+    reply = secure_aggregation_mod(msg, context(site.root), lambda m, c: called.append(m))
+    assert reply.has_error() and reply.error.code == P.ERR_REFUSED and words in reply.error.reason
+    assert not called
+    # A sound setup goes on to Flower's key generation: the reply carries this silo's two public keys.
+    setup[Key.SAMPLE_NUMBER], setup[Key.SHARE_NUMBER], setup[Key.THRESHOLD] = 3, 3, 2
+    reply = secure_aggregation_mod(Message(content=RecordDict({RECORD_KEY_CONFIGS: setup}), message_type="train", dst_node_id=1),
+                                   context(site.root), lambda m, c: called.append(m))
+    assert not reply.has_error() and {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2} <= set(reply.content[RECORD_KEY_CONFIGS].keys())
