@@ -200,12 +200,20 @@ class ProcessSet:
         raise DeploymentError(f"{proc.name} did not listen on port {port} within {timeout_s:.0f} s", fix=f"read {proc.log_path}")
 
     def finish(self, proc: "ManagedProcess", *, kill: bool = False) -> None:
-        """Stop ``proc`` if it still runs and forget it: a finished job's exit code is not a failure of the set."""
-        proc.stop(grace_s=5.0, kill=kill)
+        """Stop ``proc`` if it still runs and forget it: a finished job's exit code is not a failure of the set.
+
+        Forgotten first, so that a check made meanwhile from another thread (a crash staged while a run is
+        followed) does not take the stop for a failure; kept if stopping it fails, so that stop_all still can.
+        """
         self.processes.remove(proc)
+        try:
+            proc.stop(grace_s=5.0, kill=kill)
+        except BaseException:
+            self.processes.append(proc)
+            raise
 
     def check_alive(self) -> None:
-        for proc in self.processes:
+        for proc in list(self.processes):
             if not proc.alive() and proc.popen.returncode not in (0, None):
                 raise DeploymentError(f"{proc.name} stopped with exit code {proc.popen.returncode}: {proc.log_tail()}", fix=f"read {proc.log_path}")
 
