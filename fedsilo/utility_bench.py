@@ -88,6 +88,24 @@ COMPRESSIONS = ("float16", "int8", "topk")
 GOAL_COMPRESSION_POINTS = {"int8": 0.5, "topk": 1.0}
 
 
+def compression_spec(spec: str, topk_fraction: float) -> tuple[str, float]:
+    """``"int8"`` -> ("int8", topk_fraction); ``"topk"`` -> ("topk", topk_fraction); ``"topk:0.1"`` -> ("topk", 0.1)
+    (a top-k arm at its own fraction, so that one run compares several). ConfigError names a bad spec."""
+    mode, _, fraction = spec.partition(":")
+    if mode not in COMPRESSIONS or (fraction and mode != "topk"):
+        raise ConfigError(f"--compression {spec!r} is not known",
+                          fix=f"use some of: {', '.join(COMPRESSIONS)}, or topk:FRACTION (float32 is the fedavg arm)")
+    if not fraction:
+        return mode, topk_fraction
+    try:
+        value = float(fraction)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise ConfigError(f"--compression {spec!r}: the top-k fraction must be in (0, 1]", fix="e.g. topk:0.1")
+    return mode, value
+
+
 @dataclass(frozen=True)
 class UtilityConfig:
     """Sizes and training settings (defaults: 3 seeds, 722 CPU-seconds measured 2026-11-27: some 6 to 7 minutes
@@ -105,8 +123,9 @@ class UtilityConfig:
     image, the usual fix for per-scanner intensity offset and scale; "ScaleIntensity": min-max; "none").
     server_optimizer / server_lr: the plan's ``federation.server_optimizer`` and ``server_lr`` for every federated
     arm (sgd at 1.0: plain FedAvg).
-    compression: extra arms ``fedavg-<mode>`` for each mode of :data:`COMPRESSIONS` named (default none).
-    topk_fraction: the share of the model's entries the top-k arm sends each round (default 1%).
+    compression: extra arms ``fedavg-<spec>`` for each spec named: a mode of :data:`COMPRESSIONS`, or
+    ``topk:FRACTION`` for a top-k arm at its own fraction (default none).
+    topk_fraction: the share of the model's entries a ``topk`` arm sends each round (default 1%).
     """
 
     silos: int = 5
@@ -341,11 +360,11 @@ def _setting_job(config: UtilityConfig, seed: int, eps: float | None, *, progres
         out["epsilon_spent"] = max(trainer.epsilon.values())
         out["noise"] = {k: round(v, 4) for k, v in trainer.noise.items()}
 
-    for mode in config.compression:  # the fedavg arm's seeds: only the compression differs
+    for spec in config.compression:  # the fedavg arm's seeds: only the compression differs
         t0 = time.perf_counter()
         trainer = _Trainer(plan, seed * 7919 + 3)
-        codec = _Codec(mode, config.topk_fraction, seed * 7919 + 4)
-        record(f"fedavg-{mode}", [_federate(fedavg, trainer, initial, trains, config, 3, codec=codec)[0]] * n, t0)
+        codec = _Codec(*compression_spec(spec, config.topk_fraction), seed * 7919 + 4)
+        record(f"fedavg-{spec}", [_federate(fedavg, trainer, initial, trains, config, 3, codec=codec)[0]] * n, t0)
 
     t0 = time.perf_counter()
     trainer = _Trainer(_plan(config, eps, fedprox_mu=config.fedprox_mu), seed * 7919 + 3)
@@ -484,12 +503,12 @@ def _check(config: UtilityConfig) -> None:
         raise ConfigError(f"--max-grad-norm {config.max_grad_norm} must be positive", fix="e.g. --max-grad-norm 0.5")
     if config.fedprox_mu <= 0:
         raise ConfigError(f"--fedprox-mu {config.fedprox_mu} must be positive", fix="e.g. --fedprox-mu 0.01")
-    unknown = [m for m in config.compression if m not in COMPRESSIONS]
-    if unknown or len(set(config.compression)) != len(config.compression):
-        raise ConfigError(f"--compression {','.join(config.compression)}: {'unknown ' + ', '.join(unknown) if unknown else 'a mode twice'}",
-                          fix=f"use some of: {', '.join(COMPRESSIONS)} (float32 is the fedavg arm)")
     if isinstance(config.topk_fraction, bool) or not 0 < config.topk_fraction <= 1:
         raise ConfigError(f"--topk-fraction {config.topk_fraction} must be in (0, 1]", fix="e.g. --topk-fraction 0.01")
+    for spec in config.compression:
+        compression_spec(spec, config.topk_fraction)
+    if len(set(config.compression)) != len(config.compression):
+        raise ConfigError(f"--compression {','.join(config.compression)}: an arm twice", fix="name each arm once")
 
 
 def _row(case: str, metric: str, value: float | None, baseline: str | None = None,
@@ -560,12 +579,15 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
             rows.append(_row(f"goal/{arm} eps=8 vs {nodp}", "dice points behind", gap8))
             g.update(eps8_points_behind_nodp=round(gap8, 2), eps8_within_3_points=gap8 <= GOAL_DP8_POINTS)
         goals[arm] = g
-    for mode in config.compression:
-        arm = f"fedavg-{mode}"
+    for spec in config.compression:
+        arm = f"fedavg-{spec}"
+        mode, fraction = compression_spec(spec, config.topk_fraction)
         lost = {p: (means[("fedavg", p)] - means[(arm, p)]) * 100 for p in privacy_names}
         for p, points in lost.items():
             rows.append(_row(f"goal/{arm} vs fedavg {p}", "dice points lost", points))
         g: dict[str, Any] = {"points_lost_vs_fedavg": {p: round(v, 2) for p, v in lost.items()}}
+        if mode == "topk":
+            g["topk_fraction"] = fraction
         if mode in GOAL_COMPRESSION_POINTS:
             g.update(goal_points=GOAL_COMPRESSION_POINTS[mode],
                      within_goal=all(v <= GOAL_COMPRESSION_POINTS[mode] for v in lost.values()))
@@ -644,8 +666,8 @@ def add_bench_command(bsub) -> None:
                    help=f"server optimizer of the federated arms: sgd, adam, yogi (default {d.server_optimizer})")
     p.add_argument("--server-lr", type=float, default=d.server_lr, help=f"server learning rate (default {d.server_lr})")
     p.add_argument("--compression", default=None,
-                   help=f"add FedAvg arms with compressed updates, comma-separated from {', '.join(COMPRESSIONS)} "
-                        "(default none; each adds one FedAvg run per setting)")
+                   help=f"add FedAvg arms with compressed updates, comma-separated from {', '.join(COMPRESSIONS)}, or "
+                        "topk:FRACTION (default none; each adds one FedAvg run per setting)")
     p.add_argument("--topk-fraction", type=float, default=d.topk_fraction,
                    help=f"share of entries the top-k arm sends (default {d.topk_fraction})")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -670,7 +692,7 @@ def _modes(text: str | None) -> list[str]:
         return []
     modes = [t.strip() for t in text.split(",") if t.strip()]
     if not modes:
-        raise ConfigError("--compression: no mode given", fix=f"name some of: {', '.join(COMPRESSIONS)}")
+        raise ConfigError("--compression: no arm given", fix=f"name some of: {', '.join(COMPRESSIONS)}, topk:FRACTION")
     return modes
 
 
@@ -694,4 +716,4 @@ def _utility(args) -> int:
     return 0
 
 
-__all__ = ["ARMS", "COMPRESSIONS", "UtilityConfig", "add_bench_command", "run_utility_bench"]
+__all__ = ["ARMS", "COMPRESSIONS", "UtilityConfig", "add_bench_command", "compression_spec", "run_utility_bench"]

@@ -97,6 +97,14 @@ def test_compressed_fedavg_differs_from_fedavg_only_by_the_compression() -> None
     assert 0 < max(differences) < moved
 
 
+def test_compression_specs() -> None:
+    from fedsilo.utility_bench import compression_spec
+
+    assert compression_spec("int8", 0.01) == ("int8", 0.01)
+    assert compression_spec("topk", 0.02) == ("topk", 0.02)
+    assert compression_spec("topk:0.1", 0.01) == ("topk", 0.1)
+
+
 def test_codec_keeps_each_silos_error_feedback() -> None:
     from fedsilo.utility_bench import _Codec
 
@@ -171,8 +179,11 @@ def test_threshold_dice_by_hand() -> None:
         (UtilityConfig(preprocess="Histogram"), "--preprocess.*NormalizeIntensity"),
         (UtilityConfig(server_optimizer="lamb"), "--server-optimizer.*yogi"),
         (UtilityConfig(workers=0), "--workers 0"),
-        (UtilityConfig(compression=("int4",)), "--compression int4: unknown int4.*float16, int8, topk"),
-        (UtilityConfig(compression=("int8", "int8")), "--compression int8,int8: a mode twice"),
+        (UtilityConfig(compression=("int4",)), "--compression 'int4' is not known.*float16, int8, topk"),
+        (UtilityConfig(compression=("int8:0.1",)), "--compression 'int8:0.1' is not known"),
+        (UtilityConfig(compression=("topk:2",)), "--compression 'topk:2': the top-k fraction must be in"),
+        (UtilityConfig(compression=("topk:x",)), "--compression 'topk:x': the top-k fraction must be in"),
+        (UtilityConfig(compression=("int8", "int8")), "--compression int8,int8: an arm twice"),
         (UtilityConfig(compression=("topk",), topk_fraction=0.0), "--topk-fraction 0.0"),
     ],
 )
@@ -195,5 +206,5 @@ def test_cli_refuses_an_unknown_compression_in_one_line(capsys) -> None:
 
     code = main(["bench", "utility", "--compression", "int8,zip", "--json"])
     err = capsys.readouterr().err
-    assert code == 2 and "--compression int8,zip: unknown zip" in err and "Traceback" not in err
+    assert code == 2 and "--compression 'zip' is not known" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
