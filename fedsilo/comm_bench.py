@@ -244,9 +244,10 @@ def _sig(value: float) -> float:
 
 
 def _row(case: str, metric: str, value: float, baseline: str | None, base_value: float | None) -> dict[str, Any]:
-    """A row; values to 6 significant digits, the ratio (4 significant digits) from the rounded values."""
-    value = _sig(value)
-    base_value = _sig(base_value) if base_value is not None else None
+    """A row; counts exact, other values to 6 significant digits, the ratio (4 significant digits) from them."""
+    exact = metric.startswith(("wire_", "payload_"))
+    value = int(value) if exact else _sig(value)
+    base_value = None if base_value is None else int(base_value) if exact else _sig(base_value)
     ratio = float(f"{value / base_value:.4g}") if baseline is not None and base_value else None
     return {"case": case, "metric": metric, "value": value, "baseline": baseline if ratio is not None else None,
             "ratio": ratio}
