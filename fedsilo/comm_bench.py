@@ -67,6 +67,8 @@ def add_bench_command(bsub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--federation", action="store_true",
                    help="also time federated rounds with and without secure aggregation (slow; real SuperLink)")
+    p.add_argument("--silos", type=int, default=3, help="--federation: number of silos (default 3, at least 3)")
+    p.add_argument("--rounds", type=int, default=3, help="--federation: rounds per mode; each round is one repetition (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_handler)
 
@@ -89,11 +91,14 @@ def _handler(args) -> int:
         raise ConfigError(f"--repeats {args.repeats} is too small", fix="use 1 or more")
     if not 0 < args.topk_fraction <= 1:
         raise ConfigError(f"--topk-fraction {args.topk_fraction} must be in (0, 1]", fix="e.g. --topk-fraction 0.01")
+    if args.federation and (args.silos < 3 or args.rounds < 1):
+        raise ConfigError(f"--silos {args.silos} --rounds {args.rounds}: secure aggregation needs 3 or more silos and 1 or more rounds",
+                          fix="e.g. --silos 3 --rounds 3")
     result = run_comm_bench(models=models, modes=modes, repeats=args.repeats, topk_fraction=args.topk_fraction,
                             seed=args.seed, say=lambda text: print(text, file=sys.stderr, flush=True))
     if args.federation:
         result["rows"].extend(_secure_round_rows(args))
-        result["params"]["federation"] = True
+        result["params"]["federation"] = args.federation_params
     print_result(result, as_json=args.json)
     return 0
 
@@ -305,13 +310,19 @@ def run_comm_bench(*, models: list[str] | None = None, modes: list[str] | None =
 
 
 def _secure_round_rows(args) -> list[dict[str, Any]]:
-    """Round time of a federation with SecAgg+ against the same federation without it (``--federation``).
+    """Round time and uplink bytes of a federation with SecAgg+ against the same federation without it
+    (``--federation``; :mod:`fedsilo.secagg_bench`: real SuperLink and SuperNodes with TLS on loopback)."""
+    import tempfile
 
-    Not measured yet: returns no rows. The lead fills this in (real SuperLink/SuperNodes through
-    :mod:`fedsilo.local_federation`), rows like ``{"case": "secagg+", "metric": "round_seconds", ...,
-    "baseline": "plain", ...}``.
-    """
-    return []
+    from fedsilo.round_bench import DEFAULT_PLAN
+    from fedsilo.secagg_bench import secure_round_rows
+
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    say(f"bench comm: {args.silos} silos, {args.rounds} round(s) plain and {args.rounds} with secagg+ on one federation")
+    with tempfile.TemporaryDirectory(prefix="fedsilo-bench-secagg-") as tmp:
+        rows, params = secure_round_rows(plan_path=DEFAULT_PLAN, silos=args.silos, rounds=args.rounds, root=Path(tmp), say=say)
+    args.federation_params = params
+    return rows
 
 
 __all__ = ["BENCH", "MODELS", "add_bench_command", "measure_mode", "run_comm_bench", "wire_size"]
