@@ -83,15 +83,22 @@ def test_wire_size_counts_flower_objects() -> None:
 
 
 def test_secure_rows_flag_is_wired(monkeypatch, capsys) -> None:
-    # --federation calls _secure_round_rows (empty until secure aggregation is timed); the small model keeps it fast.
+    # --federation calls _secure_round_rows (a real federation, timed by tests/fedsilo/test_secagg_bench.py; here a
+    # stand-in that sets its parameters as the real one does), whose rows and parameters join the result.
     import fedsilo.comm_bench as bench
 
     calls = []
-    monkeypatch.setattr(bench, "_secure_round_rows", lambda args: calls.append(args) or [])
+
+    def secure_rows(args):
+        calls.append(args)
+        args.federation_params = {"silos": args.silos, "rounds": args.rounds}
+        return []
+
+    monkeypatch.setattr(bench, "_secure_round_rows", secure_rows)
     monkeypatch.setattr(bench, "BUILDERS", {**bench.BUILDERS, "demo": lambda seed: _tiny(seed)})
     assert main(["bench", "comm", "--models", "demo", "--modes", "int8", "--repeats", "1", "--federation", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(calls) == 1 and result["params"]["federation"] is True
+    assert len(calls) == 1 and result["params"]["federation"] == {"silos": 3, "rounds": 3}
     assert {r["case"] for r in result["rows"]} == {"demo int8"}
 
 
