@@ -28,8 +28,8 @@ the plan's 4 local epochs at its noise multiplier) on 40 synthetic 32^3 volumes;
 Gaussian with a per-tensor scale (1% of the RMS of that tensor's initial weights; 1e-3 for an all-zero or
 all-one tensor such as a bias or a PReLU slope): the sizes and most timings do not depend on the values.
 
-``--federation`` adds the rows of :func:`_secure_round_rows` (round time with and without secure aggregation; to
-come).
+``--federation`` adds the rows of :func:`_secure_round_rows`: round time and uplink bytes of SecAgg+ against plain
+FedAvg on the same real federation (:mod:`fedsilo.secagg_bench`).
 """
 
 from __future__ import annotations
@@ -97,8 +97,9 @@ def _handler(args) -> int:
     result = run_comm_bench(models=models, modes=modes, repeats=args.repeats, topk_fraction=args.topk_fraction,
                             seed=args.seed, say=lambda text: print(text, file=sys.stderr, flush=True))
     if args.federation:
-        result["rows"].extend(_secure_round_rows(args))
-        result["params"]["federation"] = args.federation_params
+        rows, params = _secure_round_rows(args)
+        result["rows"].extend(rows)
+        result["params"]["federation"] = params
     print_result(result, as_json=args.json)
     return 0
 
@@ -309,7 +310,7 @@ def run_comm_bench(*, models: list[str] | None = None, modes: list[str] | None =
 # ------------------------------------------------------------------------------- secure aggregation
 
 
-def _secure_round_rows(args) -> list[dict[str, Any]]:
+def _secure_round_rows(args) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Round time and uplink bytes of a federation with SecAgg+ against the same federation without it
     (``--federation``; :mod:`fedsilo.secagg_bench`: real SuperLink and SuperNodes with TLS on loopback)."""
     import tempfile
@@ -320,9 +321,7 @@ def _secure_round_rows(args) -> list[dict[str, Any]]:
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     say(f"bench comm: {args.silos} silos, {args.rounds} round(s) plain and {args.rounds} with secagg+ on one federation")
     with tempfile.TemporaryDirectory(prefix="fedsilo-bench-secagg-") as tmp:
-        rows, params = secure_round_rows(plan_path=DEFAULT_PLAN, silos=args.silos, rounds=args.rounds, root=Path(tmp), say=say)
-    args.federation_params = params
-    return rows
+        return secure_round_rows(plan_path=DEFAULT_PLAN, silos=args.silos, rounds=args.rounds, root=Path(tmp), say=say)
 
 
 __all__ = ["BENCH", "MODELS", "add_bench_command", "measure_mode", "run_comm_bench", "wire_size"]

@@ -83,16 +83,15 @@ def test_wire_size_counts_flower_objects() -> None:
 
 
 def test_secure_rows_flag_is_wired(monkeypatch, capsys) -> None:
-    # --federation calls _secure_round_rows (a real federation, timed by tests/fedsilo/test_secagg_bench.py; here a
-    # stand-in that sets its parameters as the real one does), whose rows and parameters join the result.
+    # --federation calls _secure_round_rows (a real federation: fedsilo.secagg_bench; here a stand-in returning
+    # rows and parameters as the real one does), whose rows and parameters join the result.
     import fedsilo.comm_bench as bench
 
     calls = []
 
     def secure_rows(args):
         calls.append(args)
-        args.federation_params = {"silos": args.silos, "rounds": args.rounds}
-        return []
+        return [], {"silos": args.silos, "rounds": args.rounds}
 
     monkeypatch.setattr(bench, "_secure_round_rows", secure_rows)
     monkeypatch.setattr(bench, "BUILDERS", {**bench.BUILDERS, "demo": lambda seed: _tiny(seed)})
