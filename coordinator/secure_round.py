@@ -24,6 +24,7 @@ the 2**32 modulus; weights are example counts, capped at :data:`MAX_WEIGHT`.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,10 @@ from compliance import EventType
 from coordinator.validation import Expectation, UpdateRejected, check_identity_and_metrics
 from fedsilo import protocol as P
 from fedsilo.errors import FedsiloError
-from pipelines.serialization import state_digest
+from fedsilo.secagg_prg import install as _install_secure_prg
+from pipelines.serialization import read_npy, state_digest
+
+_install_secure_prg()  # masks from AES-256-CTR, as the silos draw them (fedsilo.secagg_prg)
 
 #: A silo's weight in the mean is its example count, capped here (the masked sum of weights must not overflow).
 MAX_WEIGHT = 10_000
@@ -42,6 +46,8 @@ MODULUS_RANGE = 2**32
 #: Flower's stochastic rounding goes through int32: no quantized entry may reach 2**31.
 MAX_QUANTIZATION_RANGE = 2**30
 STAGES = ("setup", "share-keys", "collect-masked-vectors", "unmask")
+#: How often a round starts the protocol again after silos dropped before training.
+MAX_RESTARTS = 2
 NPY_HEADER_MAX = 4096
 
 
@@ -146,27 +152,50 @@ class _RoundGrid:
             raise UpdateRejected("wrong-names", f"masked reply carries {len(masked) if isinstance(masked, list) else 0} vectors, "
                                  f"the model needs {len(shapes)}")
         for blob, shape in zip(masked, shapes):
-            if not isinstance(blob, bytes) or len(blob) > int(np.prod(shape)) * 8 + NPY_HEADER_MAX:
+            if not isinstance(blob, bytes) or len(blob) > int(np.prod(shape)) * 4 + NPY_HEADER_MAX:
                 raise UpdateRejected("payload-too-large", "a masked vector is larger than its shape needs")
             try:
-                arr = np.load(_buffer(blob), allow_pickle=False)
-            except (ValueError, TypeError, OSError, EOFError):
-                raise UpdateRejected("bad-payload", "a masked vector is not a valid .npy array") from None
-            if arr.shape != shape or arr.dtype.kind not in "iu":
-                raise UpdateRejected("wrong-shape", f"a masked vector is {arr.dtype}{list(arr.shape)}, expected integers {list(shape)}")
-        return {"site": site, "num_examples": n, "metrics": metrics, "bytes": sum(len(b) for b in masked), "message_bytes": size}
-
-
-def _buffer(blob: bytes):
-    import io
-
-    return io.BytesIO(blob)
+                arr = read_npy(blob, max_elements=int(np.prod(shape)))
+            except ValueError as exc:
+                raise UpdateRejected("bad-payload", f"a masked vector is not a valid .npy array: {exc}") from None
+            if arr.shape != shape or arr.dtype != np.dtype("<u4"):
+                raise UpdateRejected("wrong-shape", f"a masked vector is {arr.dtype}{list(arr.shape)}, expected uint32 {list(shape)}")
+        return {"site": site, "num_examples": n, "weight": min(n, MAX_WEIGHT), "metrics": metrics, "bytes": sum(len(b) for b in masked),
+                "message_bytes": size}
 
 
 def run_secure_round(run, round_: int, nodes: list[int]) -> SecureOutcome:
-    """Train at ``nodes`` through SecAgg+; the weighted mean of the accepted updates, or FedsiloError if the protocol halts."""
+    """Train at ``nodes`` through SecAgg+; the weighted mean of the accepted updates, or FedsiloError if the protocol halts.
+
+    A silo that drops before training (at setup or share-keys) would leave the others unable to finish (Flower's
+    workflow would list it as dropped, and no silo holds shares of a key it never sent): the protocol is started
+    again with the silos still there, at most :data:`MAX_RESTARTS` times. Fewer masked vectors than
+    ``max(3, min_silos)`` stop the round before anything is unmasked.
+    """
+    fed = run.plan.federation
+    need = max(3, fed.min_silos)
+    dropped_early: dict[int, str] = {}
+    asked = list(nodes)
+    for _attempt in range(MAX_RESTARTS + 1):
+        if len(asked) < need:
+            break
+        outcome, restart_with = _attempt_round(run, round_, asked, need)
+        if restart_with is None:
+            outcome.dropped = {**dropped_early, **outcome.dropped}
+            return outcome
+        dropped_early.update({n: outcome.dropped[n] for n in set(asked) - set(restart_with)})
+        asked = restart_with
+    raise FedsiloError(f"round {round_}: {len(asked)} silo(s) left for secure aggregation after "
+                       f"{len(dropped_early)} dropped before training, the plan needs {need}",
+                       fix="check the silos' error replies in the audit log (fedsilo audit show) and their logs")
+
+
+def _attempt_round(run, round_: int, nodes: list[int], need: int) -> tuple[SecureOutcome, list[int] | None]:
+    """One run of the protocol over ``nodes``: (outcome, None), or (outcome, survivors) to start again without
+    the silos that dropped before training."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
     from flwr.common import FitIns
+    from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
     from flwr.server.client_manager import SimpleClientManager
     from flwr.server.compat.grid_client_proxy import GridClientProxy
     from flwr.server.compat.legacy_context import LegacyContext
@@ -187,8 +216,6 @@ def run_secure_round(run, round_: int, nodes: list[int]) -> SecureOutcome:
     if run.submission is not None:
         config[P.SUBMISSION] = run.submission.note
         config[P.RESEARCHER_KEY] = run.submission.researcher_key
-    from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters
-
     parameters = arrayrecord_to_parameters(global_record, keep_input=True)
     strategy = _Strategy([(GridClientProxy(node, grid, 0), FitIns(parameters, dict(config))) for node in nodes])
     state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({WorkflowKey.CURRENT_ROUND: round_}), MAIN_PARAMS_RECORD: global_record})
@@ -199,18 +226,28 @@ def run_secure_round(run, round_: int, nodes: list[int]) -> SecureOutcome:
                                   modulus_range=params["modulus_range"])
     wf_state = WorkflowState()
     steps = (workflow.setup_stage, workflow.share_keys_stage, workflow.collect_masked_vectors_stage, workflow.unmask_stage)
-    asked = set(nodes)
     summed: set[int] = set()
     for stage, step in zip(STAGES, steps):
         grid.stage = stage
         started = time.perf_counter()
-        before = set(wf_state.active_node_ids) if wf_state.active_node_ids else asked
-        ok = step(grid, context, wf_state)
+        before = set(wf_state.active_node_ids) if wf_state.active_node_ids else set(nodes)
+        try:
+            ok = step(grid, context, wf_state)
+        except FedsiloError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Flower's workflow on a malformed reply: the round fails, named and audited
+            raise FedsiloError(f"round {round_}: secure aggregation failed at stage {stage} ({type(exc).__name__}: {str(exc)[:120]})",
+                               fix="check the silos' replies and logs; a silo sending malformed protocol messages may be faulty") from None
         outcome.stage_seconds[stage] = round(time.perf_counter() - started, 3)
         for node in before - set(wf_state.active_node_ids):
             outcome.dropped.setdefault(node, stage)
+        if stage == "share-keys" and set(wf_state.active_node_ids) != set(nodes):
+            return outcome, sorted(wf_state.active_node_ids)  # no one has trained yet: start again without them
         if stage == "collect-masked-vectors":  # whose masked vectors are in the sum (a later dropout's mask is rebuilt)
             summed = set(wf_state.active_node_ids)
+            if ok and len(summed) < need:  # too few to unmask: the sum of so few would say too much about each
+                raise FedsiloError(f"round {round_}: {len(summed)} masked update(s) of {len(nodes)} silo(s), the plan needs {need}; "
+                                   "nothing was unmasked", fix="check the silos' error replies in the audit log (fedsilo audit show)")
         if not ok:
             raise FedsiloError(f"round {round_}: secure aggregation halted at stage {stage}: {len(wf_state.active_node_ids)} of {len(nodes)} "
                                f"silo(s) still active, {params['reconstruction_threshold']} needed to remove the masks",
@@ -221,10 +258,24 @@ def run_secure_round(run, round_: int, nodes: list[int]) -> SecureOutcome:
                          for name, arr in zip(names, strategy.aggregate)}
     outcome.dropped = {node: stage for node, stage in outcome.dropped.items() if node not in summed}
     outcome.contributions = {node: c for node, c in outcome.contributions.items() if node in summed}
+    _check_aggregate(outcome, round_, fed.update_norm_bound)
+    return outcome, None
+
+
+def _check_aggregate(outcome: SecureOutcome, round_: int, bound: float) -> None:
+    """The unmasked mean of updates clipped to ``bound`` has norm at most ``bound`` (plus quantization): anything
+    else means a silo sent more than a clipped update, or the two sides' masks did not cancel."""
     for name, arr in outcome.aggregate.items():
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            raise FedsiloError(f"round {round_}: the secure aggregate's tensor '{name}' is not finite", fix="check the plan's update_norm_bound")
-    return outcome
+            raise FedsiloError(f"round {round_}: the secure aggregate's tensor '{name}' is not finite", fix="check the silos' logs")
+    weights = [float(c["num_examples"]) for c in outcome.contributions.values()] or [1.0]
+    entries = sum(int(a.size) for a in outcome.aggregate.values())
+    limit = bound + quantization_error_bound(outcome.params, weights) * math.sqrt(entries)
+    norm = math.sqrt(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel().astype(np.float64)))
+                         for a in outcome.aggregate.values() if np.issubdtype(a.dtype, np.floating)))
+    if norm > limit:
+        raise FedsiloError(f"round {round_}: the secure aggregate's L2 norm {norm:.4g} exceeds the bound {limit:.4g} that a mean of "
+                           "clipped updates respects; it is not applied", fix="a silo sent a malformed masked update: check the silos' logs")
 
 
 def audit_secure_round(run, round_: int, outcome: SecureOutcome, node_site: dict[int, str]) -> None:
@@ -234,7 +285,7 @@ def audit_secure_round(run, round_: int, outcome: SecureOutcome, node_site: dict
         run.audit.append(EventType.UPDATE_RECEIVED, actor=run.actor, object={"type": "update", "id": f"{c['site']}/{round_}", "sha256": None},
                          run_id=run.run_id, round=round_,
                          details={"site": c["site"], "node": str(node), "masked": True, "bytes": c["bytes"], "num_examples": c["num_examples"],
-                                  "epsilon": c["metrics"].get("epsilon")})
+                                  "weight": c["weight"], "epsilon": c["metrics"].get("epsilon")})
     for node, reason in sorted(outcome.rejected.items()):
         run.audit.append(EventType.UPDATE_REJECTED, actor=run.actor, object={"type": "node", "id": str(node), "sha256": None},
                          run_id=run.run_id, round=round_, outcome="denied", reason=reason[:300], details={"site": node_site.get(node), "masked": True})

@@ -111,7 +111,7 @@ def _decode_update(record, reference: Mapping[str, np.ndarray], expect: Expectat
     """The payload's arrays checked against the plan's encoding (sizes before decoding), then decompressed to the
     dense delta, which must have exactly the global model's names, shapes and dtypes, every value finite."""
     from pipelines.compression import CompressionError, decompress, payload_layout
-    from pipelines.serialization import state_digest
+    from pipelines.serialization import read_npy, state_digest
 
     layout = payload_layout(reference, expect.compression, expect.topk_fraction)
     names = set(record.keys())
@@ -125,9 +125,9 @@ def _decode_update(record, reference: Mapping[str, np.ndarray], expect: Expectat
         if len(array.data) > limit + NPY_HEADER_MAX:
             raise UpdateRejected("payload-too-large", f"tensor '{name}' arrives as {len(array.data)} bytes, its encoding needs at most {limit}")
         try:
-            arr = array.numpy()
-        except (ValueError, TypeError, OSError, EOFError):
-            raise UpdateRejected("bad-payload", f"tensor '{name}' is not a valid .npy array") from None
+            arr = read_npy(bytes(array.data), max_elements=slot.max_elements)
+        except ValueError as exc:
+            raise UpdateRejected("bad-payload", f"tensor '{name}' is not a valid .npy array: {exc}") from None
         shape_ok = arr.shape == slot.shape if slot.shape is not None else arr.ndim == 1
         if not shape_ok:
             raise UpdateRejected("wrong-shape", f"tensor '{name}' has shape {list(arr.shape)}, expected "

@@ -25,6 +25,33 @@ def to_numpy(state: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
+def read_npy(blob: bytes, *, max_elements: int) -> np.ndarray:
+    """Decode one untrusted .npy payload: the header is read and checked before anything is allocated.
+
+    ``np.load`` allocates the shape a header claims before reading the data, so a 100-byte payload claiming
+    2**40 entries would exhaust memory; here a header is refused (ValueError) unless its dtype holds no
+    objects, it has at most ``max_elements`` entries, and the payload holds exactly their bytes.
+    """
+    import io
+
+    f = io.BytesIO(blob)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+    except Exception as exc:  # noqa: BLE001 - any malformed header is one refusal
+        raise ValueError(f"not a valid .npy header ({type(exc).__name__})") from None
+    if dtype.hasobject:
+        raise ValueError("the .npy payload holds Python objects")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise ValueError(f"the .npy header claims {count} entries, at most {max_elements} are allowed")
+    data = blob[f.tell():]
+    if len(data) != count * dtype.itemsize:
+        raise ValueError(f"the .npy payload holds {len(data)} bytes, its header needs {count * dtype.itemsize}")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C").copy()
+
+
 def state_digest(state: Mapping[str, Any]) -> str:
     """sha256 over (name, dtype, shape, little-endian bytes) of every tensor, sorted by name."""
     h = hashlib.sha256()

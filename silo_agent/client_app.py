@@ -207,6 +207,8 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     with PrivacyLedger.for_site(site.privacy_dir) as ledger:
         entry = site.dataset(plan.data.dataset)
         if plan.privacy.enabled and ledger.has_spent(entry.name, run_id, round_):
+            if secure:  # the same update in two secure sums: their difference would be this silo's update
+                raise RefusalError(f"round {round_} of run {run_id[:12]} was already answered; a secure round is never answered twice")
             return _resend(site, audit, actor, run_id, round_, entry.name, global_state, plan.federation)
         history = ledger.history(entry.name) if plan.privacy.enabled else []
         if plan.privacy.enabled:  # from the registry's case count: no image is read for a round that is refused

@@ -35,6 +35,9 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
 
 from fedsilo import protocol as P
+from fedsilo.secagg_prg import install as _install_secure_prg
+
+_install_secure_prg()  # masks from AES-256-CTR, not Flower's 32-bit-seeded generator (fedsilo.secagg_prg)
 
 #: True while the train handler runs inside the SecAgg+ collect stage: its reply will be masked.
 SECURE_CHANNEL: ContextVar[bool] = ContextVar("fedsilo_secure_channel", default=False)
@@ -65,15 +68,17 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next) -> Message:
             raise _Refused(reply)
         return Message(_fitres_content(reply.content, _max_weight(context)), reply_to=fit_msg)
 
-    problem = _weak_setup(msg.content.config_records[RECORD_KEY_CONFIGS])
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    problem = _weak_setup(configs) or _inconsistent_stage(configs, ctxt)
     if problem:
         return Message(Error(P.ERR_REFUSED, f"secure aggregation refused: {problem}"), reply_to=msg)
     try:
         out = secaggplus_mod(msg, ctxt, train)
     except _Refused as refused:
         return Message(refused.reply.error, reply_to=msg)
-    except (KeyError, TypeError, ValueError) as exc:  # Flower's protocol checks (stage order, key lists): no data in them
-        return Message(Error(P.ERR_REFUSED, f"secure aggregation aborted: {str(exc)[:200]}"), reply_to=msg)
+    except Exception as exc:  # noqa: BLE001 - Flower's protocol checks and crypto errors (stage order, key lists, a bad
+        # share's InvalidToken) hold no data: the silo answers with their kind rather than crash its ClientApp
+        return Message(Error(P.ERR_REFUSED, f"secure aggregation aborted: {type(exc).__name__}: {str(exc)[:200]}"), reply_to=msg)
     if out.has_content():
         from fedsilo.errors import RefusalError
 
@@ -103,6 +108,43 @@ def _weak_setup(configs: ConfigRecord) -> str:
         return f"{samples} silo(s) in the sum: each could read the other's update"
     if 2 * threshold <= shares:
         return f"reconstruction threshold {threshold} of {shares} shares is not more than half"
+    return ""
+
+
+def _inconsistent_stage(configs: ConfigRecord, ctxt: Context) -> str:
+    """Why a later stage's request could isolate this silo's update ("" when it cannot).
+
+    Flower's mod trusts the coordinator's lists. A coordinator that named a silo both active and dropped at
+    the unmask stage would collect shares of both its mask seed and its key, and unmask its update alone;
+    one that forwarded only some of the neighbours' key shares could later call the rest dropped. So this
+    silo requires every neighbour it shared keys with at each stage, and disjoint active and dropped lists
+    naming only those neighbours (the coordinator restarts the setup when a silo drops before training).
+    """
+    from flwr.client.mod.secure_aggregation.secaggplus_mod import SecAggPlusState
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    stage = configs.get(Key.STAGE)
+    if stage == Stage.SETUP or RECORD_KEY_STATE not in ctxt.state.config_records:
+        return ""
+    state = SecAggPlusState(**ctxt.state.config_records[RECORD_KEY_STATE])
+    if stage == Stage.SHARE_KEYS:
+        keys = [k for k in configs.keys() if k != Key.STAGE]
+        if len(keys) != state.share_num or len(keys) < 3:
+            return f"{len(keys)} public keys forwarded, the setup announced {state.share_num} (at least 3)"
+        return ""
+    neighbours = set(state.public_keys_dict) - {state.nid}
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        sources = configs.get(Key.SOURCE_LIST)
+        if not isinstance(sources, list) or set(sources) != neighbours or len(sources) != len(neighbours):
+            return "the key shares forwarded are not exactly those of the silos that shared keys with this one"
+        return ""
+    if stage == Stage.UNMASK:
+        active, dead = configs.get(Key.ACTIVE_NODE_ID_LIST), configs.get(Key.DEAD_NODE_ID_LIST)
+        if not isinstance(active, list) or not isinstance(dead, list):
+            return "the unmask request lacks its lists"
+        known = neighbours | {state.nid}
+        if set(active) & set(dead) or state.nid in dead or not set(active) | set(dead) <= known or len(set(active)) != len(active):
+            return "the unmask request names a silo both active and dropped, this silo as dropped, or an unknown silo"
     return ""
 
 
