@@ -241,7 +241,7 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     if secure:  # the coordinator cannot check a masked update: the silo bounds its own (after DP noise: post-processing)
         delta_np, details["clipped"] = clip_to_norm(delta_np, fed.update_norm_bound)
         details["secure_aggregation"] = fed.secure_aggregation
-    payload = _compress(site, run_id, fed, delta_np)
+    payload = _compress(site, run_id, round_, fed, delta_np)
     details.update(compression=fed.compression, bytes=payload_nbytes(payload))
     if result.privacy is not None:  # a retried round (coordinator resumed) gets this update again, at no new cost
         from silo_agent.outbox import save_update
@@ -252,17 +252,17 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     return _reply(site, run_id, round_, fed, payload, metrics, reference)
 
 
-def _compress(site: Site, run_id: str, fed, delta: dict) -> dict:
+def _compress(site: Site, run_id: str, round_: int, fed, delta: dict) -> dict:
     """The update as it travels (the plan's compression); top-k's error feedback stays at the site, per run."""
     if fed.compression == "float32":
         return delta
     from pipelines.compression import compress
     from silo_agent.outbox import load_residual, save_residual
 
-    residual = load_residual(site.root, run_id) if fed.compression == "topk" else None
+    residual = load_residual(site.root, run_id, round_) if fed.compression == "topk" else None
     payload, residual = compress(delta, fed.compression, topk_fraction=fed.topk_fraction, residual=residual)
     if residual is not None:
-        save_residual(site.root, run_id, residual)
+        save_residual(site.root, run_id, round_, residual)
     return payload
 
 

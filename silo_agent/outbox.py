@@ -9,7 +9,7 @@ same run and round with a *different* global model is still refused as a replay.
 
 An entry is written (atomically) after the ledger and before the reply leaves; only the last
 :data:`KEEP` rounds per run are kept. With compressed updates the entry is the payload as sent, and the
-run's top-k error-feedback residual lives beside the entries (``residual.safetensors``).
+run's top-k error-feedback residual after each round lives beside the entries (``residual-NNNN.safetensors``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 KEEP = 2
-RESIDUAL_FILE = "residual.safetensors"
 
 
 def _folder(site_root: Path, run_id: str) -> Path:
@@ -62,22 +61,30 @@ def load_update(site_root: Path, run_id: str, round_: int, global_sha256: str) -
     return load_file(str(path)), {k: float(v) for k, v in json.loads(meta.get("metrics", "{}")).items()}
 
 
-def save_residual(site_root: Path, run_id: str, residual: dict[str, np.ndarray]) -> None:
-    """Top-k's error feedback for this run (what the silo's updates have not yet sent), written atomically."""
+def save_residual(site_root: Path, run_id: str, round_: int, residual: dict[str, np.ndarray]) -> None:
+    """Top-k's error feedback after round ``round_`` of this run (what the silo's updates have not sent yet).
+
+    One file per round, so that a round trained again (retried without DP, or after a blocked reply) starts
+    from the residual the first attempt started from, not from one that already counts that attempt as sent.
+    """
     from safetensors.numpy import save_file
 
     folder = _folder(site_root, run_id)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (RESIDUAL_FILE + ".tmp")
+    path = folder / f"residual-{round_:04d}.safetensors"
+    tmp = path.with_suffix(".tmp")
     save_file({k: np.array(v, order="C") for k, v in residual.items()}, str(tmp))
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    os.replace(tmp, folder / RESIDUAL_FILE)
+    os.replace(tmp, path)
+    for old in sorted(folder.glob("residual-*.safetensors"))[:-KEEP]:
+        old.unlink(missing_ok=True)
 
 
-def load_residual(site_root: Path, run_id: str) -> dict[str, np.ndarray] | None:
-    """The run's error-feedback residual, or None before its first compressed update."""
+def load_residual(site_root: Path, run_id: str, round_: int) -> dict[str, np.ndarray] | None:
+    """The residual a round starts from: the one saved after the latest earlier round (None before the first)."""
     from safetensors.numpy import load_file
 
-    path = _folder(site_root, run_id) / RESIDUAL_FILE
-    return load_file(str(path)) if path.is_file() else None
+    folder = _folder(site_root, run_id)
+    earlier = [p for p in sorted(folder.glob("residual-*.safetensors")) if int(p.stem.split("-")[1]) < round_]
+    return load_file(str(earlier[-1])) if earlier else None

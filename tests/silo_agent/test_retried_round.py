@@ -86,7 +86,8 @@ def test_a_compressed_update_is_what_the_coordinator_decodes_and_a_retry_resends
     update = validate_reply(1, first.content, reference, Expectation(run_id="run1", round=1, compression=compression))
     assert set(update.delta) == set(reference) and update.wire_sha256 == sent["object"]["sha256"]
     assert update.wire_bytes == sent["details"]["bytes"]
-    assert (load_residual(site.root, "run1") is not None) == (compression == "topk")  # error feedback stays at the site
+    assert (load_residual(site.root, "run1", 2) is not None) == (compression == "topk")  # error feedback stays at the site
+    assert load_residual(site.root, "run1", 1) is None  # round 1 starts from none, also when trained again
 
     again = train(message(text, plan.hash(), arrays), context(site.root))  # a retried round: the same payload, no new spend
     assert not again.has_error()
