@@ -118,10 +118,11 @@ class FederatedRun:
 
     def _send(self, nodes: list[int], round_: int, message_type: str, note: bytes | None = None) -> list:
         """Send the global model and the plan to ``nodes``; the model is serialized once for all of them."""
-        import torch
-        from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+        from flwr.app import ConfigRecord, Message, RecordDict
 
-        arrays = ArrayRecord({k: torch.from_numpy(np.array(v, order="C")) for k, v in self.global_state.items()})
+        from fedsilo.wire import pack
+
+        arrays = pack(self.global_state)  # one object for the whole model (fedsilo.wire)
         config = ConfigRecord({P.PLAN_YAML: self.plan_text, P.PLAN_HASH: self.plan_hash, P.RUN_ID: self.run_id, P.ROUND: round_})
         if self.submission is not None:
             config[P.SUBMISSION] = self.submission.note
@@ -298,7 +299,7 @@ class FederatedRun:
                                fix="check the silos' error replies in the audit log (fedsilo audit show) and their logs")
         aggregate_started = time.perf_counter()
         self.global_state = self.optimizer.step(self.global_state, outcome.aggregate)
-        self.aggregate_seconds = sum(outcome.stage_seconds.get(s, 0.0) for s in ("unmask",)) + time.perf_counter() - aggregate_started
+        self.aggregate_seconds = outcome.stage_seconds.get("unmask", 0.0) + time.perf_counter() - aggregate_started
         p = outcome.params
         self.audit.append(EventType.AGGREGATE_COMPUTED, actor=self.actor, object={"type": "model", "id": f"round-{round_}", "sha256": state_digest(self.global_state)},
                           run_id=self.run_id, round=round_,

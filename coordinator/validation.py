@@ -3,11 +3,10 @@
 A reply is accepted only if it carries a site id, the run id and round it answers, a positive
 example count, and a delta in the plan's encoding (pipelines.compression: float32, float16, int8 or
 top-k) with exactly the names, shapes and dtypes that encoding gives the global model, each array no
-bigger than its slot allows (checked before decoding); decompressed, every value finite, and an L2
-norm within the plan's bound (or clipped to it, as the plan says). Each failed check is an
-:class:`UpdateRejected` with a short reason code and a human message; the caller audits it. Arrays
-arrive as Flower ``Array`` objects in numpy's .npy format, decoded with ``allow_pickle=False``:
-nothing is ever unpickled.
+bigger than its slot allows (all checked on the header, before decoding); decompressed, every value
+finite, and an L2 norm within the plan's bound (or clipped to it, as the plan says). Each failed check
+is an :class:`UpdateRejected` with a short reason code and a human message; the caller audits it. The
+arrays arrive packed in one safetensors blob (fedsilo.wire): nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -25,8 +24,6 @@ from fedsilo.errors import VerificationError
 SITE_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 MAX_NUM_EXAMPLES = 10_000_000
 MAX_METRICS = 64
-# An .npy payload is a header (magic, version, a dict literal padded to 64 bytes) plus the raw data.
-NPY_HEADER_MAX = 4096
 
 
 class UpdateRejected(VerificationError):
@@ -110,31 +107,35 @@ def check_identity_and_metrics(content, expect: Expectation | None) -> tuple[str
 def _decode_update(record, reference: Mapping[str, np.ndarray], expect: Expectation) -> tuple[dict[str, np.ndarray], int, str]:
     """The payload's arrays checked against the plan's encoding (sizes before decoding), then decompressed to the
     dense delta, which must have exactly the global model's names, shapes and dtypes, every value finite."""
+    from fedsilo.wire import HEADER_MAX, TooLarge, WireError, blob_of, describe, unpack
     from pipelines.compression import CompressionError, decompress, payload_layout
-    from pipelines.serialization import read_npy, state_digest
+    from pipelines.serialization import state_digest
 
     layout = payload_layout(reference, expect.compression, expect.topk_fraction)
-    names = set(record.keys())
+    limit = sum(slot.max_elements * np.dtype(slot.dtype).itemsize for slot in layout.values())
+    try:  # the blob's size, then its header against the encoding, before any tensor is decoded
+        blob = blob_of(record, max_bytes=8 + HEADER_MAX + limit)
+        tensors = describe(blob)
+    except WireError as exc:
+        raise UpdateRejected("payload-too-large" if isinstance(exc, TooLarge) else "bad-payload", f"the update's packed tensors: {exc}") from None
+    names = set(tensors)
     if names != set(layout):
         raise UpdateRejected("wrong-names", f"tensor names differ from the plan's {expect.compression} encoding of the global model "
                              f"({len(names ^ set(layout))} mismatched)")
-    payload = {}
     for name, slot in layout.items():
-        array = record[name]
-        limit = slot.max_elements * np.dtype(slot.dtype).itemsize
-        if len(array.data) > limit + NPY_HEADER_MAX:
-            raise UpdateRejected("payload-too-large", f"tensor '{name}' arrives as {len(array.data)} bytes, its encoding needs at most {limit}")
-        try:
-            arr = read_npy(bytes(array.data), max_elements=slot.max_elements)
-        except ValueError as exc:
-            raise UpdateRejected("bad-payload", f"tensor '{name}' is not a valid .npy array: {exc}") from None
-        shape_ok = arr.shape == slot.shape if slot.shape is not None else arr.ndim == 1
+        info = tensors[name]
+        if info.elements > slot.max_elements:
+            raise UpdateRejected("payload-too-large", f"tensor '{name}' holds {info.elements} values, its encoding allows at most {slot.max_elements}")
+        shape_ok = info.shape == slot.shape if slot.shape is not None else len(info.shape) == 1
         if not shape_ok:
-            raise UpdateRejected("wrong-shape", f"tensor '{name}' has shape {list(arr.shape)}, expected "
+            raise UpdateRejected("wrong-shape", f"tensor '{name}' has shape {list(info.shape)}, expected "
                                  f"{list(slot.shape) if slot.shape is not None else 'a 1-D array'}")
-        if arr.dtype.str != slot.dtype:
-            raise UpdateRejected("wrong-dtype", f"tensor '{name}' has dtype {arr.dtype}, expected {np.dtype(slot.dtype)}")
-        payload[name] = arr
+        if info.dtype != np.dtype(slot.dtype).str:
+            raise UpdateRejected("wrong-dtype", f"tensor '{name}' has dtype {np.dtype(info.dtype)}, expected {np.dtype(slot.dtype)}")
+    try:
+        payload = unpack(blob)
+    except WireError as exc:
+        raise UpdateRejected("bad-payload", f"the update's packed tensors: {exc}") from None
     try:
         delta = decompress(payload, reference, expect.compression, topk_fraction=expect.topk_fraction)
     except CompressionError as exc:

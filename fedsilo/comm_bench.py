@@ -4,15 +4,15 @@ For each model and each mode of :mod:`pipelines.compression` (float32, float16, 
 compressed as a silo would and decoded as the coordinator would, and the bench reports:
 
 - ``wire_bytes_per_update``: the bytes Flower 1.42 transfers for the update's ``ArrayRecord``. In 1.42 a message
-  travels as *inflatable objects* pushed one by one to the SuperLink (``flwr.supercore.inflatable``): the
-  ArrayRecord (its name -> object-id map), one ``Array`` per payload array (dtype, shape, chunk ids) and its
-  ``ArrayChunk`` objects (the ``np.save`` bytes of the array, ``allow_pickle=False``, in chunks), deduplicated by
-  object id. The figure is the sum of ``len(obj.deflate())`` over
-  ``get_all_nested_objects(ArrayRecord({name: Array(ndarray)}))``: exactly the object contents a SuperNode pushes,
+  travels as *inflatable objects* pushed one by one to the SuperLink (``flwr.supercore.inflatable``). fedsilo packs
+  every array of an update into one safetensors blob (:mod:`fedsilo.wire`), so the record is the ArrayRecord (its
+  name -> object-id map), one ``Array`` (dtype, shape, chunk ids) and its ``ArrayChunk`` objects (the blob in
+  chunks of 5 MB), deduplicated by object id. The figure is the sum of ``len(obj.deflate())`` over
+  ``get_all_nested_objects(fedsilo.wire.pack(payload))``: exactly the object contents a SuperNode pushes,
   without the gRPC/HTTP framing around each push and without the rest of the message (metrics, config);
 - ``wire_objects_per_update``: how many objects that is (each is one push request);
 - ``payload_bytes_per_update``: the arrays' raw data bytes (:func:`pipelines.compression.payload_nbytes`), the
-  floor that per-array framing (npy header, object headers and metadata, a few hundred bytes per array) adds to;
+  floor that framing (the safetensors header, about 80 bytes per array, and the objects' headers) adds to;
 - ``compress_seconds`` / ``decompress_seconds``: :func:`~pipelines.compression.compress` at the silo (topk: in
   the steady state, with the error-feedback residual of a previous round) and
   :func:`~pipelines.compression.decompress` at the coordinator with every payload check, median of ``repeats``;
@@ -193,12 +193,14 @@ BUILDERS: dict[str, Callable[[int], tuple[dict, dict, dict]]] = {"demo": _demo_u
 
 
 def wire_size(payload: dict[str, np.ndarray]) -> tuple[int, int]:
-    """(bytes, objects) Flower 1.42 pushes for ``ArrayRecord({name: Array(array)})`` of the payload: the deflated
-    content of every object of the record's tree (ArrayRecord, Arrays, ArrayChunks), each object id once."""
-    from flwr.app import Array, ArrayRecord
+    """(bytes, objects) Flower 1.42 pushes for the payload packed as fedsilo sends it (fedsilo.wire: one safetensors
+    Array): the deflated content of every object of the record's tree (ArrayRecord, Array, ArrayChunks), each
+    object id once."""
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-    record = ArrayRecord({name: Array(np.ascontiguousarray(array)) for name, array in payload.items()})
+    from fedsilo.wire import pack
+
+    record = pack(payload)
     objects = get_all_nested_objects(record)
     return sum(len(obj.deflate()) for obj in objects.values()), len(objects)
 
@@ -295,8 +297,8 @@ def run_comm_bench(*, models: list[str] | None = None, modes: list[str] | None =
         del reference, delta
     params = {
         "models": described, "modes": modes, "repeats": repeats, "topk_fraction": topk_fraction, "seed": seed,
-        "notes": {"wire": "sum of len(deflate()) of the Flower 1.42 objects pushed for ArrayRecord({name: Array(ndarray)}) of "
-                "the payload (ArrayRecord, Arrays, ArrayChunks; each object id once); no gRPC/HTTP framing, no "
+        "notes": {"wire": "sum of len(deflate()) of the Flower 1.42 objects pushed for fedsilo.wire.pack(payload) "
+                "(ArrayRecord, one safetensors Array, ArrayChunks; each object id once); no gRPC/HTTP framing, no "
                 "metrics or config",
         "timing": "median of repeats; topk compress with the error-feedback residual of a previous round; "
                   "decompress includes every payload check",

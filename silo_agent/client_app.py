@@ -17,8 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app import Error
 from flwr.clientapp import ClientApp
 
@@ -30,6 +29,7 @@ from silo_agent.secure_aggregation import secure_aggregation_mod
 from silo_agent.site import Site
 
 app = ClientApp()
+HEADER_ALLOWANCE = 1 << 20  # bytes beyond the tensors' own that a packed global model may take (its JSON header)
 log = logging.getLogger("fedsilo.silo")
 
 
@@ -157,13 +157,22 @@ def _global_model(msg: Message, plan):
     from pipelines.networks import build_network
     from pipelines.serialization import to_numpy
 
+    import torch
+
+    from fedsilo.wire import WireError, unpack_record
+    from pipelines.serialization import state_nbytes
+
     model = build_network(plan)
-    global_state = msg.content[P.ARRAYS].to_torch_state_dict()
     reference = to_numpy(model.state_dict())
+    try:  # no bigger than the plan's network (plus its header) before anything is decoded
+        arrays = unpack_record(msg.content[P.ARRAYS], max_bytes=state_nbytes(reference) + HEADER_ALLOWANCE)
+    except WireError as exc:
+        raise RefusalError(f"global model: {exc}") from None
     try:
-        check_arrays(to_numpy(global_state), reference)
+        check_arrays(arrays, reference)
     except RefusalError as exc:
         raise RefusalError(exc.message.replace("egress blocked: update", "global model:")) from None
+    global_state = {k: torch.from_numpy(v) for k, v in arrays.items()}
     model.load_state_dict(global_state)
     return model, global_state
 
@@ -267,10 +276,10 @@ def _compress(site: Site, run_id: str, round_: int, fed, delta: dict) -> dict:
 
 
 def _reply(site: Site, run_id: str, round_: int, fed, payload: dict, metrics: dict, reference: dict) -> RecordDict:
-    import torch
+    from fedsilo.wire import pack
 
     content = RecordDict({
-        P.ARRAYS: ArrayRecord({k: torch.from_numpy(np.array(v, order="C")) for k, v in payload.items()}),  # np.array keeps 0-d arrays 0-d
+        P.ARRAYS: pack(payload),  # one object for the whole update (fedsilo.wire)
         P.METRICS: MetricRecord(metrics),
         P.IDENTITY: ConfigRecord({P.SITE: site.site_id, P.RUN_ID: run_id, P.ROUND: round_}),
     })

@@ -1,6 +1,7 @@
 """The egress guard: the one outbound filter every reply of the silo passes.
 
-Only these may leave: arrays with exactly the global model's names, shapes and dtypes; numeric,
+Only these may leave: arrays (packed in one safetensors blob, fedsilo.wire, with no metadata) with exactly
+the global model's names, shapes and dtypes; numeric,
 finite metrics whose keys are on the allow-list; and the site id (a fixed identifier from
 site.yaml). No strings from data, no headers, no paths.
 """
@@ -63,15 +64,20 @@ def check_reply(content, *, site_id: str, run_id: str, round_: int, allowed_metr
     if P.ARRAYS in content:
         if layout is None:
             raise RefusalError("egress blocked: arrays in a reply that sends none")
-        record = content[P.ARRAYS]
-        if set(record.keys()) != set(layout):
+        from fedsilo.wire import WireError, blob_of, describe
+
+        try:  # the packed blob's header (fedsilo.wire): names, dtypes, shapes, offsets that tile the data, no metadata
+            tensors = describe(blob_of(content[P.ARRAYS]))
+        except WireError as exc:
+            raise RefusalError(f"egress blocked: {exc}") from None
+        if set(tensors) != set(layout):
             raise RefusalError("egress blocked: reply tensors differ from the global model")
         for name, slot in layout.items():
-            array = record[name]
-            shape, dtype = tuple(array.shape), np.dtype(slot.dtype)
+            info, dtype = tensors[name], np.dtype(slot.dtype)
+            shape = info.shape
             fits = shape == slot.shape if slot.shape is not None else len(shape) == 1 and shape[0] <= slot.max_elements
-            if not fits or array.dtype != str(dtype):
-                raise RefusalError(f"egress blocked: tensor '{name}' is {array.dtype}{list(shape)}, the update encoding needs {dtype}"
+            if not fits or info.dtype != dtype.str:
+                raise RefusalError(f"egress blocked: tensor '{name}' is {np.dtype(info.dtype)}{list(shape)}, the update encoding needs {dtype}"
                                    f"{list(slot.shape) if slot.shape is not None else '[<=%d]' % slot.max_elements}")
     if P.METRICS in content:
         metrics = dict(content[P.METRICS])

@@ -29,7 +29,7 @@ import json
 from contextvars import ContextVar
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key
@@ -149,8 +149,10 @@ def _inconsistent_stage(configs: ConfigRecord, ctxt: Context) -> str:
 
 
 def _native_content(content: RecordDict) -> RecordDict:
-    """Flower's FitIns records -> the silo's own: the global model by name, and the plan's config."""
+    """Flower's FitIns records -> the silo's own: the global model by name (packed, fedsilo.wire), and the plan's config."""
     import torch
+
+    from fedsilo.wire import pack
 
     if "fitins.config" not in content or "fitins.parameters" not in content:
         raise KeyError("the secure round's train message lacks Flower's fitins records")
@@ -162,7 +164,7 @@ def _native_content(content: RecordDict) -> RecordDict:
     state = {}
     for name, key in zip(names, sorted(arrays.keys(), key=int)):
         state[str(name)] = torch.from_numpy(np.load(io.BytesIO(arrays[key].data), allow_pickle=False))
-    return RecordDict({P.ARRAYS: ArrayRecord(state), P.CONFIG: ConfigRecord(config)})
+    return RecordDict({P.ARRAYS: pack(state), P.CONFIG: ConfigRecord(config)})
 
 
 def _fitres_content(content: RecordDict, max_weight: float) -> RecordDict:
@@ -173,10 +175,12 @@ def _fitres_content(content: RecordDict, max_weight: float) -> RecordDict:
     from flwr.common import Code, FitRes, Parameters, Status, ndarray_to_bytes
     from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 
-    arrays = content[P.ARRAYS]
+    from fedsilo.wire import unpack_record
+
+    arrays = unpack_record(content[P.ARRAYS])  # the silo's own reply, already through the egress guard
     # float64: Flower scales and quantizes in the parameters' own dtype, and float32's 24-bit mantissa would
     # round away most of the 2**29 or 2**30 levels (this copy stays at the silo; only the masked integers leave).
-    tensors = [ndarray_to_bytes(arrays[name].numpy().astype(np.float64)) for name in sorted(arrays.keys())]
+    tensors = [ndarray_to_bytes(arrays[name].astype(np.float64)) for name in sorted(arrays)]
     num_examples = int(content[P.METRICS][P.NUM_EXAMPLES])
     weight = min(num_examples, int(max_weight)) if max_weight > 0 else num_examples
     fitres = FitRes(status=Status(code=Code.OK, message=""), parameters=Parameters(tensors=tensors, tensor_type="numpy.ndarray"),

@@ -14,11 +14,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import yaml
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from compliance import AuditLog, verify_log
 from coordinator.federation import FederatedRun
 from fedsilo import protocol as P
+from fedsilo.wire import pack
 from fedsilo.errors import ConfigError, FedsiloError
 from pipelines.plan import parse_plan
 
@@ -84,7 +85,7 @@ def honest(node: int, msg: Message, delta=None, run_id=None, round_=None) -> Rec
     cfg = msg.content[P.CONFIG]
     delta = GOOD if delta is None else delta
     return RecordDict({
-        P.ARRAYS: ArrayRecord({k: Array(np.asarray(v)) for k, v in delta.items()}),
+        P.ARRAYS: pack(delta),
         P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, "epsilon": 1.0}),
         P.IDENTITY: ConfigRecord({P.SITE: f"hospital{node}", P.RUN_ID: cfg[P.RUN_ID] if run_id is None else run_id,
                                   P.ROUND: int(cfg[P.ROUND]) if round_ is None else round_}),

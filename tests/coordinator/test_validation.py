@@ -1,11 +1,15 @@
 """Reply validation on real Flower records: each defect has its own reason code."""
 
+import json
+import struct
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from coordinator.validation import Expectation, UpdateRejected, global_l2_norm, validate_reply
 from fedsilo import protocol as P
+from fedsilo.wire import PACKED_KEY, STYPE, blob_of, pack
 
 REF = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
 
@@ -13,7 +17,7 @@ REF = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
 def reply(arrays=None, metrics=None, site="hospital0"):
     arrays = {k: v + 1 for k, v in REF.items()} if arrays is None else arrays
     return RecordDict({
-        P.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+        P.ARRAYS: pack(arrays),
         P.METRICS: MetricRecord({P.NUM_EXAMPLES: 10, "epsilon": 1.0} if metrics is None else metrics),
         P.IDENTITY: ConfigRecord({P.SITE: site}),
     })
@@ -65,14 +69,55 @@ def test_replies_must_answer_this_run_and_round(content, code):
     assert err.value.code == code
 
 
-def test_an_oversized_payload_is_refused_before_it_is_decoded():
+def _with_blob(blob: bytes, stype: str = STYPE):
     content = identified()
-    big = Array(np.zeros(10_000, np.float32))
-    forged = Array(dtype="float32", shape=(2, 3), stype=big.stype, data=big.data)  # claims a small shape
-    content[P.ARRAYS]["w"] = forged
+    content[P.ARRAYS] = ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(len(blob),), stype=stype, data=blob)})
+    return content
+
+
+def _blob(header: dict, data: bytes) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def test_an_oversized_payload_is_refused_before_it_is_decoded():
+    big = blob_of(pack({"w": np.zeros(100_000, np.float32), "b": REF["b"]}))
+    with pytest.raises(UpdateRejected) as err:
+        validate_reply(1, _with_blob(big), REF, EXPECT)
+    assert err.value.code == "payload-too-large"
+
+
+@pytest.mark.parametrize("blob, code", [
+    # a header that claims a small shape for a big tensor: its offsets do not match the shape
+    (_blob({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 400]}, "b": {"dtype": "F32", "shape": [3], "data_offsets": [400, 412]}},
+           bytes(412)), "bad-payload"),
+    # overlapping tensors (the same bytes read twice)
+    (_blob({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "b": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}},
+           bytes(24)), "bad-payload"),
+    # free text beside the tensors
+    (_blob({"__metadata__": {"note": "DOE^JANE"}, "w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+            "b": {"dtype": "F32", "shape": [3], "data_offsets": [24, 36]}}, bytes(36)), "bad-payload"),
+    # trailing bytes after the last tensor
+    (_blob({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "b": {"dtype": "F32", "shape": [3], "data_offsets": [24, 36]}},
+           bytes(40)), "bad-payload"),
+    (b"\xff" * 8 + b"{}", "bad-payload"),  # a header length past the blob
+    (struct.pack("<Q", 3) + b"[1]", "bad-payload"),  # not an object
+    # a header that is fine, but names a tensor the model does not have
+    (_blob({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "x": {"dtype": "F32", "shape": [3], "data_offsets": [24, 36]}},
+           bytes(36)), "wrong-names"),
+])
+def test_a_malformed_blob_is_refused_by_its_header(blob, code):
+    with pytest.raises(UpdateRejected) as err:
+        validate_reply(1, _with_blob(blob), REF, EXPECT)
+    assert err.value.code == code
+
+
+def test_tensors_not_packed_as_one_safetensors_array_are_refused():
+    content = identified()
+    content[P.ARRAYS] = ArrayRecord({k: Array(v + 1) for k, v in REF.items()})  # Flower's own one-Array-per-tensor form
     with pytest.raises(UpdateRejected) as err:
         validate_reply(1, content, REF, EXPECT)
-    assert err.value.code == "payload-too-large"
+    assert err.value.code == "bad-payload"
 
 
 def test_a_pickled_payload_is_never_unpickled():
@@ -85,12 +130,11 @@ def test_a_pickled_payload_is_never_unpickled():
 
     buf = io.BytesIO()
     np.save(buf, np.array([Boom()], dtype=object), allow_pickle=True)
-    content = identified()
-    content[P.ARRAYS]["b"] = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=buf.getvalue())
     assert b"exec" in buf.getvalue() and pickle.PROTO in buf.getvalue()  # a real pickle inside
-    with pytest.raises(UpdateRejected) as err:
-        validate_reply(1, content, REF, EXPECT)
-    assert err.value.code == "bad-payload"
+    for stype in ("numpy.ndarray", STYPE):  # as Flower's own array type, and as if it were a packed blob
+        with pytest.raises(UpdateRejected) as err:
+            validate_reply(1, _with_blob(buf.getvalue(), stype), REF, EXPECT)
+        assert err.value.code == "bad-payload"
 
 
 def test_norm_bound_rejects_or_clips():

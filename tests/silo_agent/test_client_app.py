@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from compliance import AuditLog
 from fedsilo import protocol as P
+from fedsilo.wire import pack
 from pipelines.networks import build_network
 from pipelines.plan import parse_plan
 from compliance.checkpoint import Signer
@@ -37,7 +38,7 @@ def submission(plan_text: str, plan_hash: str, signer: Signer = RESEARCHER) -> b
     return sign_submission(plan_text, plan_hash, "t", signer, "2026-01-01T00:00:00.000000Z").note
 
 
-def message(plan_yaml: str, plan_hash: str, arrays: ArrayRecord, kind: str = "train", *, signed: bool = True,
+def message(plan_yaml: str, plan_hash: str, arrays, kind: str = "train", *, signed: bool = True,
             signer: Signer = RESEARCHER) -> Message:
     config = ConfigRecord({P.PLAN_YAML: plan_yaml, P.PLAN_HASH: plan_hash, P.RUN_ID: "run1", P.ROUND: 1})
     if signed:
@@ -86,7 +87,7 @@ def plan_and_arrays():
 
     plan = parse_plan(PLAN)
     text = yaml.safe_dump(PLAN)
-    return plan, text, ArrayRecord(build_network(plan, seed=0).state_dict())
+    return plan, text, pack(build_network(plan, seed=0).state_dict())
 
 
 def audit_events(site) -> list[dict]:
@@ -120,7 +121,7 @@ def test_unknown_dataset_is_refused_naming_the_registered_ones(site):
 
     approve(site, raw)
     plan = parse_plan(raw)
-    reply = evaluate(message(yaml.safe_dump(raw), plan.hash(), ArrayRecord(build_network(plan, seed=0).state_dict()), "evaluate"),
+    reply = evaluate(message(yaml.safe_dump(raw), plan.hash(), pack(build_network(plan, seed=0).state_dict()), "evaluate"),
                      context(site.root))
     assert reply.has_error() and "no dataset 'mr'" in reply.error.reason and "registered: ct" in reply.error.reason
 
@@ -128,7 +129,7 @@ def test_unknown_dataset_is_refused_naming_the_registered_ones(site):
 def test_foreign_model_tensors_are_refused(site):
     approve(site)
     plan, text, _ = plan_and_arrays()
-    foreign = ArrayRecord({"evil": torch.zeros(3)})
+    foreign = pack({"evil": torch.zeros(3)})
     reply = train(message(text, plan.hash(), foreign), context(site.root))
     assert reply.has_error() and reply.error.code == P.ERR_REFUSED and "global model" in reply.error.reason
 
@@ -147,7 +148,7 @@ def refused(site, kind: str = "train", raw: dict = PLAN, **message_kw) -> str:
     import yaml
 
     plan = parse_plan(raw)
-    msg = message(yaml.safe_dump(raw), plan.hash(), ArrayRecord(build_network(plan, seed=0).state_dict()), kind, **message_kw)
+    msg = message(yaml.safe_dump(raw), plan.hash(), pack(build_network(plan, seed=0).state_dict()), kind, **message_kw)
     reply = (train if kind == "train" else evaluate)(msg, context(site.root))
     assert reply.has_error() and reply.error.code == P.ERR_REFUSED, reply.error.reason
     assert audit_events(site)[-1]["event"] == "plan.refused" and audit_events(site)[-1]["outcome"] == "denied"
@@ -238,7 +239,7 @@ def test_a_plan_text_edited_after_signing_is_refused(site):
     approve(site)
     plan = parse_plan(PLAN)
     text = yaml.safe_dump(PLAN)
-    msg = message(text, plan.hash(), ArrayRecord(build_network(plan, seed=0).state_dict()))
+    msg = message(text, plan.hash(), pack(build_network(plan, seed=0).state_dict()))
     msg.content[P.CONFIG][P.PLAN_YAML] = "# cleared by the ethics board\n" + text  # same hash, other text
     reply = train(msg, context(site.root))
     assert reply.has_error() and "plan text differs from the text the researcher signed" in reply.error.reason

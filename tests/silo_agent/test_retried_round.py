@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import yaml
-from flwr.app import ArrayRecord
 
 from compliance import AuditLog
+from fedsilo.wire import blob_of, pack, unpack_record
 from pipelines.networks import build_network
 from pipelines.plan import parse_plan
 from silo_agent.approvals import add_officer
@@ -34,7 +33,7 @@ def test_a_retried_round_gets_the_same_update_without_a_new_spend(site):
     approve(site)
     plan = parse_plan(PLAN)
     text = yaml.safe_dump(PLAN)
-    arrays = ArrayRecord(build_network(plan, seed=0).state_dict())
+    arrays = pack(build_network(plan, seed=0).state_dict())
     first = train(message(text, plan.hash(), arrays), context(site.root))
     assert not first.has_error(), first.error.reason if first.has_error() else ""
     with PrivacyLedger.for_site(site.privacy_dir) as ledger:
@@ -43,8 +42,7 @@ def test_a_retried_round_gets_the_same_update_without_a_new_spend(site):
 
     again = train(message(text, plan.hash(), arrays), context(site.root))  # the resumed coordinator asks again
     assert not again.has_error(), again.error.reason if again.has_error() else ""
-    a, b = first.content["arrays"].to_torch_state_dict(), again.content["arrays"].to_torch_state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert blob_of(first.content["arrays"]) == blob_of(again.content["arrays"])  # byte for byte the update already sent
     assert dict(first.content["metrics"]) == dict(again.content["metrics"])
     with PrivacyLedger.for_site(site.privacy_dir) as ledger:
         assert len(ledger.spends("ct")) == 1  # nothing counted twice
@@ -57,8 +55,8 @@ def test_the_same_round_with_another_global_model_is_still_refused(site):
     approve(site)
     plan = parse_plan(PLAN)
     text = yaml.safe_dump(PLAN)
-    assert not train(message(text, plan.hash(), ArrayRecord(build_network(plan, seed=0).state_dict())), context(site.root)).has_error()
-    other = ArrayRecord(build_network(plan, seed=1).state_dict())
+    assert not train(message(text, plan.hash(), pack(build_network(plan, seed=0).state_dict())), context(site.root)).has_error()
+    other = pack(build_network(plan, seed=1).state_dict())
     reply = train(message(text, plan.hash(), other), context(site.root))
     assert reply.has_error() and "already trained on dataset 'ct' (replayed message)" in reply.error.reason
 
@@ -74,10 +72,10 @@ def test_a_compressed_update_is_what_the_coordinator_decodes_and_a_retry_resends
     plan = parse_plan(raw)
     text = yaml.safe_dump(raw)
     reference = to_numpy(build_network(plan, seed=0).state_dict())
-    arrays = ArrayRecord(build_network(plan, seed=0).state_dict())
+    arrays = pack(build_network(plan, seed=0).state_dict())
     first = train(message(text, plan.hash(), arrays), context(site.root))
     assert not first.has_error(), first.error.reason if first.has_error() else ""
-    names = set(first.content["arrays"].keys())
+    names = set(unpack_record(first.content["arrays"]))
     suffix = {"int8": "/q", "topk": "/idx"}[compression]
     assert names and all(any(n.endswith(s) for s in (suffix, "/scale", "/offset", "/val")) for n in names)
     [sent] = _events(site, "update.sent")
@@ -91,6 +89,5 @@ def test_a_compressed_update_is_what_the_coordinator_decodes_and_a_retry_resends
 
     again = train(message(text, plan.hash(), arrays), context(site.root))  # a retried round: the same payload, no new spend
     assert not again.has_error()
-    a, b = first.content["arrays"].to_torch_state_dict(), again.content["arrays"].to_torch_state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert blob_of(first.content["arrays"]) == blob_of(again.content["arrays"])  # byte for byte the update already sent
     assert len(_events(site, "dp.spent")) == 1

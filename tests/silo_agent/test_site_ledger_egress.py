@@ -111,18 +111,30 @@ def test_egress_allows_only_the_models_tensors_and_listed_metrics():
 
 
 def _reply(**extra):
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
     from fedsilo import protocol as P
+    from fedsilo.wire import pack
 
     content = RecordDict({
-        P.ARRAYS: ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))}),
+        P.ARRAYS: pack({"w": np.zeros((2, 2), np.float32)}),
         P.METRICS: MetricRecord({"num-examples": 4, "dice": 0.5}),
         P.IDENTITY: ConfigRecord({P.SITE: "hospital0", P.RUN_ID: "r1", P.ROUND: 2}),
     })
     for key, value in extra.items():
         content[key] = value
     return content
+
+
+def _packed(arrays: dict, metadata: dict | None = None):
+    """A packed record built by hand (safetensors with optional metadata, which fedsilo.wire.pack never writes)."""
+    from flwr.app import Array, ArrayRecord
+    from safetensors.numpy import save
+
+    from fedsilo.wire import PACKED_KEY, STYPE
+
+    blob = save(arrays, metadata=metadata)
+    return ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(len(blob),), stype=STYPE, data=blob)})
 
 
 REF = {"w": np.zeros((2, 2), np.float32)}
@@ -140,7 +152,10 @@ def test_the_whole_reply_passes_the_egress_guard():
     (lambda c: c["identity"].__setitem__("site", "hospital9"), "identity record holds"),
     (lambda c: c["identity"].__setitem__("run-id", "r0"), "identity record holds"),
     (lambda c: c["metrics"].__setitem__("patient-age", 54.0), "metric 'patient-age' is not on the allow-list"),
-    (lambda c: c["arrays"].__setitem__("extra", __import__("flwr.app", fromlist=["Array"]).Array(np.zeros(1, np.float32))), "tensors differ"),
+    (lambda c: c.__setitem__("arrays", _packed({"w": np.zeros((2, 2), np.float32), "extra": np.zeros(1, np.float32)})), "tensors differ"),
+    (lambda c: c.__setitem__("arrays", _packed({"w": np.zeros((2, 2), np.float64)})), "tensor 'w' is float64"),
+    (lambda c: c.__setitem__("arrays", _packed({"w": np.zeros((2, 2), np.float32)}, metadata={"patient": "DOE^JANE"})), "carry metadata"),
+    (lambda c: c["arrays"].__setitem__("extra", __import__("flwr.app", fromlist=["Array"]).Array(np.zeros(1, np.float32))), "not packed"),
 ])
 def test_anything_else_is_blocked(mutate, message):
     content = _reply()
