@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -132,13 +133,21 @@ def sample_rate(plan: Plan, num_examples: int) -> float:
     return 1.0 / math.ceil(num_examples / plan.training.batch_size)
 
 
-def plan_noise_multiplier(plan: Plan, num_examples: int) -> float:
-    """The noise multiplier that spends the plan's target epsilon over all its rounds."""
+def plan_noise_multiplier(plan: Plan, num_examples: int, *, cache_dir: Path | None = None) -> float:
+    """The noise multiplier that spends the plan's target epsilon over all its rounds.
+
+    With ``cache_dir`` (a silo's cache folder) the answer is also kept on disk, for the next process: a silo
+    handles each message in a fresh process, and the search costs seconds per round (see
+    :func:`_noise_multiplier`). A remembered value is used only after checking it: the plan's whole run at that
+    noise must not spend more than the target epsilon (one accountant evaluation instead of a whole search).
+    """
     p = plan.privacy
     epochs = plan.federation.rounds * plan.training.local_epochs
+    key = (float(p.target_epsilon), float(p.target_delta), sample_rate(plan, num_examples), epochs, p.accountant)
     try:
-        return _noise_multiplier(float(p.target_epsilon), float(p.target_delta), sample_rate(plan, num_examples), epochs,
-                                 p.accountant)
+        if cache_dir is None:
+            return _noise_multiplier(*key)
+        return _remembered_noise_multiplier(key, Path(cache_dir))
     except ValueError as exc:
         raise PrivacyBudgetError(
             f"no noise level reaches epsilon {p.target_epsilon} with {num_examples} cases over {epochs} epochs ({exc})",
@@ -157,7 +166,43 @@ def _noise_multiplier(target_epsilon: float, target_delta: float, rate: float, e
                                       epochs=epochs, accountant=accountant))
 
 
-def planned_round_entry(plan: Plan, num_examples: int) -> HistoryEntry:
+NOISE_CACHE_FILE = "noise-multipliers.json"
+
+
+def _remembered_noise_multiplier(key: tuple[float, float, float, int, str], cache_dir: Path) -> float:
+    """:func:`_noise_multiplier` through ``cache_dir/noise-multipliers.json``, each entry checked before use."""
+    import json
+    import os
+
+    import opacus
+
+    target_epsilon, target_delta, rate, epochs, accountant = key
+    name = f"{opacus.__version__}|{accountant}|{target_epsilon!r}|{target_delta!r}|{rate!r}|{epochs}"
+    path = cache_dir / NOISE_CACHE_FILE
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = entries if isinstance(entries, dict) else {}
+    except (OSError, ValueError):
+        entries = {}
+    remembered = entries.get(name)
+    if isinstance(remembered, float) and math.isfinite(remembered) and remembered > 0:
+        # Opacus' own step count for a search over epochs (get_noise_multiplier: steps = int(epochs / rate)).
+        spent = composed_epsilon([(remembered, rate, int(epochs / rate))], delta=target_delta, accountant=accountant)
+        if spent <= target_epsilon:
+            return remembered
+    sigma = _noise_multiplier(*key)
+    entries[name] = sigma
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(entries, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:  # a read-only cache only costs the next process the search again
+        pass
+    return sigma
+
+
+def planned_round_entry(plan: Plan, num_examples: int, *, cache_dir: Path | None = None) -> HistoryEntry:
     """The accountant record one round of this plan will add at most (every batch taking a step).
 
     Poisson sampling can draw empty batches, which take no step, so the real round spends at most this:
@@ -165,7 +210,7 @@ def planned_round_entry(plan: Plan, num_examples: int) -> HistoryEntry:
     """
     rate = sample_rate(plan, num_examples)
     steps = plan.training.local_epochs * math.ceil(num_examples / plan.training.batch_size)
-    return (plan_noise_multiplier(plan, num_examples), rate, steps)
+    return (plan_noise_multiplier(plan, num_examples, cache_dir=cache_dir), rate, steps)
 
 
 def composed_epsilon(history: Sequence[HistoryEntry], *, delta: float, accountant: str) -> float:

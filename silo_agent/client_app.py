@@ -201,7 +201,7 @@ def _load(site: Site, plan, split: str):
 def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict:
     from pipelines.compression import payload_nbytes
     from pipelines.serialization import clip_to_norm, l2_norm, state_digest, state_nbytes, to_numpy
-    from pipelines.training import train_local
+    from pipelines.training import plan_noise_multiplier, train_local
     from silo_agent.ledger import PrivacyLedger, Spend
     from silo_agent.secure_aggregation import SECURE_CHANNEL
 
@@ -225,7 +225,8 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
         entry, data, random = _load(site, plan, "training")
         audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
                      run_id=run_id, round=round_, details={"cases": len(data), "split": "training"})
-        result = train_local(model, data, plan, history=history, random_transform=random, seed=secrets.randbits(62))
+        noise = plan_noise_multiplier(plan, len(data), cache_dir=site.cache_dir) if plan.privacy.enabled else None
+        result = train_local(model, data, plan, history=history, random_transform=random, seed=secrets.randbits(62), noise_multiplier=noise)
         metrics: dict[str, float] = {P.NUM_EXAMPLES: result.num_examples, "train-loss": result.train_loss,
                                      "seconds": time.perf_counter() - started}
         if result.privacy is not None:
@@ -360,7 +361,8 @@ def _check_budget(site: Site, plan, dataset: str, history: list, num_examples: i
     budget = load_policy(site.root).lifetime_epsilon_per_dataset
     p = plan.privacy
     spent = composed_epsilon(history, delta=p.target_delta, accountant=p.accountant)
-    after = composed_epsilon([*history, planned_round_entry(plan, num_examples)], delta=p.target_delta, accountant=p.accountant)
+    after = composed_epsilon([*history, planned_round_entry(plan, num_examples, cache_dir=site.cache_dir)], delta=p.target_delta,
+                             accountant=p.accountant)
     if after > budget:
         raise RefusalError(f"privacy budget: dataset '{dataset}' has spent epsilon {spent:.2f} of its lifetime {budget:g}; "
                            f"this round would bring it to {after:.2f}",
