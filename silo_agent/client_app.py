@@ -29,7 +29,6 @@ from silo_agent.secure_aggregation import secure_aggregation_mod
 from silo_agent.site import Site
 
 app = ClientApp()
-HEADER_ALLOWANCE = 1 << 20  # bytes beyond the tensors' own that a packed global model may take (its JSON header)
 log = logging.getLogger("fedsilo.silo")
 
 
@@ -159,13 +158,13 @@ def _global_model(msg: Message, plan):
 
     import torch
 
-    from fedsilo.wire import WireError, unpack_record
+    from fedsilo.wire import HEADER_MAX, WireError, unpack_record
     from pipelines.serialization import state_nbytes
 
     model = build_network(plan)
     reference = to_numpy(model.state_dict())
     try:  # no bigger than the plan's network (plus its header) before anything is decoded
-        arrays = unpack_record(msg.content[P.ARRAYS], max_bytes=state_nbytes(reference) + HEADER_ALLOWANCE)
+        arrays = unpack_record(msg.content[P.ARRAYS], max_bytes=state_nbytes(reference) + 8 + HEADER_MAX)
     except WireError as exc:
         raise RefusalError(f"global model: {exc}") from None
     try:

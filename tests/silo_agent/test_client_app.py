@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -132,6 +133,16 @@ def test_foreign_model_tensors_are_refused(site):
     foreign = pack({"evil": torch.zeros(3)})
     reply = train(message(text, plan.hash(), foreign), context(site.root))
     assert reply.has_error() and reply.error.code == P.ERR_REFUSED and "global model" in reply.error.reason
+
+
+def test_a_global_model_bigger_than_the_plans_network_is_refused_before_decoding(site):
+    approve(site)
+    plan, text, _ = plan_and_arrays()
+    state = {k: v.numpy() for k, v in build_network(plan, seed=0).state_dict().items()}
+    state["padding"] = np.zeros(2**21, np.float32)  # 8 MiB more than the network holds
+    reply = train(message(text, plan.hash(), pack(state)), context(site.root))
+    assert reply.has_error() and reply.error.code == P.ERR_REFUSED
+    assert "global model: the packed tensors take" in reply.error.reason and "at most" in reply.error.reason
 
 
 def test_a_node_without_a_site_folder_answers_with_the_fix(tmp_path):
