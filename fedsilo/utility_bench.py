@@ -108,11 +108,21 @@ def compression_spec(spec: str, topk_fraction: float) -> tuple[str, float]:
 
 @dataclass(frozen=True)
 class UtilityConfig:
-    """Sizes and training settings (defaults: 3 seeds, 722 CPU-seconds measured 2026-11-27: some 6 to 7 minutes
-    on an unshared 2-core machine with 2 workers).
+    """Sizes and training settings (defaults: 3 seeds; measured 2026-11-27 with 2 workers on a shared 2-core
+    machine: 722 CPU-seconds at batch 32 with DP at eps 1, 3 and 8; 420 CPU-seconds, 598 s wall, for
+    ``--epsilons 8`` at the batch sizes below).
 
     silos / train_sizes / test_cases / size: the data (:func:`fedsilo.hard_silos.hard_profiles`).
-    rounds / local_epochs / batch_size: training; every arm gets rounds x local_epochs epochs.
+    rounds / local_epochs: training; every arm gets rounds x local_epochs epochs.
+    batch_size / dp_batch_size: minibatch without / with DP, every arm alike. Without DP 8: FedAvg's local
+    minibatch B sets its local steps per round, u = local_epochs * n_k / B (McMahan et al. 2017,
+    arXiv:1602.05629, who add computation per client by lowering B). At the same sample gradients per arm a
+    federated round moves the global model by the example-weighted mean of the silos' trajectories, a fraction
+    of the sequential steps pooled training takes (seed 0, batch 32: FedAvg 3 x 4 .876, pooled after only 4
+    of its 12 epochs .878); batch 8 gives FedAvg .894 against .860 at batch 32 (3 seeds; pooled .925 / .919,
+    local-only .919 / .898). With DP 64: DP-SGD's noise per step is sigma * clip / B, and at eps=8 FedAvg
+    loses 1.4 to 2.6 points at batch 8 against 32 (seed 0) and gains 1.7 at 64 (.844 against .827, 3 seeds;
+    pooled .842 against .817), so the DP arms take 64.
     lr / dp_lr / momentum: SGD without / with DP (momentum: under DP it averages the noise out, and clipping
     shrinks the gradients, hence the larger DP rate; see ../shared/STACK.md).
     channels / strides: the MONAI UNet (num_res_units 0). loss: the plan's loss.
@@ -134,7 +144,8 @@ class UtilityConfig:
     size: int = 32
     rounds: int = 3
     local_epochs: int = 4
-    batch_size: int = 32
+    batch_size: int = 8
+    dp_batch_size: int = 64
     lr: float = 0.2
     dp_lr: float = 1.0
     momentum: float = 0.9
@@ -170,7 +181,8 @@ def _plan(config: UtilityConfig, eps: float | None, *, fedprox_mu: float = 0.0):
         "name": "bench-utility", "task": "seg2d",
         "model": {"network": "UNet", "args": {"channels": list(config.channels), "strides": list(config.strides),
                                              "num_res_units": 0}},
-        "training": {"local_epochs": config.local_epochs, "batch_size": config.batch_size, "loss": config.loss,
+        "training": {"local_epochs": config.local_epochs,
+                     "batch_size": config.batch_size if eps is None else config.dp_batch_size, "loss": config.loss,
                      "optimizer": {"name": "sgd", "lr": config.lr if eps is None else config.dp_lr,
                                    "momentum": config.momentum},
                      "fedprox_mu": fedprox_mu},
@@ -483,7 +495,8 @@ def _check(config: UtilityConfig) -> None:
     from coordinator.aggregation import RULES
     from coordinator.server_optimizer import OPTIMIZERS
 
-    for name in ("silos", "rounds", "local_epochs", "batch_size", "seeds", "threads", "test_cases", "workers"):
+    for name in ("silos", "rounds", "local_epochs", "batch_size", "dp_batch_size", "seeds", "threads", "test_cases",
+                 "workers"):
         value = getattr(config, name)
         low = 2 if name in ("silos", "rounds") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -607,7 +620,8 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
         "silos": len(names), "train_sizes": sizes, "test_cases_per_silo": config.test_cases, "seeds": config.seeds,
         "task": f"seg2d {config.size}x{config.size} synthetic (fedsilo.hard_silos), per-silo held-out Dice",
         "network": f"UNet channels={list(config.channels)} strides={list(config.strides)} num_res_units=0",
-        "training": f"{config.rounds} rounds x {config.local_epochs} local epochs, batch {config.batch_size}, "
+        "training": f"{config.rounds} rounds x {config.local_epochs} local epochs, "
+                    f"batch {config.batch_size} (DP: {config.dp_batch_size}), "
                     f"SGD lr {config.lr} (DP: {config.dp_lr}) momentum {config.momentum}, loss {config.loss}",
         "preprocess": f"{config.preprocess} per image, every arm (train and test)",
         "server_optimizer": f"{config.server_optimizer} lr {config.server_lr} (every federated arm)",
@@ -648,7 +662,10 @@ def add_bench_command(bsub) -> None:
     p.add_argument("--size", type=int, default=d.size, help=f"image edge in pixels (default {d.size})")
     p.add_argument("--rounds", type=int, default=d.rounds, help=f"federated rounds (default {d.rounds})")
     p.add_argument("--local-epochs", type=int, default=d.local_epochs, help=f"local epochs per round (default {d.local_epochs})")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"minibatch without DP, every arm (default {d.batch_size})")
+    p.add_argument("--dp-batch-size", type=int, default=d.dp_batch_size,
+                   help=f"minibatch with DP, every arm (default {d.dp_batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"SGD learning rate without DP (default {d.lr})")
     p.add_argument("--dp-lr", type=float, default=d.dp_lr, help=f"SGD learning rate with DP (default {d.dp_lr})")
     p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
@@ -702,7 +719,8 @@ def _utility(args) -> int:
     sizes = _numbers(args.train_sizes, "train-sizes", int)
     config = UtilityConfig(
         silos=len(sizes) if sizes else args.silos, train_sizes=sizes, test_cases=args.test_cases, size=args.size,
-        rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr, dp_lr=args.dp_lr,
+        rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.batch_size,
+        dp_batch_size=args.dp_batch_size, lr=args.lr, dp_lr=args.dp_lr,
         max_grad_norm=args.max_grad_norm,
         epsilons=_numbers(args.epsilons, "epsilons", float) or (), fedprox_mu=args.fedprox_mu,
         robust_rule=args.robust_rule, seeds=args.seeds, threads=args.threads, workers=args.workers,

@@ -13,6 +13,7 @@ from fedsilo.utility_bench import UtilityConfig, run_utility_bench
 KEYS = {"case", "metric", "value", "baseline", "ratio"}
 # batch 16 >= every silo (and the pooled 16 cases): sample rate 1, so the noise search is instant (RDP in closed form).
 TINY = UtilityConfig(silos=2, train_sizes=(6, 10), test_cases=3, size=16, rounds=2, local_epochs=1, batch_size=16,
+                     dp_batch_size=16,
                      epsilons=(8.0,), channels=(4, 8), strides=(2,), seeds=1, workers=2, compression=("int8", "topk"))
 
 
@@ -160,6 +161,20 @@ def test_preprocessing_z_scores_every_image_for_every_arm() -> None:
     assert _plan(none, None).data.transforms == ()
 
 
+def test_dp_arms_train_with_their_own_batch_size() -> None:
+    # Without DP the plan's minibatch is batch_size (default 8: more local steps per round for FedAvg), with DP
+    # dp_batch_size (default 64: DP-SGD's noise per step is sigma * clip / B); the noise multiplier follows it.
+    from fedsilo.utility_bench import _plan
+    from pipelines.training import sample_rate
+
+    config = UtilityConfig()
+    assert (config.batch_size, config.dp_batch_size) == (8, 64)
+    assert _plan(config, None).training.batch_size == 8
+    assert _plan(config, 8.0).training.batch_size == 64 and sample_rate(_plan(config, 8.0), 256) == 1 / 4
+    other = UtilityConfig(batch_size=16, dp_batch_size=64)
+    assert _plan(other, None).training.batch_size == 16 and _plan(other, 3.0).training.batch_size == 64
+
+
 def test_threshold_dice_by_hand() -> None:
     images = np.array([[[0.0, 1.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], dtype=np.float32)[:, None]
     masks = np.array([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], dtype=np.float32)[:, None]
@@ -179,6 +194,7 @@ def test_threshold_dice_by_hand() -> None:
         (UtilityConfig(preprocess="Histogram"), "--preprocess.*NormalizeIntensity"),
         (UtilityConfig(server_optimizer="lamb"), "--server-optimizer.*yogi"),
         (UtilityConfig(workers=0), "--workers 0"),
+        (UtilityConfig(dp_batch_size=0), "--dp-batch-size 0"),
         (UtilityConfig(compression=("int4",)), "--compression 'int4' is not known.*float16, int8, topk"),
         (UtilityConfig(compression=("int8:0.1",)), "--compression 'int8:0.1' is not known"),
         (UtilityConfig(compression=("topk:2",)), "--compression 'topk:2': the top-k fraction must be in"),
