@@ -118,6 +118,8 @@ def _decode_update(record, reference: Mapping[str, np.ndarray], expect: Expectat
         tensors = describe(blob)
     except WireError as exc:
         raise UpdateRejected("payload-too-large" if isinstance(exc, TooLarge) else "bad-payload", f"the update's packed tensors: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever a hostile header provokes, one reply is rejected, the run goes on
+        raise UpdateRejected("bad-payload", f"the update's packed tensors cannot be read ({type(exc).__name__})") from None
     names = set(tensors)
     if names != set(layout):
         raise UpdateRejected("wrong-names", f"tensor names differ from the plan's {expect.compression} encoding of the global model "
@@ -133,9 +135,11 @@ def _decode_update(record, reference: Mapping[str, np.ndarray], expect: Expectat
         if info.dtype != np.dtype(slot.dtype).str:
             raise UpdateRejected("wrong-dtype", f"tensor '{name}' has dtype {np.dtype(info.dtype)}, expected {np.dtype(slot.dtype)}")
     try:
-        payload = unpack(blob)
+        payload = unpack(blob)  # canonical: exactly what fedsilo.wire.pack writes for these tensors
     except WireError as exc:
         raise UpdateRejected("bad-payload", f"the update's packed tensors: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - as above
+        raise UpdateRejected("bad-payload", f"the update's packed tensors cannot be read ({type(exc).__name__})") from None
     try:
         delta = decompress(payload, reference, expect.compression, topk_fraction=expect.topk_fraction)
     except CompressionError as exc:

@@ -26,6 +26,8 @@ import numpy as np
 STYPE = "safetensors"  # the packed Array's serialization type (Flower's own arrays say "numpy.ndarray")
 PACKED_KEY = "tensors"  # the one key of a packed ArrayRecord
 HEADER_MAX = 1 << 20  # bytes of JSON header accepted (a few hundred tensors need a few tens of kB)
+MAX_DIMS = 8  # a tensor's dimensions (a 3D convolution's weight has 5)
+MAX_DIM = 1 << 40  # the largest single dimension accepted (bounds the size arithmetic on untrusted numbers)
 # safetensors dtype codes <-> numpy (the subset numpy has; bfloat16 and float8 never travel here).
 _CODES = {"BOOL": "|b1", "U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", "F16": "<f2", "U32": "<u4", "I32": "<i4",
           "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}
@@ -66,10 +68,12 @@ def blob_of(record, *, max_bytes: int | None = None) -> bytes:
         raise WireError(f"the tensors are not packed as one '{PACKED_KEY}' array ({len(keys)} arrays)")
     array = record[PACKED_KEY]
     if array.stype != STYPE or array.dtype != "uint8":
-        raise WireError(f"the packed array is of type '{str(array.stype)[:40]}', expected '{STYPE}'")
+        raise WireError(f"the packed array is of type {ascii(str(array.stype)[:40])}, expected '{STYPE}'")
     size = len(array.data)
     if max_bytes is not None and size > max_bytes:
         raise TooLarge(f"the packed tensors take {size} bytes, at most {max_bytes} are expected")
+    if tuple(array.shape) != (size,):  # the Array's own shape field is free for anything else
+        raise WireError("the packed array's shape is not its byte count")
     return bytes(array.data)
 
 
@@ -78,7 +82,7 @@ def describe(blob: bytes) -> dict[str, TensorInfo]:
 
     Written here rather than taken from the library because safetensors' Python API reads a header only from
     a file (``safe_open``); this is the same format (8-byte length, JSON), and :func:`unpack` still decodes
-    through the library.
+    through the library. Messages name tensors by position, never by the (untrusted) name.
     """
     if len(blob) < 8:
         raise WireError("the packed tensors are shorter than their header")
@@ -86,27 +90,27 @@ def describe(blob: bytes) -> dict[str, TensorInfo]:
     if length > HEADER_MAX or 8 + length > len(blob):
         raise WireError(f"the packed tensors' header claims {length} bytes, which the blob does not hold (limit {HEADER_MAX})")
     try:
-        header = json.loads(blob[8:8 + length])
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WireError("the packed tensors' header is not JSON") from None
+        header = json.loads(blob[8:8 + length].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise WireError("the packed tensors' header is not valid JSON (or repeats a name)") from None
     if not isinstance(header, dict):
         raise WireError("the packed tensors' header is not a JSON object")
     if "__metadata__" in header:  # free text beside the tensors: nothing of the kind is ever sent
         raise WireError("the packed tensors carry metadata")
     infos, spans = {}, []
-    for name, entry in header.items():
+    for i, (name, entry) in enumerate(header.items()):
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise WireError(f"tensor '{name[:80]}' has a malformed header entry")
+            raise WireError(f"tensor #{i} has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _CODES:
-            raise WireError(f"tensor '{name[:80]}' has an unsupported dtype")
-        if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)
+        if not isinstance(dtype, str) or dtype not in _CODES:
+            raise WireError(f"tensor #{i} has an unsupported dtype")
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
                 or not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)):
-            raise WireError(f"tensor '{name[:80]}' has a malformed shape or offsets")
+            raise WireError(f"tensor #{i} has a malformed shape or offsets")
         info = TensorInfo(dtype=_CODES[dtype], shape=tuple(shape))
         begin, end = offsets
         if not 0 <= begin <= end or end - begin != info.elements * np.dtype(info.dtype).itemsize:
-            raise WireError(f"tensor '{name[:80]}' has offsets that do not match its shape")
+            raise WireError(f"tensor #{i} has offsets that do not match its shape")
         infos[name] = info
         spans.append((begin, end))
     position = 0
@@ -119,21 +123,36 @@ def describe(blob: bytes) -> dict[str, TensorInfo]:
     return infos
 
 
-def unpack(blob: bytes) -> dict[str, np.ndarray]:
-    """Writable numpy arrays from a blob (call :func:`describe` first to check it against expectations)."""
+def unpack(blob: bytes, *, canonical: bool = True) -> dict[str, np.ndarray]:
+    """Writable numpy arrays from a blob (call :func:`describe` first to check it against expectations).
+
+    ``canonical``: also require the blob to be byte for byte what :func:`pack` writes for those arrays, so that
+    nothing rides in the header's layout (whitespace, key order, escapes) beside the tensors.
+    """
     from safetensors import SafetensorError
-    from safetensors.numpy import load
+    from safetensors.numpy import load, save
 
     describe(blob)
     try:
-        return {name: np.array(value) for name, value in load(blob).items()}  # np.array: a writable copy
+        arrays = {name: np.array(value) for name, value in load(blob).items()}  # np.array: a writable copy
     except SafetensorError as exc:
         raise WireError(f"the packed tensors do not decode ({type(exc).__name__})") from None
+    if canonical and save(arrays) != blob:
+        raise WireError("the packed tensors are not in fedsilo's encoding (the header carries more than the tensors)")
+    return arrays
 
 
 def unpack_record(record, *, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """:func:`unpack` of a packed ``ArrayRecord``."""
     return unpack(blob_of(record, max_bytes=max_bytes))
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json object hook: a name given twice would hide the first value from every check (JSON keeps the last)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate name")
+    return out
 
 
 def _as_numpy(value) -> np.ndarray:

@@ -162,8 +162,15 @@ def _noise_multiplier(target_epsilon: float, target_delta: float, rate: float, e
     and the answer depends only on these five numbers."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    # steps, not epochs: Opacus turns epochs into int(epochs / rate) steps, and the float division can land one
+    # step short of the plan's rounds * local_epochs * batches (e.g. 3 epochs of 75 batches: 224, not 225).
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=rate,
-                                      epochs=epochs, accountant=accountant))
+                                      steps=plan_steps(epochs, rate), accountant=accountant))
+
+
+def plan_steps(epochs: int, rate: float) -> int:
+    """DP-SGD steps of ``epochs`` at sample rate ``rate`` = 1 / batches per epoch (exact: rate is 1 / an integer)."""
+    return epochs * round(1.0 / rate)
 
 
 NOISE_CACHE_FILE = "noise-multipliers.json"
@@ -186,8 +193,7 @@ def _remembered_noise_multiplier(key: tuple[float, float, float, int, str], cach
         entries = {}
     remembered = entries.get(name)
     if isinstance(remembered, float) and math.isfinite(remembered) and remembered > 0:
-        # Opacus' own step count for a search over epochs (get_noise_multiplier: steps = int(epochs / rate)).
-        spent = composed_epsilon([(remembered, rate, int(epochs / rate))], delta=target_delta, accountant=accountant)
+        spent = composed_epsilon([(remembered, rate, plan_steps(epochs, rate))], delta=target_delta, accountant=accountant)
         if spent <= target_epsilon:
             return remembered
     sigma = _noise_multiplier(*key)

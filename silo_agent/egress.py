@@ -64,10 +64,12 @@ def check_reply(content, *, site_id: str, run_id: str, round_: int, allowed_metr
     if P.ARRAYS in content:
         if layout is None:
             raise RefusalError("egress blocked: arrays in a reply that sends none")
-        from fedsilo.wire import WireError, blob_of, describe
+        from fedsilo.wire import WireError, blob_of, describe, unpack
 
-        try:  # the packed blob's header (fedsilo.wire): names, dtypes, shapes, offsets that tile the data, no metadata
-            tensors = describe(blob_of(content[P.ARRAYS]))
+        try:  # the packed blob (fedsilo.wire): names, dtypes, shapes, offsets that tile the data, no metadata, and
+            blob = blob_of(content[P.ARRAYS])  # byte for byte the canonical encoding of its tensors (nothing
+            tensors = describe(blob)  # rides in the header's whitespace, key order or escapes)
+            unpack(blob, canonical=True)
         except WireError as exc:
             raise RefusalError(f"egress blocked: {exc}") from None
         if set(tensors) != set(layout):

@@ -75,8 +75,8 @@ def _with_blob(blob: bytes, stype: str = STYPE):
     return content
 
 
-def _blob(header: dict, data: bytes) -> bytes:
-    text = json.dumps(header).encode()
+def _blob(header: dict, data: bytes, pad: bytes = b"") -> bytes:
+    text = json.dumps(header).encode() + pad
     return struct.pack("<Q", len(text)) + text + data
 
 
@@ -101,6 +101,12 @@ def test_an_oversized_payload_is_refused_before_it_is_decoded():
     (_blob({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "b": {"dtype": "F32", "shape": [3], "data_offsets": [24, 36]}},
            bytes(40)), "bad-payload"),
     (b"\xff" * 8 + b"{}", "bad-payload"),  # a header length past the blob
+    # a dtype that is not a string (a TypeError in a naive lookup: must not end the run)
+    (_blob({"w": {"dtype": ["F32"], "shape": [2, 3], "data_offsets": [0, 24]}, "b": {"dtype": "F32", "shape": [3], "data_offsets": [24, 36]}},
+           bytes(36)), "bad-payload"),
+    # a consistent header with whitespace after it: not the canonical encoding of its tensors
+    (_blob({"b": {"dtype": "F32", "shape": [3], "data_offsets": [0, 12]}, "w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [12, 36]}},
+           bytes(36), pad=b"   "), "bad-payload"),
     (struct.pack("<Q", 3) + b"[1]", "bad-payload"),  # not an object
     # a header that is fine, but names a tensor the model does not have
     (_blob({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}, "x": {"dtype": "F32", "shape": [3], "data_offsets": [24, 36]}},

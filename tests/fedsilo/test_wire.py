@@ -18,6 +18,11 @@ def _blob(header: dict, data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data
 
 
+def _raw(header: str, nbytes: int) -> bytes:
+    text = header.encode()
+    return struct.pack("<Q", len(text)) + text + bytes(nbytes)
+
+
 def test_round_trip_keeps_names_dtypes_shapes_and_values():
     state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "scalar": np.array(7, np.int64), "h": np.ones(4, np.float16),
              "q": np.array([-128, 0, 127], np.int8), "m": np.array([1, 2**32 - 1], np.uint32), "f": np.array([True, False]),
@@ -64,7 +69,13 @@ GOOD = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
 @pytest.mark.parametrize("blob, message", [
     (b"\x01\x00", "shorter than their header"),
     (struct.pack("<Q", 2**40) + b"{}", "claims"),
-    (struct.pack("<Q", 3) + b"\xff\xfe{", "not JSON"),
+    (struct.pack("<Q", 3) + b"\xff\xfe{", "not valid JSON"),
+    (struct.pack("<Q", 100_006) + b'{"w":' + b"[" * 100_000 + b"1", "not valid JSON"),  # nested past the recursion limit
+    (_raw('{"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}}', 8), "unsupported dtype"),
+    (_raw('{"w": {"dtype": "F32", "shape": [' + "9" * 5000 + '], "data_offsets": [0, 8]}}', 8), "not valid JSON"),
+    (_raw('{"w": {"dtype": "F32", "shape": [' + ", ".join(["1"] * 9) + '], "data_offsets": [0, 4]}}', 4), "malformed shape"),
+    (_raw('{"w": {"dtype": "F32", "shape": [1099511627777], "data_offsets": [0, 8]}}', 8), "malformed shape"),
+    (_raw('{"w": "DOE^JANE", "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', 8), "repeats a name"),
     (_blob([1, 2], b""), "not a JSON object"),
     (_blob({"__metadata__": {"name": "DOE^JANE"}, **GOOD}, bytes(8)), "carry metadata"),
     (_blob({"w": {"dtype": "F32", "shape": [2]}}, bytes(8)), "malformed header entry"),
@@ -87,3 +98,25 @@ def test_describe_reads_the_header_only():
     blob = _blob({"w": {"dtype": "F32", "shape": [2**28], "data_offsets": [0, 2**30]}}, bytes(8))
     with pytest.raises(wire.WireError, match="does not match the header"):
         wire.describe(blob)
+
+
+@pytest.mark.parametrize("rewrite", [
+    lambda header: header + b" " * 64,  # whitespace padding
+    lambda header: header.replace(b'"w"', b'"\\u0077"'),  # the same name, escaped
+])
+def test_only_the_canonical_encoding_decodes(rewrite):
+    blob = wire.blob_of(wire.pack({"w": np.ones(2, np.float32), "v": np.zeros(3, np.int8)}))
+    (length,) = struct.unpack("<Q", blob[:8])
+    header = rewrite(blob[8:8 + length])
+    forged = struct.pack("<Q", len(header)) + header + blob[8 + length:]
+    assert wire.describe(forged).keys() == {"w", "v"}  # a consistent header...
+    with pytest.raises(wire.WireError, match="not in fedsilo's encoding"):
+        wire.unpack(forged)  # ...that carries more than the tensors
+    assert wire.unpack(forged, canonical=False)["w"].tolist() == [1.0, 1.0]
+
+
+def test_the_arrays_own_shape_must_be_its_byte_count():
+    blob = wire.blob_of(wire.pack({"w": np.ones(2, np.float32)}))
+    smuggled = ArrayRecord({wire.PACKED_KEY: Array(dtype="uint8", shape=tuple(map(ord, "DOE^JANE")), stype=wire.STYPE, data=blob)})
+    with pytest.raises(wire.WireError, match="shape is not its byte count"):
+        wire.blob_of(smuggled)

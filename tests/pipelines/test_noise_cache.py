@@ -7,7 +7,7 @@ import pytest
 
 from pipelines import training
 from pipelines.plan import parse_plan
-from pipelines.training import NOISE_CACHE_FILE, composed_epsilon, plan_noise_multiplier, planned_round_entry, sample_rate
+from pipelines.training import NOISE_CACHE_FILE, composed_epsilon, plan_noise_multiplier, plan_steps, planned_round_entry, sample_rate
 
 PLAN = parse_plan({"name": "t", "task": "seg2d", "model": {"network": "UNet", "args": {"channels": [4, 8], "strides": [2]}},
                    "training": {"local_epochs": 2, "batch_size": 4}, "privacy": {"target_epsilon": 3.0}, "federation": {"rounds": 3}})
@@ -44,7 +44,7 @@ def test_an_entry_that_would_overspend_is_searched_again(tmp_path, monkeypatch):
     [name] = json.loads(path.read_text())
     path.write_text(json.dumps({name: honest / 2}))  # half the noise: far more than epsilon 3
     rate = sample_rate(PLAN, CASES)
-    assert composed_epsilon([(honest / 2, rate, int(6 / rate))], delta=1e-5, accountant="rdp") > 3.0
+    assert composed_epsilon([(honest / 2, rate, plan_steps(6, rate))], delta=1e-5, accountant="rdp") > 3.0
     calls = _searches(monkeypatch)
     assert plan_noise_multiplier(PLAN, CASES, cache_dir=tmp_path) == honest and len(calls) == 1
     assert json.loads(path.read_text()) == {name: honest}  # repaired
@@ -54,3 +54,11 @@ def test_an_entry_that_would_overspend_is_searched_again(tmp_path, monkeypatch):
 def test_an_unreadable_cache_costs_only_a_search(tmp_path, content):
     (tmp_path / NOISE_CACHE_FILE).write_text(content)
     assert plan_noise_multiplier(PLAN, CASES, cache_dir=tmp_path) == plan_noise_multiplier(PLAN, CASES)
+
+
+def test_the_search_counts_every_step_of_the_plan():
+    # 3 epochs of 75 batches: Opacus' epochs -> steps conversion, int(3 / (1 / 75)), gives 224; the plan takes 225.
+    rate = 1 / 75
+    assert int(3 / rate) == 224 and plan_steps(3, rate) == 225
+    sigma = training._noise_multiplier(8.0, 1e-5, rate, 3, "rdp")
+    assert composed_epsilon([(sigma, rate, 225)], delta=1e-5, accountant="rdp") <= 8.0

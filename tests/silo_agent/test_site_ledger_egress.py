@@ -137,6 +137,21 @@ def _packed(arrays: dict, metadata: dict | None = None):
     return ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=(len(blob),), stype=STYPE, data=blob)})
 
 
+def _forged(header: str | None, shape: tuple | None = None):
+    """A packed record around a hand-written header (None: fedsilo.wire.pack's own) for the zero 2x2 tensor."""
+    import struct
+
+    from flwr.app import Array, ArrayRecord
+    from safetensors.numpy import save
+
+    from fedsilo.wire import PACKED_KEY, STYPE
+
+    blob = save({"w": np.zeros((2, 2), np.float32)})
+    if header is not None:
+        blob = struct.pack("<Q", len(header)) + header.encode() + bytes(16)
+    return ArrayRecord({PACKED_KEY: Array(dtype="uint8", shape=shape or (len(blob),), stype=STYPE, data=blob)})
+
+
 REF = {"w": np.zeros((2, 2), np.float32)}
 LAYOUT = payload_layout(REF, "float32")
 ALL = ("loss", "dice", "accuracy", "auc")
@@ -156,6 +171,12 @@ def test_the_whole_reply_passes_the_egress_guard():
     (lambda c: c.__setitem__("arrays", _packed({"w": np.zeros((2, 2), np.float64)})), "tensor 'w' is float64"),
     (lambda c: c.__setitem__("arrays", _packed({"w": np.zeros((2, 2), np.float32)}, metadata={"patient": "DOE^JANE"})), "carry metadata"),
     (lambda c: c["arrays"].__setitem__("extra", __import__("flwr.app", fromlist=["Array"]).Array(np.zeros(1, np.float32))), "not packed"),
+    # free text in the blob's header beside a valid tensor: a repeated name, padding, the Array's own shape field
+    (lambda c: c.__setitem__("arrays", _forged('{"w": "DOE^JANE 1970-01-01", "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}')),
+     "repeats a name"),
+    (lambda c: c.__setitem__("arrays", _forged('{"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}' + " \t" * 40)),
+     "not in fedsilo's encoding"),
+    (lambda c: c.__setitem__("arrays", _forged(None, shape=tuple(map(ord, "DOE^JANE")))), "shape is not its byte count"),
 ])
 def test_anything_else_is_blocked(mutate, message):
     content = _reply()
