@@ -200,7 +200,7 @@ def _load(site: Site, plan, split: str):
 def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict:
     from pipelines.compression import payload_nbytes
     from pipelines.serialization import clip_to_norm, l2_norm, state_digest, state_nbytes, to_numpy
-    from pipelines.training import plan_noise_multiplier, train_local
+    from pipelines.training import train_local
     from silo_agent.ledger import PrivacyLedger, Spend
     from silo_agent.secure_aggregation import SECURE_CHANNEL
 
@@ -219,12 +219,15 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
                 raise RefusalError(f"round {round_} of run {run_id[:12]} was already answered; a secure round is never answered twice")
             return _resend(site, audit, actor, run_id, round_, entry.name, global_state, plan.federation)
         history = ledger.history(entry.name) if plan.privacy.enabled else []
+        noise, planned_cases = None, 0
         if plan.privacy.enabled:  # from the registry's case count: no image is read for a round that is refused
-            _check_budget(site, plan, entry.name, history, _case_count(entry, "training"))
+            planned_cases = _case_count(entry, "training")
+            noise = _check_budget(site, plan, entry.name, history, planned_cases)
         entry, data, random = _load(site, plan, "training")
+        if plan.privacy.enabled and len(data) != planned_cases:  # the noise the budget was checked with is the noise trained with
+            noise = _check_budget(site, plan, entry.name, history, len(data))
         audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
                      run_id=run_id, round=round_, details={"cases": len(data), "split": "training"})
-        noise = plan_noise_multiplier(plan, len(data), cache_dir=site.cache_dir) if plan.privacy.enabled else None
         result = train_local(model, data, plan, history=history, random_transform=random, seed=secrets.randbits(62), noise_multiplier=noise)
         metrics: dict[str, float] = {P.NUM_EXAMPLES: result.num_examples, "train-loss": result.train_loss,
                                      "seconds": time.perf_counter() - started}
@@ -352,20 +355,22 @@ def _case_count(entry, split: str) -> int:
     return cases
 
 
-def _check_budget(site: Site, plan, dataset: str, history: list, num_examples: int) -> None:
-    """Refuse a round that could push the dataset past its lifetime epsilon (site policy), before training."""
+def _check_budget(site: Site, plan, dataset: str, history: list, num_examples: int) -> float:
+    """Refuse a round that could push the dataset past its lifetime epsilon (site policy), before training;
+    returns the noise multiplier the check assumed (the one to train with)."""
     from pipelines.training import composed_epsilon, planned_round_entry
     from silo_agent.policy import load_policy
 
     budget = load_policy(site.root).lifetime_epsilon_per_dataset
     p = plan.privacy
     spent = composed_epsilon(history, delta=p.target_delta, accountant=p.accountant)
-    after = composed_epsilon([*history, planned_round_entry(plan, num_examples, cache_dir=site.cache_dir)], delta=p.target_delta,
-                             accountant=p.accountant)
+    planned = planned_round_entry(plan, num_examples, cache_dir=site.cache_dir)
+    after = composed_epsilon([*history, planned], delta=p.target_delta, accountant=p.accountant)
     if after > budget:
         raise RefusalError(f"privacy budget: dataset '{dataset}' has spent epsilon {spent:.2f} of its lifetime {budget:g}; "
                            f"this round would bring it to {after:.2f}",
                            fix="the site may raise lifetime_epsilon_per_dataset in policy.yaml, or register fresh data")
+    return planned[0]
 
 
 def _witness(record: ConfigRecord, site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int) -> bytes:
