@@ -37,7 +37,7 @@ from coordinator import pki
 from coordinator.provision import COORDINATOR_KIT_FILE, COORDINATOR_KIT_FORMAT, NAME_RE
 from fedsilo.errors import ConfigError, DeploymentError
 from fedsilo.flower_app import flower_bin, toml_string
-from fedsilo.flower_tuning import tuned_env
+from fedsilo.flower_tuning import superlink_env
 from fedsilo.processes import ManagedProcess, ProcessSet, flower_env, port_in_use, run_command
 
 #: Set for the SuperLink (and inherited by its ServerApps): the coordinator's state folder (coordinator.server_app).
@@ -225,8 +225,9 @@ def run_coordinator(kit: CoordinatorKit, *, host: str = "0.0.0.0", port: int | N
                                                "--ssl-keyfile", str(kit.server_key)]
     (kit.root / "runs").mkdir(exist_ok=True)
     cli_home = write_cli_config(kit, host, port, insecure=insecure_dev)
-    # Flower's polling tuned for a handful of nodes (fedsilo.flower_tuning): the ServerApps and SuperExec poll in tenths of a second.
-    link_env = tuned_env(flower_env(kit.root / "flwr" / "superlink"))
+    # Flower's polling tuned for a handful of nodes (fedsilo.flower_tuning): the ServerApps poll in tenths of a second, the
+    # SuperExec that launches them every second.
+    link_env = superlink_env(flower_env(kit.root / "flwr" / "superlink"))
     link_env[COORDINATOR_DIR_ENV] = str(kit.root)
     with ProcessSet(kit.root / "logs", flower_env(cli_home)) as procs:
         auth = [] if insecure_dev else ["--enable-supernode-auth"]

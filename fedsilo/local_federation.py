@@ -22,7 +22,7 @@ from coordinator.pki import create_node_key, create_server_tls
 from fedsilo.errors import ConfigError, DeploymentError
 from fedsilo.flower_app import APP_PYPROJECT, write_flower_app  # noqa: F401 - APP_PYPROJECT: re-exported
 from fedsilo.flower_app import flower_bin as _bin
-from fedsilo.flower_tuning import tuned_env
+from fedsilo.flower_tuning import superlink_env, tuned_env
 from fedsilo.processes import LOOPBACK, ManagedProcess, ProcessSet, flower_env, free_port, port_in_use, run_command
 
 LINK = "fedsilo"
@@ -132,7 +132,7 @@ class LocalFederation:
             _bin("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
             "--enable-supernode-auth", "--host", LOOPBACK, "--port", str(self.port), "--database", str(self.root / "flwr" / "superlink-state.db"),
             "--disable-runtime-dependency-installation",
-        ], env=self._env(self.flwr_home / "superlink"))
+        ], env=self._env(self.flwr_home / "superlink", superlink=True))
         self.procs.wait_for_port(superlink, self.port)
         cli_env = self.procs.env  # the flwr CLI's home holds the connection config
         for spec in self.silos:
@@ -197,9 +197,11 @@ class LocalFederation:
             time.sleep(0.2)
         return node.alive()
 
-    def _env(self, flwr_home: Path) -> dict[str, str]:
+    def _env(self, flwr_home: Path, *, superlink: bool = False) -> dict[str, str]:
         env = flower_env(flwr_home)
-        return tuned_env(env) if self.tuned else env
+        if not self.tuned:
+            return env
+        return superlink_env(env) if superlink else tuned_env(env)
 
     def stop_silo(self, site: str, *, kill: bool = False) -> None:
         """Stop ``site``'s SuperNode (and executor) by PID: SIGTERM, or SIGKILL with ``kill`` (a crash)."""

@@ -20,6 +20,12 @@ def test_off_unless_the_environment_asks(monkeypatch):
     assert env[flower_tuning.ENV] == str(flower_tuning.POLL_S) and env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == str(flower_tuning.POLL_S)
 
 
+def test_the_superlinks_own_launcher_polls_slowly_while_its_serverapps_stay_tuned():
+    env = flower_tuning.superlink_env({"PATH": "/bin"})
+    assert env[flower_tuning.ENV] == str(flower_tuning.POLL_S)  # inherited by the ServerApps it launches
+    assert float(env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]) == flower_tuning.SUPERLINK_TASK_POLL_S >= 1.0
+
+
 def test_apply_shortens_flowers_waits_in_a_fresh_process():
     # A fresh interpreter: the patch changes module state, which must not leak into other tests.
     code = (
