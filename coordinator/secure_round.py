@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from compliance import EventType
-from coordinator.validation import Expectation, UpdateRejected, check_identity_and_metrics
+from coordinator.validation import Expectation, UpdateRejected, check_identity_and_metrics, global_l2_norm
 from fedsilo import protocol as P
 from fedsilo.errors import FedsiloError
 from fedsilo.secagg_prg import install as _install_secure_prg
@@ -271,8 +271,7 @@ def _check_aggregate(outcome: SecureOutcome, round_: int, bound: float) -> None:
     weights = [float(c["num_examples"]) for c in outcome.contributions.values()] or [1.0]
     entries = sum(int(a.size) for a in outcome.aggregate.values())
     limit = bound + quantization_error_bound(outcome.params, weights) * math.sqrt(entries)
-    norm = math.sqrt(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel().astype(np.float64)))
-                         for a in outcome.aggregate.values() if np.issubdtype(a.dtype, np.floating)))
+    norm = global_l2_norm(outcome.aggregate)
     if norm > limit:
         raise FedsiloError(f"round {round_}: the secure aggregate's L2 norm {norm:.4g} exceeds the bound {limit:.4g} that a mean of "
                            "clipped updates respects; it is not applied", fix="a silo sent a malformed masked update: check the silos' logs")

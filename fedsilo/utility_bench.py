@@ -109,8 +109,7 @@ def compression_spec(spec: str, topk_fraction: float) -> tuple[str, float]:
 @dataclass(frozen=True)
 class UtilityConfig:
     """Sizes and training settings (defaults: 3 seeds; measured 2026-11-27 with 2 workers on a shared 2-core
-    machine: 722 CPU-seconds at batch 32 with DP at eps 1, 3 and 8; 420 CPU-seconds, 598 s wall, for
-    ``--epsilons 8`` at the batch sizes below).
+    machine: 762 CPU-seconds, 458 s wall, for the defaults below, no DP and eps 1, 3 and 8).
 
     silos / train_sizes / test_cases / size: the data (:func:`fedsilo.hard_silos.hard_profiles`).
     rounds / local_epochs: training; every arm gets rounds x local_epochs epochs.

@@ -153,13 +153,11 @@ def _approved(msg: Message, site: Site, plan, audit: AuditLog, actor: dict, run_
 
 def _global_model(msg: Message, plan):
     """Build the plan's network and load the global weights, refusing foreign tensors."""
-    from pipelines.networks import build_network
-    from pipelines.serialization import to_numpy
-
     import torch
 
     from fedsilo.wire import HEADER_MAX, WireError, unpack_record
-    from pipelines.serialization import state_nbytes
+    from pipelines.networks import build_network
+    from pipelines.serialization import state_nbytes, to_numpy
 
     model = build_network(plan)
     reference = to_numpy(model.state_dict())

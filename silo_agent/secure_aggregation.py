@@ -24,7 +24,6 @@ half the shares) is refused before any key is made.
 
 from __future__ import annotations
 
-import io
 import json
 from contextvars import ContextVar
 
@@ -149,10 +148,13 @@ def _inconsistent_stage(configs: ConfigRecord, ctxt: Context) -> str:
 
 
 def _native_content(content: RecordDict) -> RecordDict:
-    """Flower's FitIns records -> the silo's own: the global model by name (packed, fedsilo.wire), and the plan's config."""
-    import torch
+    """Flower's FitIns records -> the silo's own: the global model by name (packed, fedsilo.wire), and the plan's config.
 
+    Each tensor arrives as Flower's .npy bytes from the coordinator: read with the header checked before anything
+    is allocated (no more entries than the payload has bytes); the train handler then bounds the packed model by
+    the plan's network."""
     from fedsilo.wire import pack
+    from pipelines.serialization import read_npy
 
     if "fitins.config" not in content or "fitins.parameters" not in content:
         raise KeyError("the secure round's train message lacks Flower's fitins records")
@@ -163,7 +165,8 @@ def _native_content(content: RecordDict) -> RecordDict:
         raise ValueError("the secure round's global model does not match its tensor names")
     state = {}
     for name, key in zip(names, sorted(arrays.keys(), key=int)):
-        state[str(name)] = torch.from_numpy(np.load(io.BytesIO(arrays[key].data), allow_pickle=False))
+        data = bytes(arrays[key].data)
+        state[str(name)] = read_npy(data, max_elements=len(data))
     return RecordDict({P.ARRAYS: pack(state), P.CONFIG: ConfigRecord(config)})
 
 
