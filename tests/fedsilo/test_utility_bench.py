@@ -171,6 +171,9 @@ def test_dp_arms_train_with_their_own_batch_size() -> None:
     assert (config.batch_size, config.dp_batch_size) == (8, 64)
     assert _plan(config, None).training.batch_size == 8
     assert _plan(config, 8.0).training.batch_size == 64 and sample_rate(_plan(config, 8.0), 256) == 1 / 4
+    # DP-SGD's step is set by lr x clip (nearly every per-sample gradient is clipped): 2.5 x 0.1, tuned on seeds 10..13.
+    assert _plan(config, 8.0).training.optimizer.lr == 2.5 and _plan(config, 8.0).privacy.max_grad_norm == 0.1
+    assert _plan(config, None).training.optimizer.lr == 0.2
     other = UtilityConfig(batch_size=16, dp_batch_size=64)
     assert _plan(other, None).training.batch_size == 16 and _plan(other, 3.0).training.batch_size == 64
 
@@ -181,6 +184,20 @@ def test_threshold_dice_by_hand() -> None:
     # image 0: prediction 2 pixels, truth 1, overlap 1 -> 2/3; image 1: both empty -> 1
     assert threshold_dice(images, masks, 0.5).tolist() == pytest.approx([2 / 3, 1.0])
     assert best_threshold(images, masks) >= 0.0
+
+
+def test_first_seed_moves_the_seeds_a_run_uses(monkeypatch) -> None:
+    # The defaults are chosen on other seeds (10, 11) than the reported ones (0..2): --first-seed picks them.
+    from fedsilo import utility_bench
+
+    seen = []
+    monkeypatch.setattr(utility_bench, "_run_jobs", lambda config, jobs, **_: seen.extend(jobs) or [])
+    monkeypatch.setattr(utility_bench, "_threshold_job", lambda config, seed: seen.append(("threshold", seed)))
+    monkeypatch.setattr(utility_bench, "_result", lambda *args: {})
+    utility_bench.run_utility_bench(config=UtilityConfig(seeds=2, first_seed=10, epsilons=(8.0,)))
+    assert sorted(seen, key=str) == sorted([(10, 8.0), (11, 8.0), (10, None), (11, None), ("threshold", 10),
+                                            ("threshold", 11)], key=str)
+    assert list(utility_bench._seeds(UtilityConfig())) == [0, 1, 2]
 
 
 @pytest.mark.parametrize(
@@ -194,6 +211,7 @@ def test_threshold_dice_by_hand() -> None:
         (UtilityConfig(preprocess="Histogram"), "--preprocess.*NormalizeIntensity"),
         (UtilityConfig(server_optimizer="lamb"), "--server-optimizer.*yogi"),
         (UtilityConfig(workers=0), "--workers 0"),
+        (UtilityConfig(first_seed=-1), "--first-seed -1"),
         (UtilityConfig(dp_batch_size=0), "--dp-batch-size 0"),
         (UtilityConfig(compression=("int4",)), "--compression 'int4' is not known.*float16, int8, topk"),
         (UtilityConfig(compression=("int8:0.1",)), "--compression 'int8:0.1' is not known"),
