@@ -3,9 +3,18 @@
 The plan's aggregation rule is held by this driver (a wrapper around the rule, not a FedAvg
 subclass), so robust rules and audit hooks sit in one place. Per round: send the global weights
 and the plan (text and hash) to every connected silo; validate each reply; audit it; aggregate
-the valid deltas with the plan's rule; apply them with the server learning rate; evaluate the
-new global model at every silo on its held-out cases; write the round's row, the model and
-metrics.json atomically to the run folder.
+the valid deltas with the plan's rule; apply them with the server learning rate; write the model,
+the run state and metrics.json atomically to the run folder; evaluate the new global model at
+every silo on its held-out cases.
+
+Round r's model is evaluated in round r+1's train messages (``P.EVALUATE``): each silo evaluates the
+model it receives, which is round r's, then trains from it, and answers both in one reply. A
+SuperNode handles one message at a time, and each message is several authenticated requests per
+hop through the SuperLink (docs/benchmarks.md, "Round overhead"), so a separate evaluate message
+would cost a second exchange per round. The last round's model gets an evaluate message of its own.
+A round's row (rounds.jsonl, the ``round`` progress line) is published at the end of its training,
+its evaluation (an ``evaluated`` line) once that is in. SecAgg+ rounds evaluate right after their
+own multi-stage exchange.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import numpy as np
 from compliance import AuditLog, EventType
 from compliance.checkpoint import Signer, VerifierKey, verify_checkpoint
 from coordinator.aggregation import rule_for_plan
+from coordinator.progress import EVALUATED_IN_ROUND, EVALUATED_WITH_NEXT_ROUND, PROGRESS_PREFIX, ROUNDS_FILE, read_rows
 from coordinator.run_state import RunSnapshot, save_snapshot
 from coordinator.server_optimizer import build_server_optimizer
 from coordinator.validation import Expectation, UpdateRejected, validate_reply
@@ -32,13 +42,23 @@ from fedsilo.errors import DeploymentError, FedsiloError, VerificationError
 from pipelines.plan import Plan
 from pipelines.serialization import save_model, state_digest, state_nbytes
 
-ROUNDS_FILE = "rounds.jsonl"
-#: Prefix of the progress lines the ServerApp prints; ``flwr run --stream`` carries them to whoever submitted the plan.
-PROGRESS_PREFIX = "fedsilo-progress "
 #: Flower's own interval between checks for replies (Grid.send_and_receive).
 FLOWER_POLL_S = 3.0
 #: The researcher's submission bundle, kept in the run folder so that a resumed run sends the same signature.
 SUBMISSION_FILE = "submission.json"
+#: At most this many extra consistency proofs per witness request (from checkpoints whose cosignature was lost).
+MAX_OTHER_PROOFS = 4
+
+
+@dataclass
+class _PendingEvaluation:
+    """A finished round whose model is still to be evaluated: at ``nodes`` (None: those connected when it is asked),
+    with the round's signed checkpoint ``note`` for the silos to cosign; ``row`` receives the figures."""
+
+    round: int
+    nodes: list[int] | None
+    note: bytes | None
+    row: dict[str, Any]
 
 
 @dataclass
@@ -99,6 +119,7 @@ class FederatedRun:
         self.node_site: dict[int, str] = {}
         self.witnessed_size: dict[str, int] = {}  # site -> size of the last checkpoint it cosigned
         self.checkpoint_size = 0
+        self.signed_sizes: list[int] = []  # sizes of the checkpoints signed in this run (a silo may hold any of them)
         self.aggregate_seconds = 0.0
         self.uplink_bytes = 0  # serialized bytes of this round's train replies (all protocol stages)
         self.reply_node: dict[str, int] = {}  # message id -> the node it was sent to
@@ -113,11 +134,22 @@ class FederatedRun:
             self.state.rounds = list(resume.rounds)
             self.node_site = dict(resume.node_site)
             self.witnessed_size = dict(resume.witnessed_size)
+            self.signed_sizes = [int(r["details"]["size"]) for r in self.audit.records() if r["event"] == EventType.CHECKPOINT_SIGNED
+                                 and r["outcome"] == "success" and isinstance((r.get("details") or {}).get("size"), int)]
 
     # --- messages ---------------------------------------------------------------------
 
     def _send(self, nodes: list[int], round_: int, message_type: str, note: bytes | None = None) -> list:
-        """Send the global model and the plan to ``nodes``; the model is serialized once for all of them."""
+        """Send the global model and the plan to ``nodes`` and collect the replies within the round timeout."""
+        return self._send_and_receive(self._messages(nodes, round_, message_type, note), self.plan.federation.round_timeout_s)
+
+    def _messages(self, nodes: list[int], round_: int, message_type: str, note: bytes | None = None,
+                  evaluate: _PendingEvaluation | None = None) -> list:
+        """The global model and the plan for each of ``nodes``; the model is serialized once for all of them.
+
+        ``note``: a signed checkpoint for each known silo to cosign. ``evaluate``: a finished round whose model (the
+        one sent) the silos that trained in it evaluate before they train (``P.EVALUATE``), cosigning its checkpoint.
+        """
         from flwr.app import ConfigRecord, Message, RecordDict
 
         from fedsilo.wire import pack
@@ -130,10 +162,16 @@ class FederatedRun:
         messages = []
         for node in nodes:
             content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
+            if evaluate is not None:
+                if node not in (evaluate.nodes or ()):
+                    messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+                    continue
+                content[P.EVALUATE] = ConfigRecord({P.ROUND: evaluate.round})
+                note = evaluate.note
             if note is not None and node in self.node_site:
                 content[P.WITNESS] = self._witness_request(self.node_site[node], note)
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
-        return self._send_and_receive(messages, self.plan.federation.round_timeout_s)
+        return messages
 
     def _send_and_receive(self, messages: list, timeout_s: float) -> list:
         """Push ``messages`` and collect the replies that arrive within ``timeout_s``.
@@ -172,14 +210,24 @@ class FederatedRun:
                           run_id=self.run_id, round=round_, details={"size": size, "key": self.signer.name})
         note = self.audit.sign_checkpoint()
         self.checkpoint_size = size
+        self.signed_sizes.append(size)
         return note
 
     def _witness_request(self, site: str, note: bytes):
+        """The checkpoint ``note`` for ``site`` to cosign, with the consistency proof from the last size it cosigned.
+
+        A silo may hold a later checkpoint than the coordinator knows: it cosigned one whose reply was lost (the
+        ServerApp died with the reply on its way, then resumed from its run state). So the request also carries
+        proofs from the sizes of the checkpoints signed since (:data:`MAX_OTHER_PROOFS` at most, the latest);
+        the silo uses the one from the size it holds."""
         from flwr.app import ConfigRecord
 
         old = self.witnessed_size.get(site, 0)
         proof = self.audit.consistency_proof(old, self.checkpoint_size) if old else []
-        return ConfigRecord({P.CHECKPOINT: note, P.PROOF: [bytes(h) for h in proof], P.OLD_SIZE: old})
+        others = [s for s in self.signed_sizes if old < s < self.checkpoint_size][-MAX_OTHER_PROOFS:]
+        return ConfigRecord({P.CHECKPOINT: note, P.PROOF: [bytes(h) for h in proof], P.OLD_SIZE: old,
+                             P.OTHER_PROOFS: [s.to_bytes(8, "big") + b"".join(bytes(h) for h in self.audit.consistency_proof(s, self.checkpoint_size))
+                                              for s in others]})
 
     def _keep_cosignature(self, site: str, node: int, cosigned: bytes, round_: int) -> None:
         """Check a silo's cosignature against its provisioned witness key, then keep it with the checkpoint."""
@@ -213,12 +261,21 @@ class FederatedRun:
 
     # --- one round --------------------------------------------------------------------
 
-    def _train_round(self, round_: int, nodes: list[int]) -> tuple[dict[str, dict[str, float]], int, list[int]]:
-        """Train at ``nodes``; returns per-site figures, the number of valid updates, and the nodes that sent an update."""
+    def _train_round(self, round_: int, nodes: list[int], beside: _PendingEvaluation | None = None,
+                     ) -> tuple[dict[str, dict[str, float]], int, list[int]]:
+        """Train at ``nodes``; returns per-site figures, the number of valid updates, and the nodes that sent an update.
+
+        ``beside``: the previous round's evaluation, asked in this round's train messages (the silos evaluate the
+        model they receive, which is that round's, before they train) and finished as soon as the replies are in.
+        """
         fed = self.plan.federation
         if fed.secure_aggregation != "none":
+            if beside is not None:
+                self._finish_evaluation(beside, self._send(beside.nodes or nodes, beside.round, "evaluate", beside.note))
             return self._secure_train_round(round_, nodes)
-        replies = self._send(nodes, round_, "train")
+        replies = self._send_and_receive(self._messages(nodes, round_, "train", evaluate=beside), fed.round_timeout_s)
+        if beside is not None:
+            self._finish_evaluation(beside, [r for r in replies if not r.has_error() and P.EVALUATION in r.content], P.EVALUATION)
         self.uplink_bytes = sum(_wire_size(r.content) for r in replies if not r.has_error())
         expect = Expectation(run_id=self.run_id, round=round_, norm_bound=fed.update_norm_bound, norm_action=fed.update_norm_action,
                              compression=fed.compression, topk_fraction=fed.topk_fraction)
@@ -312,20 +369,37 @@ class FederatedRun:
                                    "aggregate_sha256": state_digest(outcome.aggregate), "seconds": round(time.perf_counter() - started, 3)})
         return sites, len(outcome.contributions), sorted(outcome.contributions)
 
+    def _finish_evaluation(self, pending: _PendingEvaluation, replies: list, metrics_key: str = P.METRICS, **extra: Any) -> None:
+        """Merge an evaluation's replies (and ``extra`` figures) into its round's row, rewrite metrics.json and publish
+        an ``evaluated`` progress line (:class:`CompletedRounds` joins it to the round's row)."""
+        evaluated: dict[str, dict[str, Any]] = {}
+        self._take_evaluations(replies, pending.round, evaluated, pending.note, metrics_key)
+        for site, figures in evaluated.items():
+            pending.row["sites"].setdefault(site, {}).update(figures)
+        pending.row.update(extra)
+        _write_json(self.out_dir / "metrics.json", summarize(self.state))
+        self._progress({"event": "evaluated", "round": pending.round, "sites": evaluated, **extra})
+
     def _evaluate_round(self, round_: int, nodes: list[int], sites: dict[str, dict[str, Any]], note: bytes | None) -> None:
-        for reply in self._send(nodes, round_, "evaluate", note):
+        self._take_evaluations(self._send(nodes, round_, "evaluate", note), round_, sites, note)
+
+    def _take_evaluations(self, replies: list, round_: int, sites: dict[str, dict[str, Any]], note: bytes | None,
+                          metrics_key: str = P.METRICS) -> None:
+        """Each reply's evaluation metrics (``metrics_key``: an evaluate reply's metrics, or the evaluation a train
+        reply carries) into ``sites``; its cosignature of ``note``, checked, into the audit log."""
+        for reply in replies:
             if reply.has_error():
                 node = self._node_of(reply)
                 self.audit.append(EventType.CHECKPOINT_COSIGNED if note else EventType.RUN_FAILED, actor=self.actor, run_id=self.run_id,
                                   round=round_, outcome="failure", reason=(reply.error.reason or "no reason given")[:300],
                                   details={"site": self.node_site.get(node), "node": str(node), "phase": "evaluate"})
                 continue
-            if P.IDENTITY not in reply.content or P.METRICS not in reply.content:
+            if P.IDENTITY not in reply.content or metrics_key not in reply.content:
                 continue
             site = reply.content[P.IDENTITY].get(P.SITE)
             if note is not None and P.WITNESS in reply.content and site == self.node_site.get(reply.metadata.src_node_id):
                 self._keep_cosignature(str(site), reply.metadata.src_node_id, bytes(reply.content[P.WITNESS][P.COSIGNED]), round_)
-            metrics = {k: float(v) for k, v in dict(reply.content[P.METRICS]).items() if isinstance(v, (int, float))}
+            metrics = {k: float(v) for k, v in dict(reply.content[metrics_key]).items() if isinstance(v, (int, float))}
             entry = sites.setdefault(str(site), {})
             for key in ("dice", "accuracy", "auc", "loss", "seconds"):
                 if key in metrics:
@@ -343,24 +417,38 @@ class FederatedRun:
         else:
             first = 1
             self._record_start()
+        # Plain rounds evaluate each round's model in the next round's train messages (one exchange per round instead
+        # of two); SecAgg+ rounds keep their own multi-stage exchange and evaluate right after it.
+        pipelined = plan.federation.secure_aggregation == "none"
+        pending = self._unfinished_evaluation() if self.resume is not None else None
         try:
             for round_ in range(first, plan.federation.rounds + 1):
                 start = time.perf_counter()
                 nodes = self._wait_for_silos()
                 self.audit.append(EventType.ROUND_STARTED, actor=self.actor, run_id=self.run_id, round=round_, details={"nodes": len(nodes)})
-                sites, n_valid, answered = self._train_round(round_, nodes)
+                if pending is not None and pending.nodes is None:
+                    pending.nodes = nodes
+                sites, n_valid, answered = self._train_round(round_, nodes, pending)
                 note = self._sign_checkpoint(round_)
                 # A silo that did not answer within the timeout is down or hung (asking it to evaluate would
                 # only wait out the timeout a second time), one that answered with an error refused or failed:
                 # only silos that sent an update evaluate. All are asked again next round.
-                self._evaluate_round(round_, answered, sites, note)
+                if not pipelined:
+                    self._evaluate_round(round_, answered, sites, note)
                 row = {"round": round_, "replied": n_valid, "silos": len(nodes), "seconds": round(time.perf_counter() - start, 2),
-                       "aggregate_seconds": round(self.aggregate_seconds, 4), "uplink_bytes": self.uplink_bytes, "sites": sites}
+                       "aggregate_seconds": round(self.aggregate_seconds, 4), "uplink_bytes": self.uplink_bytes, "sites": sites,
+                       "evaluation": EVALUATED_WITH_NEXT_ROUND if pipelined else EVALUATED_IN_ROUND}
                 self.state.rounds.append(row)
-                self._checkpoint(row)
+                self._checkpoint(row)  # before the next round's training leaves with this model
                 self.audit.append(EventType.ROUND_FINISHED, actor=self.actor, object={"type": "model", "id": f"round-{round_}", "sha256": state_digest(self.global_state)},
                                   run_id=self.run_id, round=round_, details={"valid_updates": n_valid, "seconds": row["seconds"]})
                 self._progress({"event": "round", **row})
+                if pipelined:
+                    pending = _PendingEvaluation(round_, answered, note, row)
+            if pending is not None:  # the last round's model: an exchange of its own
+                started = time.perf_counter()
+                replies = self._send(pending.nodes or self._wait_for_silos(), pending.round, "evaluate", pending.note)
+                self._finish_evaluation(pending, replies, final_evaluation_seconds=round(time.perf_counter() - started, 2))
         except FedsiloError as exc:
             self.audit.append(EventType.RUN_FAILED, actor=self.actor, run_id=self.run_id, outcome="failure", reason=exc.one_line())
             self._progress({"event": "failed", "reason": exc.one_line()})
@@ -371,6 +459,25 @@ class FederatedRun:
         self._progress({"event": "finished"})
         self.audit.close()
         return self.state
+
+    def _unfinished_evaluation(self) -> _PendingEvaluation | None:
+        """After a resume: the last completed round's evaluation, unless the interrupted run had published it.
+
+        A round's row is checkpointed before its evaluation (which travels with the next round's training), so the
+        evaluations the interrupted run published (``evaluated`` lines in rounds.jsonl) are merged back into the
+        checkpoint's rows, and only a round whose evaluation was never published is evaluated again (with a fresh
+        checkpoint to cosign).
+        """
+        published = {r.get("round"): r for r in read_rows(self.out_dir / "logs" / ROUNDS_FILE) if r.get("event") == "evaluated"}
+        for row in self.state.rounds:
+            for site, figures in (published.get(row.get("round")) or {}).get("sites", {}).items():
+                row["sites"].setdefault(site, {}).update(figures)
+        if not self.state.rounds:
+            return None
+        last = self.state.rounds[-1]
+        if last.get("evaluation") != EVALUATED_WITH_NEXT_ROUND or last["round"] in published:
+            return None
+        return _PendingEvaluation(last["round"], None, self._sign_checkpoint(last["round"]), last)
 
     def _record_start(self) -> None:
         """A new run: keep the plan and the researcher's submission in the run folder (a resume re-reads them) and audit both."""

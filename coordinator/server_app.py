@@ -30,7 +30,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.federation import PROGRESS_PREFIX, FederatedRun
+from coordinator.federation import FederatedRun
+from coordinator.progress import PROGRESS_PREFIX
 from fedsilo.errors import ConfigError, FedsiloError
 
 app = ServerApp()

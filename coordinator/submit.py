@@ -4,7 +4,7 @@ The researcher's machine runs ``flwr run APP FEDERATION --stream`` with the subm
 the researcher's Ed25519 signature over it, and the researcher's public key) in the run config key
 ``submission``; the coordinator's ServerApp verifies it, and each silo checks it against its officers'
 approval before reading any data. The ServerApp prints one ``fedsilo-progress {json}`` line per round
-and one at the end (coordinator.federation.PROGRESS_PREFIX); Flower's log stream carries them here, and
+and one at the end (coordinator.progress.PROGRESS_PREFIX); Flower's log stream carries them here, and
 they become the round table on stdout.
 
 Exit codes: 0 the run finished; 1 it failed (the reason is printed); 2 bad input (plan, key, connection).
@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from coordinator.progress import PROGRESS_PREFIX, CompletedRounds
 from fedsilo.errors import ConfigError, DeploymentError
 from fedsilo.flower_app import flower_bin, toml_string, write_flower_app
 
-#: coordinator.federation.PROGRESS_PREFIX (kept here so the researcher's side does not import the round driver)
-PROGRESS_PREFIX = "fedsilo-progress "
 EXIT_FINISHED, EXIT_FAILED = 0, 1
 #: How often to read the run's stored log for its last lines when the stream ended without them (1 s apart).
 LATE_LOG_TRIES = 5
@@ -134,10 +133,12 @@ def connection(federation: str, *, superlink: str | None = None, ca: Path | None
 class RoundTable:
     """One row per round: silos replied, mean train loss, the plan's metric and epsilon per site, seconds.
 
-    The sites are the first round's; a site that joins later shows in the replied count only.
+    The sites are the first round's; a site that joins later shows in the replied count only. A round is printed
+    once its evaluation is in (in the next round for plain rounds: coordinator.progress).
     """
 
     def __init__(self, metric: str, stream: TextIO) -> None:
+        self.completed = CompletedRounds()
         self.metric = metric
         self.stream = stream
         self.sites: list[str] | None = None
@@ -145,6 +146,11 @@ class RoundTable:
 
     def _print(self, cells: list[str]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(cells, self.widths)), file=self.stream, flush=True)
+
+    def add(self, event: dict[str, Any]) -> None:
+        """A ``round`` or ``evaluated`` progress event; prints the rows it completes."""
+        for row in self.completed.add(event):
+            self.row(row)
 
     def row(self, row: dict[str, Any]) -> None:
         sites = row.get("sites") or {}
@@ -245,7 +251,9 @@ def _follow(proc: subprocess.Popen, table: RoundTable, report: Callable[[str], N
                 continue
             if event["event"] == "round":
                 rounds += 1
-                table.row(event)
+                table.add(event)
+            elif event["event"] == "evaluated":
+                table.add(event)
             elif event["event"] == "finished":
                 outcome = Outcome(EXIT_FINISHED, run_id, rounds)
             elif event["event"] == "failed":
@@ -268,7 +276,9 @@ def _follow(proc: subprocess.Popen, table: RoundTable, report: Callable[[str], N
         for event in _logged_events(run_id, conn) + _run_folder_events(run_id, conn):
             if event["event"] == "round" and int(event.get("round", 0)) > rounds:
                 rounds = int(event["round"])
-                table.row(event)
+                table.add(event)
+            elif event["event"] == "evaluated":
+                table.add(event)  # a round already printed, or not yet seen, is left alone
             elif event["event"] == "finished":
                 outcome = Outcome(EXIT_FINISHED, run_id, rounds)
             elif event["event"] == "failed":

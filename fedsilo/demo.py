@@ -185,7 +185,7 @@ def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any
     with runtime as federation:
         say(f"federation up on 127.0.0.1:{federation.port}; training with DP-SGD (target epsilon {plan.privacy.target_epsilon}, delta {plan.privacy.target_delta})")
         table = RoundTable([s.site_id for s in sites], metric, stream)
-        federation.run_plan(bundle, out, on_round=table.row)
+        federation.run_plan(bundle, out, on_evaluated=table.row)  # each round once its evaluation is in
     say("all federation processes stopped")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     if opts.baseline:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.progress import ROUNDS_FILE, CompletedRounds, read_rows
 from coordinator.pki import create_node_key, create_server_tls
 from fedsilo.errors import ConfigError, DeploymentError
 from fedsilo.flower_app import APP_PYPROJECT, write_flower_app  # noqa: F401 - APP_PYPROJECT: re-exported
@@ -26,7 +27,8 @@ from fedsilo.flower_tuning import superlink_env, tuned_env
 from fedsilo.processes import LOOPBACK, ManagedProcess, ProcessSet, flower_env, free_port, port_in_use, run_command
 
 LINK = "fedsilo"
-ROUNDS_FILE = "rounds.jsonl"
+#: Called with a round row (see submit_and_follow).
+RowCallback = Callable[[dict[str, Any]], None]
 #: How a silo runs its ClientApp per message. "warm": SuperNode ``--isolation process`` beside
 #: silo_agent.warm_exec, which forks each message from a process that imported torch once;
 #: "subprocess": Flower's default, a fresh ``flwr-clientapp`` (and a fresh torch import) per message.
@@ -251,16 +253,17 @@ class LocalFederation:
 
     # --- running a plan ---------------------------------------------------------------
 
-    def run_plan(self, plan_path: Path, out_dir: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None,
+    def run_plan(self, plan_path: Path, out_dir: Path, *, on_round: RowCallback | None = None, on_evaluated: RowCallback | None = None,
                  timeout_s: float = 3600.0) -> None:
-        """Submit the plan with ``flwr run --stream`` and follow its rounds until it ends."""
+        """Submit the plan with ``flwr run --stream`` and follow its rounds until it ends (callbacks: submit_and_follow)."""
         submit_and_follow(self.procs, self.root, plan_path, out_dir, LINK, run_config_extra=self.audit_config,
-                          on_round=on_round, timeout_s=timeout_s)
+                          on_round=on_round, on_evaluated=on_evaluated, timeout_s=timeout_s)
 
-    def resume_run(self, run_dir: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None, timeout_s: float = 3600.0) -> None:
+    def resume_run(self, run_dir: Path, *, on_round: RowCallback | None = None, on_evaluated: RowCallback | None = None,
+                   timeout_s: float = 3600.0) -> None:
         """Continue an interrupted run from its last completed round (what ``fedsilo plan resume`` does)."""
         submit_and_follow(self.procs, self.root, None, run_dir, LINK, run_config_extra={**self.audit_config, "resume-from": str(run_dir.resolve())},
-                          on_round=on_round, timeout_s=timeout_s)
+                          on_round=on_round, on_evaluated=on_evaluated, timeout_s=timeout_s)
 
     def serverapp_pids(self) -> list[int]:
         """PIDs of the ServerApp processes the SuperLink runs now (a test stops one to stage a coordinator crash)."""
@@ -280,11 +283,13 @@ class LocalFederation:
 
 def submit_and_follow(procs: ProcessSet, root: Path, plan_path: Path | None, out_dir: Path, link: str, *,
                       run_config_extra: dict[str, str] | None = None, flwr_args: Sequence[str] = (),
-                      on_round: Callable[[dict[str, Any]], None] | None = None, timeout_s: float = 3600.0) -> None:
+                      on_round: RowCallback | None = None, on_evaluated: RowCallback | None = None, timeout_s: float = 3600.0) -> None:
     """``flwr run`` the fedsilo app on ``link`` and follow the ServerApp's round rows until the run ends.
 
-    The ServerApp appends one JSON row per round to ``out_dir/logs/rounds.jsonl``; each is passed to
-    ``on_round``. A failed run, a dead process or the timeout raise DeploymentError.
+    The ServerApp appends one JSON row per round to ``out_dir/logs/rounds.jsonl`` at the end of the round's
+    training, passed to ``on_round`` then; a plain round's evaluation comes in the next round (an ``evaluated``
+    line), and is merged into the same row object. ``on_evaluated`` gets each round's row once it is complete
+    (coordinator.progress.CompletedRounds). A failed run, a dead process or the timeout raise DeploymentError.
     """
     app_dir = write_flower_app(root / "flwr" / "app")
     run_config = root / "flwr" / "run-config.toml"
@@ -295,21 +300,27 @@ def submit_and_follow(procs: ProcessSet, root: Path, plan_path: Path | None, out
     rounds_file = out_dir / "logs" / ROUNDS_FILE
     if plan_path is not None:
         rounds_file.unlink(missing_ok=True)
-    seen = len(_read_rows(rounds_file))  # a resumed run appends to the rows of the rounds before it
+    seen = len(read_rows(rounds_file))  # a resumed run appends to the rows of the rounds before it
     runner = procs.start("flwr-run", [_bin("flwr"), "run", str(app_dir), link, "--run-config", str(run_config), "--stream", *flwr_args])
     try:
-        _follow(procs, runner, rounds_file, out_dir, on_round, timeout_s, seen=seen)
+        _follow(procs, runner, rounds_file, out_dir, on_round, on_evaluated, timeout_s, seen=seen)
     finally:
         procs.finish(runner)  # the federation stays up for the next run, whatever became of this one
 
 
-def _follow(procs: ProcessSet, runner, rounds_file: Path, out_dir: Path, on_round, timeout_s: float, *, seen: int = 0) -> None:
+def _follow(procs: ProcessSet, runner, rounds_file: Path, out_dir: Path, on_round, on_evaluated, timeout_s: float, *, seen: int = 0) -> None:
     deadline = time.monotonic() + timeout_s
+    completed = CompletedRounds()
+    for row in read_rows(rounds_file)[:seen]:  # a resumed run: the rounds whose evaluation is still to come
+        completed.add(row)
     while True:
-        rows = _read_rows(rounds_file)
+        rows = read_rows(rounds_file)
         for row in rows[seen:]:
             if row.get("event") == "round" and on_round:
                 on_round(row)
+            for done in completed.add(row):
+                if on_evaluated:
+                    on_evaluated(done)
             if row.get("event") == "failed":
                 raise DeploymentError(f"the run failed: {row.get('reason')}", fix=f"read {out_dir / 'audit'} with fedsilo audit show, and {procs.logs_dir}")
             if row.get("event") == "finished":
@@ -319,7 +330,7 @@ def _follow(procs: ProcessSet, runner, rounds_file: Path, out_dir: Path, on_roun
         if not runner.alive():
             # flwr run returned: the run ended; give the last rows a moment to land.
             time.sleep(0.5)
-            if _read_rows(rounds_file)[seen:]:
+            if read_rows(rounds_file)[seen:]:
                 continue
             raise DeploymentError(f"the run ended without finishing (flwr run exit {runner.popen.returncode}): {runner.log_tail()}",
                                   fix=f"read {runner.log_path} and {procs.logs_dir}")
@@ -328,13 +339,3 @@ def _follow(procs: ProcessSet, runner, rounds_file: Path, out_dir: Path, on_roun
         time.sleep(0.5)
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a row still being written
-    return rows

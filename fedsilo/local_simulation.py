@@ -69,8 +69,9 @@ class LocalSimulation:
             shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def run_plan(self, plan_path: Path, out_dir: Path, *, on_round: Callable[[dict[str, Any]], None] | None = None,
-                 timeout_s: float = 3600.0) -> None:
+                 on_evaluated: Callable[[dict[str, Any]], None] | None = None, timeout_s: float = 3600.0) -> None:
         site_dirs = os.pathsep.join(str(s.site_dir.resolve()) for s in self.silos)
         extra = {"site-dirs": site_dirs, **provision_audit_keys(self.root, self.silos)}
         submit_and_follow(self.procs, self.root, plan_path, out_dir, LINK, run_config_extra=extra,
-                          flwr_args=["--federation-config", f"num-supernodes={len(self.silos)}"], on_round=on_round, timeout_s=timeout_s)
+                          flwr_args=["--federation-config", f"num-supernodes={len(self.silos)}"], on_round=on_round,
+                          on_evaluated=on_evaluated, timeout_s=timeout_s)

@@ -8,6 +8,8 @@ CONFIG = "config"  # ConfigRecord to silos: PLAN_YAML, PLAN_HASH, RUN_ID, ROUND
 METRICS = "metrics"  # MetricRecord from silos: numeric, allow-listed keys only
 IDENTITY = "identity"  # ConfigRecord from silos: SITE, and in train replies RUN_ID and ROUND
 WITNESS = "witness"  # ConfigRecord to silos: CHECKPOINT, PROOF, OLD_SIZE; from silos: COSIGNED
+EVALUATE = "evaluate"  # ConfigRecord in a train message: ROUND, the round whose model (the one carried) to evaluate first
+EVALUATION = "evaluation"  # MetricRecord in a train reply: that evaluation's metrics (numeric, allow-listed keys only)
 
 PLAN_YAML = "plan-yaml"
 PLAN_HASH = "plan-hash"
@@ -19,6 +21,9 @@ SITE = "site"
 CHECKPOINT = "checkpoint"  # a signed checkpoint note (bytes, C2SP tlog-checkpoint)
 PROOF = "proof"  # RFC 9162 consistency proof: list of 32-byte hashes
 OLD_SIZE = "old-size"  # the size the proof starts from (the last checkpoint this silo cosigned)
+# Proofs from the sizes of checkpoints sent to this silo whose cosignature never came back (a reply lost to a crash): each
+# entry is the size (8 bytes, big-endian) followed by the proof's 32-byte hashes; the silo uses the one from the size it holds.
+OTHER_PROOFS = "other-proofs"
 COSIGNED = "cosigned"  # the checkpoint note with the silo's cosignature added
 COORDINATOR_LOG_KEY = "fedsilo-coordinator"  # name of the coordinator's checkpoint key
 NUM_EXAMPLES = "num-examples"

@@ -15,6 +15,11 @@ authenticated SuperNode per silo on loopback (:class:`fedsilo.local_federation.L
 
 Each round is one repetition; the median over rounds is quoted. Silo training and evaluation times
 come from the silos' replies (``seconds``), aggregation time from the coordinator's round row.
+
+A plain round's model is evaluated in the next round's train messages (coordinator.federation), so its
+wall time holds one exchange with the silos, and its overhead subtracts the silos' work on that
+message (evaluation and training); the last round's evaluation is an exchange of its own, once per
+run (``final_evaluation_seconds_per_run``).
 """
 
 from __future__ import annotations
@@ -68,13 +73,21 @@ def _handler(args) -> int:
 
 
 def round_overhead(row: dict[str, Any]) -> dict[str, float]:
-    """Split one round row (from the ServerApp's rounds.jsonl) into wall time, work and overhead."""
+    """Split one round row (from the ServerApp's rounds.jsonl) into wall time, work and overhead.
+
+    A plain round's model is evaluated in the next round's train messages (``evaluation: "with the next round's
+    training"``): its wall time holds no evaluation of its own, and each silo's ``train_seconds`` (its whole work on
+    the message) includes the previous round's evaluation, so only training and aggregation are subtracted."""
+    from coordinator.progress import EVALUATED_WITH_NEXT_ROUND
+
     sites = row.get("sites") or {}
     train = max((s.get("train_seconds") or 0.0) for s in sites.values()) if sites else 0.0
     evaluate = max((s.get("eval_seconds") or 0.0) for s in sites.values()) if sites else 0.0
     aggregate = float(row.get("aggregate_seconds") or 0.0)
     wall = float(row["seconds"])
-    return {"wall": wall, "train": train, "evaluate": evaluate, "aggregate": aggregate, "overhead": wall - train - evaluate - aggregate}
+    inside = 0.0 if row.get("evaluation") == EVALUATED_WITH_NEXT_ROUND else evaluate
+    return {"wall": wall, "train": train, "evaluate": evaluate, "aggregate": aggregate, "overhead": wall - train - inside - aggregate,
+            "evaluate_inside": inside, "final_evaluation": float(row.get("final_evaluation_seconds") or 0.0)}
 
 
 def _run_mode(root: Path, plan_path: Path, mode: str, *, silos: int, rounds: int, cases: int | None, say) -> list[dict[str, float]]:
@@ -97,11 +110,13 @@ def _run_mode(root: Path, plan_path: Path, mode: str, *, silos: int, rounds: int
     start = time.perf_counter()
     with LocalFederation(root, [SiloSpec(s.site_id, s.root) for s in sites], isolation=mode) as federation:
         say(f"  {mode}: federation up in {time.perf_counter() - start:.1f} s; running {rounds} round(s)")
-        federation.run_plan(bundle, root / "run", on_round=rows.append)
+        federation.run_plan(bundle, root / "run", on_evaluated=rows.append)
     split = [round_overhead(r) for r in rows]
     for i, s in enumerate(split, 1):
-        say(f"  {mode}: round {i}: wall {s['wall']:.1f} s = train {s['train']:.1f} + evaluate {s['evaluate']:.1f} + "
-            f"aggregate {s['aggregate']:.2f} + overhead {s['overhead']:.1f}")
+        where = f"evaluate {s['evaluate']:.1f} + " if s["evaluate_inside"] else ""
+        beside = "" if s["evaluate_inside"] else f" (evaluation {s['evaluate']:.1f} s in the next round's training)"
+        say(f"  {mode}: round {i}: wall {s['wall']:.1f} s = train {s['train']:.1f} + {where}aggregate {s['aggregate']:.2f} + "
+            f"overhead {s['overhead']:.1f}{beside}")
     return split
 
 
@@ -120,6 +135,8 @@ def run_round_bench(*, plan_path: Path = DEFAULT_PLAN, silos: int = 3, rounds: i
     rows = []
     baseline = "subprocess" if "subprocess" in results else None
     medians = {mode: {k: statistics.median(s[k] for s in split) for k in split[0]} for mode, split in results.items()}
+    for mode, split in results.items():  # once per run, not per round: the last round's model's own exchange
+        medians[mode]["final_evaluation"] = max(s["final_evaluation"] for s in split)
     for mode in modes:
         for metric in ("overhead", "wall"):
             value = medians[mode][metric]
@@ -130,6 +147,8 @@ def run_round_bench(*, plan_path: Path = DEFAULT_PLAN, silos: int = 3, rounds: i
         for metric in ("train", "evaluate", "aggregate"):
             rows.append({"case": mode, "metric": f"{metric}_seconds_per_round", "value": round(medians[mode][metric], 3),
                          "baseline": None, "ratio": None})
+        rows.append({"case": mode, "metric": "final_evaluation_seconds_per_run", "value": round(medians[mode]["final_evaluation"], 3),
+                     "baseline": None, "ratio": None})
     return {
         "bench": "round",
         "params": {"plan": plan_path.name, "silos": silos, "rounds": rounds, "cases": cases, "modes": modes,

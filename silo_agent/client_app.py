@@ -202,7 +202,7 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     from silo_agent.ledger import PrivacyLedger, Spend
     from silo_agent.secure_aggregation import SECURE_CHANNEL
 
-    started = time.perf_counter()  # the silo's whole work on this message: checks, data, training
+    started = time.perf_counter()  # the silo's whole work on this message: checks, data, evaluation (if asked), training
     plan, run_id, round_ = _plan_from(msg)
     plan_hash = plan.hash()
     secure = plan.federation.secure_aggregation != "none"
@@ -215,12 +215,14 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
         if plan.privacy.enabled and ledger.has_spent(entry.name, run_id, round_):
             if secure:  # the same update in two secure sums: their difference would be this silo's update
                 raise RefusalError(f"round {round_} of run {run_id[:12]} was already answered; a secure round is never answered twice")
-            return _resend(site, audit, actor, run_id, round_, entry.name, global_state, plan.federation)
+            return _resend(site, audit, actor, run_id, round_, entry.name, global_state, plan.federation,
+                           _evaluate_first(msg, site, plan, model, audit, actor, run_id, round_))
         history = ledger.history(entry.name) if plan.privacy.enabled else []
         noise, planned_cases = None, 0
         if plan.privacy.enabled:  # from the registry's case count: no image is read for a round that is refused
             planned_cases = _case_count(entry, "training")
             noise = _check_budget(site, plan, entry.name, history, planned_cases)
+        evaluation = _evaluate_first(msg, site, plan, model, audit, actor, run_id, round_)  # before training changes the model
         entry, data, random = _load(site, plan, "training")
         if plan.privacy.enabled and len(data) != planned_cases:  # the noise the budget was checked with is the noise trained with
             noise = _check_budget(site, plan, entry.name, history, len(data))
@@ -259,7 +261,45 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
         save_update(site.root, run_id, round_, state_digest(global_state), payload, metrics)
     audit.append(EventType.UPDATE_SENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(payload)},
                  run_id=run_id, round=round_, details=details)
-    return _reply(site, run_id, round_, fed, payload, metrics, reference)
+    return _reply(site, run_id, round_, fed, payload, metrics, reference, evaluation)
+
+
+def _evaluate_first(msg: Message, site: Site, plan, model, audit: AuditLog, actor: dict, run_id: str, round_: int) -> RecordDict | None:
+    """The evaluation a train message asks for (``P.EVALUATE``): the carried global model, which is the previous
+    round's, on the site's test cases, and the cosignature of that round's checkpoint when one is sent; the
+    records it adds to the train reply, or None when none is asked.
+
+    The coordinator asks it here rather than in a message of its own because a SuperNode handles one message
+    at a time: a separate evaluate message would cost a whole exchange through the SuperLink per round. A
+    checkpoint the site's witness refuses to cosign refuses the whole message, training included: a coordinator
+    whose log does not extend what this site witnessed gets no update from it."""
+    if P.EVALUATE not in msg.content:
+        return None
+    evaluated = msg.content[P.EVALUATE].get(P.ROUND)
+    if isinstance(evaluated, bool) or not isinstance(evaluated, int) or not 0 <= evaluated < round_:
+        raise RefusalError(f"the train message of round {round_} asks to evaluate round {evaluated!r}; only an earlier round's model can be")
+    metrics, cosigned = _evaluation(msg, site, plan, model, audit, actor, run_id, evaluated)
+    records = RecordDict({P.EVALUATION: MetricRecord(metrics)})
+    if cosigned is not None:
+        records[P.WITNESS] = ConfigRecord({P.COSIGNED: cosigned})
+    return records
+
+
+def _evaluation(msg: Message, site: Site, plan, model, audit: AuditLog, actor: dict, run_id: str, round_: int,
+                started: float | None = None) -> tuple[dict, bytes | None]:
+    """``model`` (round ``round_``'s global model) on the site's test cases, audited; and the cosignature of the
+    checkpoint the message carries, if any. ``seconds`` counts from ``started`` (default: now)."""
+    from pipelines.metrics import evaluate as evaluate_model
+
+    started = time.perf_counter() if started is None else started
+    entry, data, _ = _load(site, plan, "test")
+    metrics = evaluate_model(model, data, plan)
+    metrics["seconds"] = time.perf_counter() - started  # for the coordinator's per-round overhead figure
+    check_metrics(metrics)
+    audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
+                 run_id=run_id, round=round_, details={"cases": len(data), "split": "test", **{k: v for k, v in metrics.items() if k != P.NUM_EXAMPLES}})
+    cosigned = _witness(msg.content[P.WITNESS], site, audit, actor, run_id, round_) if P.WITNESS in msg.content else None
+    return metrics, cosigned
 
 
 def _compress(site: Site, run_id: str, round_: int, fed, delta: dict) -> dict:
@@ -276,7 +316,8 @@ def _compress(site: Site, run_id: str, round_: int, fed, delta: dict) -> dict:
     return payload
 
 
-def _reply(site: Site, run_id: str, round_: int, fed, payload: dict, metrics: dict, reference: dict) -> RecordDict:
+def _reply(site: Site, run_id: str, round_: int, fed, payload: dict, metrics: dict, reference: dict,
+           evaluation: RecordDict | None = None) -> RecordDict:
     from fedsilo.wire import pack
 
     content = RecordDict({
@@ -284,11 +325,14 @@ def _reply(site: Site, run_id: str, round_: int, fed, payload: dict, metrics: di
         P.METRICS: MetricRecord(metrics),
         P.IDENTITY: ConfigRecord({P.SITE: site.site_id, P.RUN_ID: run_id, P.ROUND: round_}),
     })
+    for name, record in (evaluation or {}).items():
+        content[name] = record
     _check_egress(content, site, run_id, round_, reference, fed)
     return content
 
 
-def _resend(site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int, dataset: str, global_state, fed) -> RecordDict:
+def _resend(site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int, dataset: str, global_state, fed,
+            evaluation: RecordDict | None = None) -> RecordDict:
     """Answer a retried round with the update already sent for it: no training, no new privacy spend."""
     from pipelines.serialization import state_digest, to_numpy
     from silo_agent.outbox import load_update
@@ -301,25 +345,18 @@ def _resend(site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int, 
     check_metrics(metrics)
     audit.append(EventType.UPDATE_RESENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(payload)},
                  run_id=run_id, round=round_, details={"dataset": dataset, "reason": "round retried with the same global model; no new training or privacy spend"})
-    return _reply(site, run_id, round_, fed, payload, metrics, reference)
+    return _reply(site, run_id, round_, fed, payload, metrics, reference, evaluation)
 
 
 def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict:
-    from pipelines.metrics import evaluate as evaluate_model
-
     started = time.perf_counter()
     plan, run_id, round_ = _plan_from(msg)
     _approved(msg, site, plan, audit, actor, run_id, round_)
     model, _ = _global_model(msg, plan)
-    entry, data, _ = _load(site, plan, "test")
-    metrics = evaluate_model(model, data, plan)
-    metrics["seconds"] = time.perf_counter() - started  # for the coordinator's per-round overhead figure
-    check_metrics(metrics)
-    audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
-                 run_id=run_id, round=round_, details={"cases": len(data), "split": "test", **{k: v for k, v in metrics.items() if k != P.NUM_EXAMPLES}})
+    metrics, cosigned = _evaluation(msg, site, plan, model, audit, actor, run_id, round_, started)
     content = RecordDict({P.METRICS: MetricRecord(metrics), P.IDENTITY: ConfigRecord({P.SITE: site.site_id})})
-    if P.WITNESS in msg.content:
-        content[P.WITNESS] = ConfigRecord({P.COSIGNED: _witness(msg.content[P.WITNESS], site, audit, actor, run_id, round_)})
+    if cosigned is not None:
+        content[P.WITNESS] = ConfigRecord({P.COSIGNED: cosigned})
     _check_egress(content, site, run_id, round_, None)
     return content
 
@@ -371,9 +408,21 @@ def _check_budget(site: Site, plan, dataset: str, history: list, num_examples: i
     return planned[0]
 
 
+def _other_proofs(entries) -> dict[int, list[bytes]]:
+    """``P.OTHER_PROOFS``: old size -> consistency proof; a malformed entry is a refusal."""
+    out: dict[int, list[bytes]] = {}
+    for entry in entries if isinstance(entries, list) else ():
+        entry = bytes(entry)
+        if len(entry) < 8 or (len(entry) - 8) % 32:
+            raise RefusalError("the witness request carries a malformed consistency proof")
+        out[int.from_bytes(entry[:8], "big")] = [entry[i:i + 32] for i in range(8, len(entry), 32)]
+    return out
+
+
 def _witness(record: ConfigRecord, site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int) -> bytes:
     """Cosign the coordinator's checkpoint if it extends the one this silo cosigned before."""
     from compliance.checkpoint import parse_checkpoint, parse_note
+    from compliance.witness import WitnessConflictError
     from fedsilo.errors import VerificationError
     from silo_agent.witnessing import check_cosigned, open_witness
 
@@ -383,7 +432,13 @@ def _witness(record: ConfigRecord, site: Site, audit: AuditLog, actor: dict, run
                            fix=f"install the coordinator's .vkey in {site.root / 'trust'}")
     note = bytes(record[P.CHECKPOINT])
     try:
-        cosigned = witness.cosign(note, [bytes(h) for h in record.get(P.PROOF, [])], old_size=int(record[P.OLD_SIZE]))
+        try:
+            cosigned = witness.cosign(note, [bytes(h) for h in record.get(P.PROOF, [])], old_size=int(record[P.OLD_SIZE]))
+        except WitnessConflictError as exc:  # this site holds a later checkpoint than the coordinator knew of
+            others = _other_proofs(record.get(P.OTHER_PROOFS, []))
+            if exc.held_size not in others:
+                raise
+            cosigned = witness.cosign(note, others[exc.held_size], old_size=exc.held_size)
     except VerificationError as exc:  # audited by _handle as a refusal, with this reason
         raise RefusalError(f"witness refused the coordinator's checkpoint: {exc.one_line()}") from None
     check_cosigned(note, cosigned)

@@ -43,7 +43,7 @@ def check_metrics(metrics: Mapping[str, object]) -> None:
             raise RefusalError(f"egress blocked: metric '{key}' is not a finite number")
 
 
-REPLY_RECORDS = {"arrays", "metrics", "identity", "witness"}  # fedsilo.protocol names, checked below
+REPLY_RECORDS = {"arrays", "metrics", "identity", "witness", "evaluation"}  # fedsilo.protocol names, checked below
 POLICY_METRICS = {"loss": "loss", "train-loss": "loss", "dice": "dice", "accuracy": "accuracy", "auc": "auc"}
 
 
@@ -52,14 +52,14 @@ def check_reply(content, *, site_id: str, run_id: str, round_: int, allowed_metr
     """The last check on a whole reply before it leaves: which records, which keys, which strings.
 
     Records: only arrays (exactly the names, dtypes and shapes of the plan's update encoding for the global
-    model: ``layout`` is :func:`pipelines.compression.payload_layout`), metrics (allow-listed, finite, and among
-    the site policy's ``allowed_metrics``), identity (exactly site, run id and round, equal to this site and the
+    model: ``layout`` is :func:`pipelines.compression.payload_layout`), metrics and evaluation (allow-listed,
+    finite, and among the site policy's ``allowed_metrics``), identity (exactly site, run id and round, equal to this site and the
     message answered) and witness (a cosigned checkpoint, checked by witnessing.check_cosigned).
     """
     from fedsilo import protocol as P
 
     names = set(content.keys())
-    if not names <= {P.ARRAYS, P.METRICS, P.IDENTITY, P.WITNESS}:
+    if not names <= {P.ARRAYS, P.METRICS, P.IDENTITY, P.WITNESS, P.EVALUATION}:
         raise RefusalError(f"egress blocked: reply carries unexpected records {sorted(names - REPLY_RECORDS)}")
     if P.ARRAYS in content:
         if layout is None:
@@ -81,8 +81,10 @@ def check_reply(content, *, site_id: str, run_id: str, round_: int, allowed_metr
             if not fits or info.dtype != dtype.str:
                 raise RefusalError(f"egress blocked: tensor '{name}' is {np.dtype(info.dtype)}{list(shape)}, the update encoding needs {dtype}"
                                    f"{list(slot.shape) if slot.shape is not None else '[<=%d]' % slot.max_elements}")
-    if P.METRICS in content:
-        metrics = dict(content[P.METRICS])
+    for name in (P.METRICS, P.EVALUATION):  # a train reply's own metrics, and the evaluation it may carry
+        if name not in content:
+            continue
+        metrics = dict(content[name])
         check_metrics(metrics)
         refused = sorted(k for k in metrics if k in POLICY_METRICS and POLICY_METRICS[k] not in allowed_metrics)
         if refused:

@@ -8,6 +8,7 @@ SuperLink and SuperNodes with TLS.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -38,7 +39,8 @@ def serverapp_identity(monkeypatch):
 
 
 class LoopbackGrid:
-    """Answers each message with ``silo(node, message)``; evaluate messages get a plain metrics reply.
+    """Answers each message with ``silo(node, message)``; evaluate messages, and train messages that ask for an
+    evaluation, get plain metrics.
 
     Implements the Grid calls the driver uses (push_messages, pull_messages) as Flower does: a pushed
     message gets an id, a reply names it. A silo function returning None never answers; one returning
@@ -65,6 +67,8 @@ class LoopbackGrid:
             node = msg.metadata.dst_node_id
             if msg.metadata.message_type == "train":
                 content = self.silo(node, msg)
+                if isinstance(content, RecordDict) and P.EVALUATE in msg.content:  # the previous round's model, evaluated first
+                    content[P.EVALUATION] = MetricRecord({"dice": 0.5, P.NUM_EXAMPLES: 4})
             else:
                 content = RecordDict({P.METRICS: MetricRecord({"dice": 0.5, P.NUM_EXAMPLES: 4}),
                                       P.IDENTITY: ConfigRecord({P.SITE: f"hospital{node}"})})
@@ -201,3 +205,102 @@ def test_silent_and_unavailable_silos_are_audited_by_node_and_the_round_goes_on(
     finished = [r for r in records if r["event"] == "round.finished"]
     assert [r["details"]["valid_updates"] for r in finished] == [2, 2]
     assert [sorted(r["sites"]) for r in driver.state.rounds] == [["hospital1", "hospital2"]] * 2  # only they evaluated
+
+
+class RecordingGrid(LoopbackGrid):
+    """A LoopbackGrid that keeps, per push, the (type, round, node) of every message, and can fail one push the way
+    a crashed ServerApp would (an exception that is not the driver's own)."""
+
+    def __init__(self, nodes, silo, crash_at_push: int | None = None) -> None:
+        super().__init__(nodes, silo)
+        self.pushes: list[list[tuple[str, int, int]]] = []
+        self.evaluated_models: dict[int, dict[str, np.ndarray]] = {}
+        self.crash_at_push = crash_at_push
+
+    def push_messages(self, messages):
+        if self.crash_at_push == len(self.pushes) + 1:
+            raise RuntimeError("the ServerApp died")
+        from fedsilo.wire import unpack_record
+
+        self.pushes.append([(m.metadata.message_type, int(m.content[P.CONFIG][P.ROUND]), m.metadata.dst_node_id,
+                             int(m.content[P.EVALUATE][P.ROUND]) if P.EVALUATE in m.content else None) for m in messages])
+        for m in messages:
+            if m.metadata.message_type == "evaluate" or P.EVALUATE in m.content:
+                evaluated = int(m.content[P.EVALUATE][P.ROUND]) if P.EVALUATE in m.content else int(m.content[P.CONFIG][P.ROUND])
+                self.evaluated_models[evaluated] = unpack_record(m.content[P.ARRAYS])
+        return super().push_messages(messages)
+
+
+def _driver(tmp_path, grid, text, resume=None) -> FederatedRun:
+    return FederatedRun(grid, parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1", {k: v.copy() for k, v in INITIAL.items()},
+                        resume=resume)
+
+
+def _published(tmp_path, event: str | None = None) -> list:
+    """The run's progress lines of one kind (their rounds), or its complete round rows (coordinator.progress)."""
+    from coordinator.progress import ROUNDS_FILE, CompletedRounds, read_rows
+
+    lines = read_rows(tmp_path / "run" / "logs" / ROUNDS_FILE)
+    if event is not None:
+        return [r["round"] for r in lines if r.get("event") == event]
+    completed = CompletedRounds()
+    return [row for line in lines for row in completed.add(line)]
+
+
+def test_each_rounds_model_is_evaluated_in_the_next_rounds_train_messages(tmp_path):
+    """One exchange per round: round r+1's train messages ask for round r's evaluation, the last round gets an evaluate
+    message of its own; each evaluation gets round r's model, and a round's row is published once its evaluation is in."""
+    grid = RecordingGrid([1, 2], honest)
+    text = plan_text(rounds=3)
+    driver = _driver(tmp_path, grid, text)
+    models = []
+    original = driver._checkpoint
+    driver._checkpoint = lambda row: (models.append({k: v.copy() for k, v in driver.global_state.items()}), original(row))
+    try:
+        driver.execute()
+    finally:
+        driver.audit.close()
+    assert [sorted(push) for push in grid.pushes] == [
+        [("train", 1, 1, None), ("train", 1, 2, None)],
+        [("train", 2, 1, 1), ("train", 2, 2, 1)],
+        [("train", 3, 1, 2), ("train", 3, 2, 2)],
+        [("evaluate", 3, 1, None), ("evaluate", 3, 2, None)],
+    ]
+    for r, model in enumerate(models, 1):  # round r's model, not the one before or after it
+        for name in INITIAL:
+            np.testing.assert_array_equal(grid.evaluated_models[r][name], model[name])
+    assert _published(tmp_path, "round") == [1, 2, 3] and _published(tmp_path, "evaluated") == [1, 2, 3]
+    rows = _published(tmp_path)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert all(s["dice"] == 0.5 for r in rows for s in r["sites"].values())
+    assert rows[-1]["final_evaluation_seconds"] >= 0 and all(r["evaluation"] == "with the next round's training" for r in rows)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert all(s["dice"] == 0.5 for r in metrics["rounds"] for s in r["sites"].values())
+
+
+def test_a_resumed_run_evaluates_the_round_whose_evaluation_was_lost(tmp_path):
+    """The ServerApp dies as round 3's train messages (asking round 2's evaluation) leave: the resumed run asks round
+    2's evaluation in round 3's train messages again, and every round's row is published exactly once."""
+    from coordinator.run_state import load_snapshot
+
+    text = plan_text(rounds=3)
+    crashed = _driver(tmp_path, RecordingGrid([1, 2], honest, crash_at_push=3), text)
+    with pytest.raises(RuntimeError, match="died"):
+        crashed.execute()
+    crashed.audit.close()
+    assert _published(tmp_path, "round") == [1, 2] and _published(tmp_path, "evaluated") == [1]
+    grid = RecordingGrid([1, 2], honest)
+    resumed = _driver(tmp_path, grid, text, resume=load_snapshot(tmp_path / "run"))
+    try:
+        resumed.execute()
+    finally:
+        resumed.audit.close()
+    assert [sorted(push) for push in grid.pushes] == [
+        [("train", 3, 1, 2), ("train", 3, 2, 2)],
+        [("evaluate", 3, 1, None), ("evaluate", 3, 2, None)],
+    ]
+    assert _published(tmp_path, "round") == [1, 2, 3] and _published(tmp_path, "evaluated") == [1, 2, 3]  # each once
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    assert all(s["dice"] == 0.5 for r in metrics["rounds"] for s in r["sites"].values())  # round 1's from its published row
+    verify_log(tmp_path / "run" / "audit")

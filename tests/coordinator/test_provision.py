@@ -244,7 +244,7 @@ def test_cli_config_points_the_operators_commands_at_loopback_with_the_kit_ca(tm
 def test_names_shared_with_modules_the_coordinator_may_not_import():
     """The coordinator cannot import the silo agent or the loopback federation: the names it repeats must agree."""
     from coordinator import deployment, provision as prov, submit
-    from coordinator.federation import PROGRESS_PREFIX
+    from coordinator.progress import PROGRESS_PREFIX
     from coordinator.server_app import COORDINATOR_DIR_ENV
     from silo_agent import node, site, witnessing
 

@@ -284,3 +284,74 @@ def test_a_secure_aggregation_setup_that_would_not_protect_the_update_is_refused
     reply = secure_aggregation_mod(Message(content=RecordDict({RECORD_KEY_CONFIGS: setup}), message_type="train", dst_node_id=1),
                                    context(site.root), lambda m, c: called.append(m))
     assert not reply.has_error() and {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2} <= set(reply.content[RECORD_KEY_CONFIGS].keys())
+
+
+# --- a train message that asks for the previous round's evaluation -------------------------------------------------
+
+
+def _asking_evaluation(raw: dict, evaluated, round_: int = 2) -> Message:
+    import yaml
+
+    plan = parse_plan(raw)
+    msg = message(yaml.safe_dump(raw), plan.hash(), pack(build_network(plan, seed=0).state_dict()))
+    msg.content[P.CONFIG][P.ROUND] = round_
+    msg.content[P.EVALUATE] = ConfigRecord({P.ROUND: evaluated})
+    return msg
+
+
+def test_a_train_message_asking_for_an_evaluation_answers_both_in_one_reply(tmp_path):
+    """The silo evaluates the model it received (the previous round's) before training from it, and the one reply
+    carries the update and that evaluation; the test split's use is audited under the evaluated round."""
+    site = init_site(tmp_path / "site", "hospital0")
+    add_officer(site, "j.smith")
+    site = register_dataset(site, "ct", task="seg3d", datalist=write_tiny_datalist(tmp_path / "data", cases=3))
+    raw = {**PLAN, "training": {"local_epochs": 1, "batch_size": 2}}
+    approve(site, raw)
+    reply = train(_asking_evaluation(raw, 1), context(site.root))
+    assert not reply.has_error(), reply.error.reason
+    assert set(reply.content.keys()) == {P.ARRAYS, P.METRICS, P.IDENTITY, P.EVALUATION}
+    evaluation = dict(reply.content[P.EVALUATION])
+    assert 0.0 <= evaluation["dice"] <= 1.0 and evaluation[P.NUM_EXAMPLES] == 1 and evaluation["seconds"] > 0
+    assert evaluation["seconds"] <= reply.content[P.METRICS]["seconds"]  # the silo's whole work on the message includes it
+    used = [(r["round"], r["details"]["split"]) for r in audit_events(site) if r["event"] == "dataset.used"]
+    assert used == [(1, "test"), (2, "training")]
+
+
+@pytest.mark.parametrize("evaluated", [2, 3, -1, "1"])
+def test_a_train_message_asking_to_evaluate_a_round_not_before_it_is_refused(site, evaluated):
+    approve(site)
+    reply = train(_asking_evaluation(PLAN, evaluated), context(site.root))
+    assert reply.has_error() and reply.error.code == P.ERR_REFUSED
+    assert "only an earlier round's model can be" in reply.error.reason
+
+
+def test_a_site_holding_a_checkpoint_the_coordinator_never_heard_back_about_cosigns_through_the_other_proof(tmp_path):
+    """The site cosigned a checkpoint whose reply was lost (the ServerApp died); the resumed coordinator still thinks it
+    holds nothing. The next request's extra proof, from the size the site holds, lets it cosign; without it, it refuses."""
+    from compliance import EventType
+    from fedsilo.errors import RefusalError
+    from silo_agent.client_app import _witness
+
+    coordinator = Signer(P.COORDINATOR_LOG_KEY, Ed25519PrivateKey.generate())
+    site = init_site(tmp_path / "site", "hospital0")
+    (site.root / "trust").mkdir(exist_ok=True)
+    (site.root / "trust" / f"{P.COORDINATOR_LOG_KEY}.vkey").write_text(coordinator.vkey() + "\n", encoding="utf-8")
+    actor = {"kind": "coordinator", "id": "c", "site": None, "role": "aggregator", "key": None}
+    with AuditLog.open(tmp_path / "coordinator", origin="fedsilo.coordinator/run1", signer=coordinator, source="coordinator") as log, \
+            AuditLog.open(site.audit_dir, source="silo-agent") as silo_log:
+        for _ in range(3):
+            log.append(EventType.ROUND_STARTED, actor=actor, run_id="run1", round=1)
+        first = log.sign_checkpoint()
+        held = len(log)
+        _witness(ConfigRecord({P.CHECKPOINT: first, P.PROOF: [], P.OLD_SIZE: 0}), site, silo_log, site.actor(), "run1", 1)
+        for _ in range(4):
+            log.append(EventType.ROUND_STARTED, actor=actor, run_id="run1", round=2)
+        second = log.sign_checkpoint()
+        stale = {P.CHECKPOINT: second, P.PROOF: [], P.OLD_SIZE: 0}
+        with pytest.raises(RefusalError, match=f"the witness holds size {held}"):
+            _witness(ConfigRecord(stale), site, silo_log, site.actor(), "run1", 2)
+        other = held.to_bytes(8, "big") + b"".join(bytes(h) for h in log.consistency_proof(held, len(log)))
+        cosigned = _witness(ConfigRecord({**stale, P.OTHER_PROOFS: [other]}), site, silo_log, site.actor(), "run1", 2)
+        assert cosigned.startswith(second)
+        with pytest.raises(RefusalError, match="malformed consistency proof"):
+            _witness(ConfigRecord({**stale, P.OTHER_PROOFS: [b"\x00" * 9]}), site, silo_log, site.actor(), "run1", 2)

@@ -167,6 +167,11 @@ def test_the_whole_reply_passes_the_egress_guard():
     (lambda c: c["identity"].__setitem__("site", "hospital9"), "identity record holds"),
     (lambda c: c["identity"].__setitem__("run-id", "r0"), "identity record holds"),
     (lambda c: c["metrics"].__setitem__("patient-age", 54.0), "metric 'patient-age' is not on the allow-list"),
+    # the evaluation a train reply carries: the same rules as its metrics
+    (lambda c: c.__setitem__("evaluation", __import__("flwr.app", fromlist=["MetricRecord"]).MetricRecord({"patient-age": 54.0})),
+     "metric 'patient-age' is not on the allow-list"),
+    (lambda c: c.__setitem__("evaluation", __import__("flwr.app", fromlist=["ConfigRecord"]).ConfigRecord({"dice": "DOE^JANE"})),
+     "not a finite number"),
     (lambda c: c.__setitem__("arrays", _packed({"w": np.zeros((2, 2), np.float32), "extra": np.zeros(1, np.float32)})), "tensors differ"),
     (lambda c: c.__setitem__("arrays", _packed({"w": np.zeros((2, 2), np.float64)})), "tensor 'w' is float64"),
     (lambda c: c.__setitem__("arrays", _packed({"w": np.zeros((2, 2), np.float32)}, metadata={"patient": "DOE^JANE"})), "carry metadata"),
@@ -188,3 +193,14 @@ def test_anything_else_is_blocked(mutate, message):
 def test_the_site_policy_decides_which_metrics_leave():
     with pytest.raises(RefusalError, match="the site policy does not let dice leave"):
         check_reply(_reply(), site_id="hospital0", run_id="r1", round_=2, allowed_metrics=("loss",), layout=LAYOUT)
+
+
+def test_the_site_policy_also_decides_which_evaluation_metrics_leave_with_an_update():
+    from flwr.app import MetricRecord
+
+    content = _reply()
+    del content["metrics"]["dice"]
+    content["evaluation"] = MetricRecord({"dice": 0.8, "num-examples": 4})
+    check_reply(content, site_id="hospital0", run_id="r1", round_=2, allowed_metrics=ALL, layout=LAYOUT)
+    with pytest.raises(RefusalError, match="the site policy does not let dice leave"):
+        check_reply(content, site_id="hospital0", run_id="r1", round_=2, allowed_metrics=("loss",), layout=LAYOUT)

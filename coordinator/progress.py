@@ -1,0 +1,62 @@
+"""A run's progress lines: what the ServerApp publishes per round, and how followers join them into rows.
+
+The ServerApp (coordinator.federation) appends one JSON object per event to ``logs/rounds.jsonl`` in the
+run folder and prints it after :data:`PROGRESS_PREFIX` (``flwr run --stream`` carries it to whoever
+submitted the plan): ``round`` at the end of each round's training (its row: replies, per-site training
+figures, seconds), ``evaluated`` when that round's evaluation is in (per-site metrics), ``finished`` or
+``failed``. A plain round's evaluation travels with the next round's training, so its ``evaluated`` line
+comes one round later; a SecAgg+ round's row carries its evaluation already. Light on purpose: the
+researcher's side (coordinator.submit) reads these without importing the round driver.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROUNDS_FILE = "rounds.jsonl"
+#: Prefix of the progress lines the ServerApp prints; ``flwr run --stream`` carries them to whoever submitted the plan.
+PROGRESS_PREFIX = "fedsilo-progress "
+#: A round row's ``evaluation``: asked in the next round's train messages (plain rounds) or right after training (SecAgg+).
+EVALUATED_WITH_NEXT_ROUND = "with the next round's training"
+EVALUATED_IN_ROUND = "in round"
+
+
+class CompletedRounds:
+    """Joins a run's progress lines into complete round rows, for tables that print each round once.
+
+    A plain round's ``round`` line comes at the end of its training and its ``evaluated`` line in the next round
+    (the evaluation travels with the next round's training); a SecAgg+ round's row is complete at once.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, dict[str, Any]] = {}
+
+    def add(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows ``event`` completes (none, or one)."""
+        if event.get("event") == "round":
+            if event.get("evaluation") != EVALUATED_WITH_NEXT_ROUND:
+                return [event]
+            self.waiting[int(event.get("round", 0))] = event
+        elif event.get("event") == "evaluated" and (row := self.waiting.pop(int(event.get("round", 0)), None)) is not None:
+            for site, figures in (event.get("sites") or {}).items():
+                row.setdefault("sites", {}).setdefault(site, {}).update(figures)
+            row.update({k: v for k, v in event.items() if k not in ("event", "round", "sites")})
+            return [row]
+        return []
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The progress rows a run wrote (rounds.jsonl), up to a line still being written (or torn by a crash)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows

@@ -1,0 +1,36 @@
+"""Progress lines joined into complete round rows (coordinator.progress)."""
+
+from __future__ import annotations
+
+from coordinator.progress import EVALUATED_IN_ROUND, EVALUATED_WITH_NEXT_ROUND, CompletedRounds, read_rows
+
+
+def _round(n: int, evaluation: str = EVALUATED_WITH_NEXT_ROUND) -> dict:
+    return {"event": "round", "round": n, "evaluation": evaluation, "seconds": 5.0,
+            "sites": {"h0": {"num_examples": 8, "train_seconds": 4.0}, "h1": {"num_examples": 6, "train_seconds": 3.0}}}
+
+
+def test_a_plain_rounds_row_is_complete_when_its_evaluation_arrives_in_the_next_round():
+    completed = CompletedRounds()
+    assert completed.add(_round(1)) == []
+    assert completed.add(_round(2)) == []
+    [row] = completed.add({"event": "evaluated", "round": 1, "sites": {"h0": {"dice": 0.7, "eval_seconds": 0.2}}})
+    assert row["round"] == 1 and row["sites"]["h0"] == {"num_examples": 8, "train_seconds": 4.0, "dice": 0.7, "eval_seconds": 0.2}
+    assert row["sites"]["h1"] == {"num_examples": 6, "train_seconds": 3.0}  # it did not evaluate
+    [last] = completed.add({"event": "evaluated", "round": 2, "sites": {"h1": {"dice": 0.5}}, "final_evaluation_seconds": 1.5})
+    assert last["round"] == 2 and last["final_evaluation_seconds"] == 1.5 and last["sites"]["h1"]["dice"] == 0.5
+
+
+def test_a_row_evaluated_in_its_round_is_complete_at_once_and_stray_evaluations_are_ignored():
+    completed = CompletedRounds()
+    row = _round(1, EVALUATED_IN_ROUND)
+    assert completed.add(row) == [row]
+    assert completed.add({"event": "evaluated", "round": 1, "sites": {"h0": {"dice": 0.1}}}) == []  # nothing waits for it
+    assert completed.add({"event": "finished"}) == []
+
+
+def test_read_rows_stops_at_a_line_still_being_written(tmp_path):
+    path = tmp_path / "rounds.jsonl"
+    assert read_rows(path) == []
+    path.write_text('{"event": "round", "round": 1}\n{"event": "evalu', encoding="utf-8")
+    assert read_rows(path) == [{"event": "round", "round": 1}]
