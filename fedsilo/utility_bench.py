@@ -129,7 +129,7 @@ class UtilityConfig:
     with 0.5): nearly every per-sample gradient is clipped, so the step is set mostly by dp_lr x max_grad_norm
     (0.25, was 0.5); tuned jointly as Ponomareva et al. 2023 (arXiv:2303.00654) advise, at eps=8 on seeds
     10..13: FedAvg .863 against .855, personalized .890 against .877, every seed gained. At the product 0.25,
-    clip 0.05 (lr 5) scored the same to 0.001, 0.25 (lr 1) within 0.4 points, 0.5 (lr 0.5) lower at seed 11;
+    clip 0.05 (lr 5) scored the same to 0.001, 0.25 (lr 1) within 0.4 points, 0.5 (lr 0.5) lower at seeds 10, 11;
     products 0.125 (seeds 10, 11), 0.5 and 1.0 (seed 10) scored lower, and dp batch 32 or 128 no better.
     channels / strides: the MONAI UNet (num_res_units 0). loss: the plan's loss.
     epsilons / delta / max_grad_norm: DP arms (max_grad_norm: DP-SGD's per-sample clip).
