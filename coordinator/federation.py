@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -46,8 +47,11 @@ from pipelines.serialization import save_model, state_digest, state_nbytes
 FLOWER_POLL_S = 3.0
 #: The researcher's submission bundle, kept in the run folder so that a resumed run sends the same signature.
 SUBMISSION_FILE = "submission.json"
-#: At most this many extra consistency proofs per witness request (from checkpoints whose cosignature was lost).
-MAX_OTHER_PROOFS = 4
+#: At most this many extra consistency proofs per witness request (from checkpoints whose cosignature was lost;
+#: about 0.5 kB each).
+MAX_OTHER_PROOFS = 32
+#: A cosigned checkpoint is a few hundred bytes; a reply's larger one is not read.
+MAX_COSIGNED_BYTES = 64 * 1024
 
 
 @dataclass
@@ -218,7 +222,7 @@ class FederatedRun:
 
         A silo may hold a later checkpoint than the coordinator knows: it cosigned one whose reply was lost (the
         ServerApp died with the reply on its way, then resumed from its run state). So the request also carries
-        proofs from the sizes of the checkpoints signed since (:data:`MAX_OTHER_PROOFS` at most, the latest);
+        proofs from the sizes of the checkpoints signed since (the latest :data:`MAX_OTHER_PROOFS`);
         the silo uses the one from the size it holds."""
         from flwr.app import ConfigRecord
 
@@ -271,11 +275,21 @@ class FederatedRun:
         fed = self.plan.federation
         if fed.secure_aggregation != "none":
             if beside is not None:
-                self._finish_evaluation(beside, self._send(beside.nodes or nodes, beside.round, "evaluate", beside.note))
+                self._finish_evaluation(beside, [(self._send(beside.nodes or nodes, beside.round, "evaluate", beside.note), P.METRICS)])
             return self._secure_train_round(round_, nodes)
         replies = self._send_and_receive(self._messages(nodes, round_, "train", evaluate=beside), fed.round_timeout_s)
         if beside is not None:
-            self._finish_evaluation(beside, [r for r in replies if not r.has_error() and P.EVALUATION in r.content], P.EVALUATION)
+            carried = [r for r in replies if not r.has_error() and P.EVALUATION in r.content]
+            # A silo that answered itself but carried no evaluation (it refused the training, e.g. its privacy budget
+            # is spent, or its witness refused the checkpoint) is asked to evaluate in a message of its own, as
+            # before this change; its refusal then is audited as the evaluation's (a cosignature's) failure.
+            done = {self._node_of(r) for r in carried}
+            again = sorted({self._node_of(r) for r in replies if self._node_of(r) in (beside.nodes or ()) and self._node_of(r) not in done
+                            and r.metadata.src_node_id == self._node_of(r)})
+            batches = [(carried, P.EVALUATION)]
+            if again:
+                batches.append((self._send(again, beside.round, "evaluate", beside.note), P.METRICS))
+            self._finish_evaluation(beside, batches)
         self.uplink_bytes = sum(_wire_size(r.content) for r in replies if not r.has_error())
         expect = Expectation(run_id=self.run_id, round=round_, norm_bound=fed.update_norm_bound, norm_action=fed.update_norm_action,
                              compression=fed.compression, topk_fraction=fed.topk_fraction)
@@ -369,16 +383,14 @@ class FederatedRun:
                                    "aggregate_sha256": state_digest(outcome.aggregate), "seconds": round(time.perf_counter() - started, 3)})
         return sites, len(outcome.contributions), sorted(outcome.contributions)
 
-    def _finish_evaluation(self, pending: _PendingEvaluation, replies: list, metrics_key: str = P.METRICS, **extra: Any) -> None:
-        """Merge an evaluation's replies (and ``extra`` figures) into its round's row, rewrite metrics.json and publish
-        an ``evaluated`` progress line (:class:`CompletedRounds` joins it to the round's row)."""
-        evaluated: dict[str, dict[str, Any]] = {}
-        self._take_evaluations(replies, pending.round, evaluated, pending.note, metrics_key)
-        for site, figures in evaluated.items():
-            pending.row["sites"].setdefault(site, {}).update(figures)
+    def _finish_evaluation(self, pending: _PendingEvaluation, batches: list[tuple[list, str]], **extra: Any) -> None:
+        """Merge an evaluation's replies (``(replies, metrics key)`` batches) and ``extra`` figures into its round's
+        row, rewrite metrics.json and publish the complete row as an ``evaluated`` progress line (coordinator.progress)."""
+        for replies, metrics_key in batches:
+            self._take_evaluations(replies, pending.round, pending.row["sites"], pending.note, metrics_key)
         pending.row.update(extra)
         _write_json(self.out_dir / "metrics.json", summarize(self.state))
-        self._progress({"event": "evaluated", "round": pending.round, "sites": evaluated, **extra})
+        self._progress({"event": "evaluated", **pending.row})
 
     def _evaluate_round(self, round_: int, nodes: list[int], sites: dict[str, dict[str, Any]], note: bytes | None) -> None:
         self._take_evaluations(self._send(nodes, round_, "evaluate", note), round_, sites, note)
@@ -396,11 +408,18 @@ class FederatedRun:
                 continue
             if P.IDENTITY not in reply.content or metrics_key not in reply.content:
                 continue
-            site = reply.content[P.IDENTITY].get(P.SITE)
-            if note is not None and P.WITNESS in reply.content and site == self.node_site.get(reply.metadata.src_node_id):
-                self._keep_cosignature(str(site), reply.metadata.src_node_id, bytes(reply.content[P.WITNESS][P.COSIGNED]), round_)
-            metrics = {k: float(v) for k, v in dict(reply.content[metrics_key]).items() if isinstance(v, (int, float))}
-            entry = sites.setdefault(str(site), {})
+            # Figures are filed under the site this node is known to be (from its validated updates), never under a
+            # name a reply claims for itself; a node not known yet, or claiming another site, is ignored.
+            site = self.node_site.get(reply.metadata.src_node_id)
+            if site is None or reply.content[P.IDENTITY].get(P.SITE) != site:
+                continue
+            if note is not None and P.WITNESS in reply.content:
+                cosigned = reply.content[P.WITNESS].get(P.COSIGNED)
+                if isinstance(cosigned, bytes) and len(cosigned) <= MAX_COSIGNED_BYTES:
+                    self._keep_cosignature(site, reply.metadata.src_node_id, cosigned, round_)
+            metrics = {k: float(v) for k, v in dict(reply.content[metrics_key]).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            entry = sites.setdefault(site, {})
             for key in ("dice", "accuracy", "auc", "loss", "seconds"):
                 if key in metrics:
                     entry[{"loss": "test_loss", "seconds": "eval_seconds"}.get(key, key)] = metrics[key]
@@ -448,7 +467,7 @@ class FederatedRun:
             if pending is not None:  # the last round's model: an exchange of its own
                 started = time.perf_counter()
                 replies = self._send(pending.nodes or self._wait_for_silos(), pending.round, "evaluate", pending.note)
-                self._finish_evaluation(pending, replies, final_evaluation_seconds=round(time.perf_counter() - started, 2))
+                self._finish_evaluation(pending, [(replies, P.METRICS)], final_evaluation_seconds=round(time.perf_counter() - started, 2))
         except FedsiloError as exc:
             self.audit.append(EventType.RUN_FAILED, actor=self.actor, run_id=self.run_id, outcome="failure", reason=exc.one_line())
             self._progress({"event": "failed", "reason": exc.one_line()})

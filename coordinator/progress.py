@@ -3,8 +3,8 @@
 The ServerApp (coordinator.federation) appends one JSON object per event to ``logs/rounds.jsonl`` in the
 run folder and prints it after :data:`PROGRESS_PREFIX` (``flwr run --stream`` carries it to whoever
 submitted the plan): ``round`` at the end of each round's training (its row: replies, per-site training
-figures, seconds), ``evaluated`` when that round's evaluation is in (per-site metrics), ``finished`` or
-``failed``. A plain round's evaluation travels with the next round's training, so its ``evaluated`` line
+figures, seconds), ``evaluated`` when that round's evaluation is in (the complete row, evaluation metrics
+merged), ``finished`` or ``failed``. A plain round's evaluation travels with the next round's training, so its ``evaluated`` line
 comes one round later; a SecAgg+ round's row carries its evaluation already. Light on purpose: the
 researcher's side (coordinator.submit) reads these without importing the round driver.
 """
@@ -24,27 +24,40 @@ EVALUATED_IN_ROUND = "in round"
 
 
 class CompletedRounds:
-    """Joins a run's progress lines into complete round rows, for tables that print each round once.
+    """Joins a run's progress lines into complete round rows, each round once, for tables that print each round once.
 
-    A plain round's ``round`` line comes at the end of its training and its ``evaluated`` line in the next round
-    (the evaluation travels with the next round's training); a SecAgg+ round's row is complete at once.
+    A plain round's ``round`` line comes at the end of its training and its ``evaluated`` line (the complete row)
+    in the next round, since the evaluation travels with the next round's training; a SecAgg+ round's ``round``
+    line is complete at once. An ``evaluated`` line whose ``round`` line came before the follower started (a
+    resumed run) completes its round alone; a round already returned is not returned again.
     """
 
     def __init__(self) -> None:
         self.waiting: dict[int, dict[str, Any]] = {}
+        self.returned: set[int] = set()
 
     def add(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        """The rows ``event`` completes (none, or one)."""
+        """The rows ``event`` completes (none, or one). A waiting ``round`` row is completed in place."""
+        number = event.get("round")
+        if not isinstance(number, int) or number in self.returned:
+            return []
         if event.get("event") == "round":
-            if event.get("evaluation") != EVALUATED_WITH_NEXT_ROUND:
-                return [event]
-            self.waiting[int(event.get("round", 0))] = event
-        elif event.get("event") == "evaluated" and (row := self.waiting.pop(int(event.get("round", 0)), None)) is not None:
-            for site, figures in (event.get("sites") or {}).items():
-                row.setdefault("sites", {}).setdefault(site, {}).update(figures)
-            row.update({k: v for k, v in event.items() if k not in ("event", "round", "sites")})
-            return [row]
-        return []
+            if event.get("evaluation") == EVALUATED_WITH_NEXT_ROUND:
+                self.waiting[number] = event
+                return []
+            row = event
+        elif event.get("event") == "evaluated":
+            row = self.waiting.pop(number, None)
+            if row is None:
+                row = {k: v for k, v in event.items() if k != "event"}
+            else:
+                for site, figures in (event.get("sites") or {}).items():
+                    row.setdefault("sites", {}).setdefault(site, {}).update(figures)
+                row.update({k: v for k, v in event.items() if k not in ("event", "sites")})
+        else:
+            return []
+        self.returned.add(number)
+        return [row]
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ from pipelines.training import make_loss
 
 
 @torch.no_grad()
+@torch.no_grad()  # no autograd graph: a silo evaluates right before it trains the same model
 def evaluate(model: torch.nn.Module, data: CaseArrays, plan: Plan, *, batch_size: int = 16) -> dict[str, float]:
     """The plan's metrics of ``model`` on ``data`` (``num-examples`` included)."""
     from monai.metrics import compute_dice, compute_roc_auc

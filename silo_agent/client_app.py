@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -216,7 +217,7 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
             if secure:  # the same update in two secure sums: their difference would be this silo's update
                 raise RefusalError(f"round {round_} of run {run_id[:12]} was already answered; a secure round is never answered twice")
             return _resend(site, audit, actor, run_id, round_, entry.name, global_state, plan.federation,
-                           _evaluate_first(msg, site, plan, model, audit, actor, run_id, round_))
+                           lambda: _evaluate_first(msg, site, plan, model, audit, actor, run_id, round_))
         history = ledger.history(entry.name) if plan.privacy.enabled else []
         noise, planned_cases = None, 0
         if plan.privacy.enabled:  # from the registry's case count: no image is read for a round that is refused
@@ -332,8 +333,9 @@ def _reply(site: Site, run_id: str, round_: int, fed, payload: dict, metrics: di
 
 
 def _resend(site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int, dataset: str, global_state, fed,
-            evaluation: RecordDict | None = None) -> RecordDict:
-    """Answer a retried round with the update already sent for it: no training, no new privacy spend."""
+            evaluate: Callable[[], RecordDict | None] = lambda: None) -> RecordDict:
+    """Answer a retried round with the update already sent for it: no training, no new privacy spend. ``evaluate``
+    (the evaluation the message asks for) runs only once the message is known to be a retry, not a replay."""
     from pipelines.serialization import state_digest, to_numpy
     from silo_agent.outbox import load_update
 
@@ -345,7 +347,7 @@ def _resend(site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int, 
     check_metrics(metrics)
     audit.append(EventType.UPDATE_RESENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(payload)},
                  run_id=run_id, round=round_, details={"dataset": dataset, "reason": "round retried with the same global model; no new training or privacy spend"})
-    return _reply(site, run_id, round_, fed, payload, metrics, reference, evaluation)
+    return _reply(site, run_id, round_, fed, payload, metrics, reference, evaluate())
 
 
 def _evaluate(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict:
@@ -419,8 +421,9 @@ def _other_proofs(entries) -> dict[int, list[bytes]]:
     return out
 
 
-def _witness(record: ConfigRecord, site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int) -> bytes:
-    """Cosign the coordinator's checkpoint if it extends the one this silo cosigned before."""
+def _witness(record: ConfigRecord, site: Site, audit: AuditLog, actor: dict, run_id: str, round_: int) -> bytes | None:
+    """Cosign the coordinator's checkpoint if it extends the one this silo cosigned before; None when no proof from the
+    size this silo holds came with it (audited). A checkpoint that does not extend it is a refusal (RefusalError)."""
     from compliance.checkpoint import parse_checkpoint, parse_note
     from compliance.witness import WitnessConflictError
     from fedsilo.errors import VerificationError
@@ -437,7 +440,11 @@ def _witness(record: ConfigRecord, site: Site, audit: AuditLog, actor: dict, run
         except WitnessConflictError as exc:  # this site holds a later checkpoint than the coordinator knew of
             others = _other_proofs(record.get(P.OTHER_PROOFS, []))
             if exc.held_size not in others:
-                raise
+                # Not evidence of a fork (the proof was made from another size): no cosignature this time, audited
+                # here; a proof that fails, a smaller size or another root at the same size still refuse below.
+                audit.append(EventType.CHECKPOINT_COSIGNED, actor=actor, run_id=run_id, round=round_, outcome="failure",
+                             reason=f"not cosigned: {exc.one_line()}"[:300], details={"size": exc.size, "held_size": exc.held_size})
+                return None
             cosigned = witness.cosign(note, others[exc.held_size], old_size=exc.held_size)
     except VerificationError as exc:  # audited by _handle as a refusal, with this reason
         raise RefusalError(f"witness refused the coordinator's checkpoint: {exc.one_line()}") from None

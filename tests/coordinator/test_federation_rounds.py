@@ -24,6 +24,7 @@ from fedsilo.wire import pack
 from fedsilo.errors import ConfigError, FedsiloError
 from pipelines.plan import parse_plan
 
+SILO_ERRORS = (P.ERR_REFUSED, P.ERR_BAD_INPUT, P.ERR_INTERNAL)
 INITIAL = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 GOOD = {"w": np.full((4, 3), 0.1, np.float32), "b": np.full(3, -0.1, np.float32)}
 
@@ -44,8 +45,9 @@ class LoopbackGrid:
 
     Implements the Grid calls the driver uses (push_messages, pull_messages) as Flower does: a pushed
     message gets an id, a reply names it. A silo function returning None never answers; one returning
-    an ``Error`` gets the reply the SuperLink itself sends for a node that stopped beating (its source
-    is the SuperLink, not the node).
+    an ``Error`` with one of fedsilo's codes (a refusal) answers with it from the node, any other ``Error``
+    is the reply the SuperLink itself sends for a node that stopped beating (its source is the SuperLink,
+    not the node).
     """
 
     SUPERLINK = 1
@@ -75,7 +77,7 @@ class LoopbackGrid:
             if content is None:
                 continue
             reply = Message(content, reply_to=msg)  # its src_node_id is the node the message went to
-            if isinstance(content, Error):
+            if isinstance(content, Error) and content.code not in SILO_ERRORS:
                 reply.metadata.__dict__["_src_node_id"] = self.SUPERLINK
             self.replies[msg.metadata.message_id] = reply
         return ids
@@ -304,3 +306,58 @@ def test_a_resumed_run_evaluates_the_round_whose_evaluation_was_lost(tmp_path):
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert all(s["dice"] == 0.5 for r in metrics["rounds"] for s in r["sites"].values())  # round 1's from its published row
     verify_log(tmp_path / "run" / "audit")
+
+
+def test_a_silo_that_refuses_the_next_rounds_training_is_asked_for_its_evaluation_on_its_own(tmp_path):
+    """hospital2 refuses round 2's training (say its privacy budget is spent): its evaluation of round 1's model comes
+    from an evaluate message of its own, the round goes on with the others."""
+    def silo(node, msg):
+        if node == 3 and int(msg.content[P.CONFIG][P.ROUND]) == 2:
+            return Error(code=P.ERR_REFUSED, reason="privacy budget spent")
+        return honest(node, msg)
+
+    grid = RecordingGrid([1, 2, 3], silo)
+    text = plan_text(rounds=2)
+    driver = _driver(tmp_path, grid, text)
+    try:
+        driver.execute()
+    finally:
+        driver.audit.close()
+    assert [sorted(push) for push in grid.pushes] == [
+        [("train", 1, 1, None), ("train", 1, 2, None), ("train", 1, 3, None)],
+        [("train", 2, 1, 1), ("train", 2, 2, 1), ("train", 2, 3, 1)],
+        [("evaluate", 1, 3, None)],  # only the silo whose train reply carried no evaluation
+        [("evaluate", 2, 1, None), ("evaluate", 2, 2, None)],  # round 2's model, at the silos that trained in it
+    ]
+    rows = _published(tmp_path)
+    assert sorted(rows[0]["sites"]) == ["hospital1", "hospital2", "hospital3"]
+    assert all(s["dice"] == 0.5 for s in rows[0]["sites"].values())
+
+
+def test_evaluation_figures_are_filed_under_the_nodes_known_site_and_only_finite_ones(tmp_path):
+    """A reply cannot file figures under another site's name, and NaN or Inf never reach metrics.json."""
+    grid = RecordingGrid([1, 2], honest)
+    original = grid.push_messages
+
+    def push(messages):
+        ids = original(messages)
+        for mid in ids:
+            reply = grid.replies.get(mid)
+            if reply is not None and P.EVALUATION in reply.content and reply.metadata.src_node_id == 1:
+                reply.content[P.EVALUATION] = MetricRecord({"dice": float("nan"), "loss": float("inf"), P.NUM_EXAMPLES: 4})
+            if reply is not None and P.EVALUATION in reply.content and reply.metadata.src_node_id == 2:
+                reply.content[P.IDENTITY] = ConfigRecord({P.SITE: "hospital1"})  # claims to be the other silo
+        return ids
+
+    grid.push_messages = push
+    text = plan_text(rounds=2, min_silos=1)  # node 2's update, claiming another site, is rejected too
+    driver = _driver(tmp_path, grid, text)
+    try:
+        driver.execute()
+    finally:
+        driver.audit.close()
+    first = _published(tmp_path)[0]["sites"]
+    assert "dice" not in first["hospital1"] and "test_loss" not in first["hospital1"]
+    assert "dice" not in first["hospital2"]  # its claim to be hospital1 was not filed anywhere
+    metrics = (tmp_path / "run" / "metrics.json").read_text()
+    assert "NaN" not in metrics and "Infinity" not in metrics

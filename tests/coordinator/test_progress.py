@@ -34,3 +34,16 @@ def test_read_rows_stops_at_a_line_still_being_written(tmp_path):
     assert read_rows(path) == []
     path.write_text('{"event": "round", "round": 1}\n{"event": "evalu', encoding="utf-8")
     assert read_rows(path) == [{"event": "round", "round": 1}]
+
+
+def test_a_resumed_runs_first_evaluation_completes_a_round_the_follower_never_saw_and_no_round_comes_twice():
+    """`fedsilo plan resume` follows a new stream: its first line is the interrupted round's ``evaluated`` line, which
+    carries the whole row; a late re-read of the log (submit's fallback) returns nothing twice."""
+    completed = CompletedRounds()
+    full = {**_round(3), "event": "evaluated", "sites": {"h0": {"num_examples": 8, "dice": 0.7}}}
+    [row] = completed.add(full)
+    assert row["round"] == 3 and row["sites"]["h0"]["dice"] == 0.7 and "event" not in row
+    assert completed.add(_round(4)) == []
+    assert [r["round"] for r in completed.add({**_round(4), "event": "evaluated"})] == [4]
+    for line in (full, _round(4), {**_round(4), "event": "evaluated"}):  # the same lines read again
+        assert completed.add(line) == []

@@ -327,7 +327,9 @@ def test_a_train_message_asking_to_evaluate_a_round_not_before_it_is_refused(sit
 
 def test_a_site_holding_a_checkpoint_the_coordinator_never_heard_back_about_cosigns_through_the_other_proof(tmp_path):
     """The site cosigned a checkpoint whose reply was lost (the ServerApp died); the resumed coordinator still thinks it
-    holds nothing. The next request's extra proof, from the size the site holds, lets it cosign; without it, it refuses."""
+    holds nothing. The next request's extra proof, from the size the site holds, lets it cosign; without one it does
+    not cosign (audited) but does not refuse: a proof from another size is no evidence of a fork. A proof that does not
+    lead from what it holds is a refusal."""
     from compliance import EventType
     from fedsilo.errors import RefusalError
     from silo_agent.client_app import _witness
@@ -348,8 +350,12 @@ def test_a_site_holding_a_checkpoint_the_coordinator_never_heard_back_about_cosi
             log.append(EventType.ROUND_STARTED, actor=actor, run_id="run1", round=2)
         second = log.sign_checkpoint()
         stale = {P.CHECKPOINT: second, P.PROOF: [], P.OLD_SIZE: 0}
-        with pytest.raises(RefusalError, match=f"the witness holds size {held}"):
-            _witness(ConfigRecord(stale), site, silo_log, site.actor(), "run1", 2)
+        assert _witness(ConfigRecord(stale), site, silo_log, site.actor(), "run1", 2) is None
+        [skipped] = [r for r in silo_log.records() if r["event"] == "checkpoint.cosigned" and r["outcome"] == "failure"]
+        assert f"the witness holds size {held}" in skipped["reason"] and skipped["details"]["held_size"] == held
+        forged = held.to_bytes(8, "big") + bytes(32)  # a "proof" from the held size that leads nowhere
+        with pytest.raises(RefusalError, match="witness refused the coordinator's checkpoint"):
+            _witness(ConfigRecord({**stale, P.OTHER_PROOFS: [forged]}), site, silo_log, site.actor(), "run1", 2)
         other = held.to_bytes(8, "big") + b"".join(bytes(h) for h in log.consistency_proof(held, len(log)))
         cosigned = _witness(ConfigRecord({**stale, P.OTHER_PROOFS: [other]}), site, silo_log, site.actor(), "run1", 2)
         assert cosigned.startswith(second)
