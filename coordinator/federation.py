@@ -163,17 +163,16 @@ class FederatedRun:
         if self.submission is not None:
             config[P.SUBMISSION] = self.submission.note
             config[P.RESEARCHER_KEY] = self.submission.researcher_key
+        evaluating = set(evaluate.nodes or ()) if evaluate is not None else set()
         messages = []
         for node in nodes:
             content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
-            if evaluate is not None:
-                if node not in (evaluate.nodes or ()):
-                    messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
-                    continue
+            cosign = note
+            if node in evaluating:
                 content[P.EVALUATE] = ConfigRecord({P.ROUND: evaluate.round})
-                note = evaluate.note
-            if note is not None and node in self.node_site:
-                content[P.WITNESS] = self._witness_request(self.node_site[node], note)
+                cosign = evaluate.note
+            if cosign is not None and node in self.node_site:
+                content[P.WITNESS] = self._witness_request(self.node_site[node], cosign)
             messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return messages
 
@@ -283,9 +282,8 @@ class FederatedRun:
             # A silo that answered itself but carried no evaluation (it refused the training, e.g. its privacy budget
             # is spent, or its witness refused the checkpoint) is asked to evaluate in a message of its own, as
             # before this change; its refusal then is audited as the evaluation's (a cosignature's) failure.
-            done = {self._node_of(r) for r in carried}
-            again = sorted({self._node_of(r) for r in replies if self._node_of(r) in (beside.nodes or ()) and self._node_of(r) not in done
-                            and r.metadata.src_node_id == self._node_of(r)})
+            own = {self._node_of(r) for r in replies if r.metadata.src_node_id == self._node_of(r)}  # not the SuperLink's
+            again = sorted((own & set(beside.nodes or ())) - {self._node_of(r) for r in carried})
             batches = [(carried, P.EVALUATION)]
             if again:
                 batches.append((self._send(again, beside.round, "evaluate", beside.note), P.METRICS))

@@ -300,19 +300,21 @@ def submit_and_follow(procs: ProcessSet, root: Path, plan_path: Path | None, out
     rounds_file = out_dir / "logs" / ROUNDS_FILE
     if plan_path is not None:
         rounds_file.unlink(missing_ok=True)
-    seen = len(read_rows(rounds_file))  # a resumed run appends to the rows of the rounds before it
+    earlier = read_rows(rounds_file)  # a resumed run appends to the rows of the rounds before it
     runner = procs.start("flwr-run", [_bin("flwr"), "run", str(app_dir), link, "--run-config", str(run_config), "--stream", *flwr_args])
     try:
-        _follow(procs, runner, rounds_file, out_dir, on_round, on_evaluated, timeout_s, seen=seen)
+        _follow(procs, runner, rounds_file, out_dir, on_round, on_evaluated, timeout_s, earlier=earlier)
     finally:
         procs.finish(runner)  # the federation stays up for the next run, whatever became of this one
 
 
-def _follow(procs: ProcessSet, runner, rounds_file: Path, out_dir: Path, on_round, on_evaluated, timeout_s: float, *, seen: int = 0) -> None:
+def _follow(procs: ProcessSet, runner, rounds_file: Path, out_dir: Path, on_round, on_evaluated, timeout_s: float, *,
+            earlier: Sequence[dict[str, Any]] = ()) -> None:
     deadline = time.monotonic() + timeout_s
     completed = CompletedRounds()
-    for row in read_rows(rounds_file)[:seen]:  # a resumed run: the rounds whose evaluation is still to come
+    for row in earlier:  # a resumed run: the rounds before it (one may still wait for its evaluation)
         completed.add(row)
+    seen = len(earlier)
     while True:
         rows = read_rows(rounds_file)
         for row in rows[seen:]:

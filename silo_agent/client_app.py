@@ -272,8 +272,8 @@ def _evaluate_first(msg: Message, site: Site, plan, model, audit: AuditLog, acto
 
     The coordinator asks it here rather than in a message of its own because a SuperNode handles one message
     at a time: a separate evaluate message would cost a whole exchange through the SuperLink per round. A
-    checkpoint the site's witness refuses to cosign refuses the whole message, training included: a coordinator
-    whose log does not extend what this site witnessed gets no update from it."""
+    checkpoint that does not extend what this site witnessed refuses the whole message, training included
+    (:func:`_witness`): a coordinator with a forked log gets no update from it."""
     if P.EVALUATE not in msg.content:
         return None
     evaluated = msg.content[P.EVALUATE].get(P.ROUND)

@@ -43,7 +43,8 @@ def check_metrics(metrics: Mapping[str, object]) -> None:
             raise RefusalError(f"egress blocked: metric '{key}' is not a finite number")
 
 
-REPLY_RECORDS = {"arrays", "metrics", "identity", "witness", "evaluation"}  # fedsilo.protocol names, checked below
+#: The records a reply may carry (fedsilo.protocol: ARRAYS, METRICS, IDENTITY, WITNESS, EVALUATION), checked below.
+REPLY_RECORDS = frozenset({"arrays", "metrics", "identity", "witness", "evaluation"})
 POLICY_METRICS = {"loss": "loss", "train-loss": "loss", "dice": "dice", "accuracy": "accuracy", "auc": "auc"}
 
 
@@ -59,7 +60,7 @@ def check_reply(content, *, site_id: str, run_id: str, round_: int, allowed_metr
     from fedsilo import protocol as P
 
     names = set(content.keys())
-    if not names <= {P.ARRAYS, P.METRICS, P.IDENTITY, P.WITNESS, P.EVALUATION}:
+    if not names <= REPLY_RECORDS:
         raise RefusalError(f"egress blocked: reply carries unexpected records {sorted(names - REPLY_RECORDS)}")
     if P.ARRAYS in content:
         if layout is None:

@@ -157,6 +157,13 @@ LAYOUT = payload_layout(REF, "float32")
 ALL = ("loss", "dice", "accuracy", "auc")
 
 
+def test_the_records_a_reply_may_carry_are_the_protocols_names():
+    from fedsilo import protocol as P
+    from silo_agent.egress import REPLY_RECORDS
+
+    assert REPLY_RECORDS == {P.ARRAYS, P.METRICS, P.IDENTITY, P.WITNESS, P.EVALUATION}
+
+
 def test_the_whole_reply_passes_the_egress_guard():
     check_reply(_reply(), site_id="hospital0", run_id="r1", round_=2, allowed_metrics=ALL, layout=LAYOUT)
 
