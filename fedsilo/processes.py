@@ -139,10 +139,32 @@ def descendant_pids(pid: int) -> list[int]:
 
 
 def _stop_pid(pid: int, grace_s: float = 5.0, *, kill: bool = False) -> None:
-    """SIGTERM, wait, then SIGKILL one process by PID (reaping is its parent's job); ``kill``: SIGKILL only."""
+    """Stop one process by PID and whatever it has started, leaves first (reaping is each parent's job).
+
+    The tree is frozen first (SIGSTOP, gathered again until nothing new appears), so a helper that launches a
+    process while the federation stops (Flower's SuperExec starting a ServerApp or ClientApp in a session of its
+    own) cannot leave it behind as an orphan. Then each process gets SIGTERM (``kill``: SIGKILL), is let run to
+    handle it, and gets SIGKILL after ``grace_s``."""
+    frozen: list[int] = []
+    todo = [pid]
+    while todo:
+        for p in todo:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            frozen.append(p)
+        todo = [p for p in descendant_pids(pid) if p not in frozen] if frozen else []
+    for p in reversed(frozen):  # leaves first: a parent that waits for its children does not wait on frozen ones
+        _terminate(p, grace_s, kill=kill)
+
+
+def _terminate(pid: int, grace_s: float, *, kill: bool) -> None:
+    """SIGTERM (then SIGCONT, so a frozen process handles it), wait, then SIGKILL; ``kill``: SIGKILL only."""
     for sig in (signal.SIGKILL,) if kill else (signal.SIGTERM, signal.SIGKILL):
         try:
             os.kill(pid, sig)
+            os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + grace_s
