@@ -21,6 +21,17 @@ Arms, each without DP and with DP at every epsilon in ``epsilons`` (delta 1e-5):
   ``rounds x local_epochs`` epochs (as the silo agent does), and fine-tuning is the last ``local_epochs`` of
   them, so the budget split is ``(rounds - 1) / rounds`` of the steps for federation and ``1 / rounds`` for
   fine-tuning, composing to the same epsilon.
+- ``ditto``: Ditto (Li, Hu, Beirami, Smith, ICML 2021, "Ditto: Fair and Robust Federated Learning Through
+  Personalization", arXiv:2012.04221, Algorithm 1): FedAvg trains a global model ``w`` while each silo keeps a
+  personal model ``v_k`` (from the same initial weights), trained on its own data with the loss
+  ``f_k(v) + lambda/2 ||v - w^t||^2``, ``w^t`` the global model the silo received that round; the silo keeps
+  ``v_k``. Same compute: each round a silo trains the global model for ``local_epochs - ditto_epochs`` epochs and
+  its personal model for ``ditto_epochs`` (``rounds x local_epochs`` epochs of its data in all, like every arm;
+  the global model gets fewer epochs than the ``fedavg`` arm's). Same privacy: both trainings are DP-SGD on the
+  silo's data with the noise multiplier planned for ``rounds x local_epochs`` epochs and one accountant history
+  per silo, so Opacus' RDP accountant composes all of them to the target epsilon (``params.epsilon_spent_ditto``).
+  The proximal gradient ``lambda (v - w^t)`` is added after Opacus has clipped and noised (like FedProx's,
+  :func:`pipelines.training.add_proximal_term`): it depends on no record, so it costs no privacy.
 
 Compressed arms (only when asked: ``--compression int8,topk``; each costs one more FedAvg run per setting):
 
@@ -57,7 +68,8 @@ silo, on raw intensities and on the z-scored images every arm sees.
 Rows: ``<arm> <privacy>`` / ``dice <silo>`` and ``dice mean``, baseline ``pooled <privacy>``; personalization
 gains (baseline ``fedavg <privacy>``); ``goal/...`` rows: the gap of each federated arm to pooled (goal: at
 most 2 Dice points), how many silos' local-only model it beats (goal: all), the gap of eps=8 to non-private
-(goal: at most 3 points), for fedavg, fedprox, the robust rule and personalization; ``total`` ``wall_seconds``
+(goal: at most 3 points), for fedavg, fedprox, the robust rule, personalization and ditto (whose per-silo
+gains over fedavg are the ``ditto gain <privacy>`` rows); ``total`` ``wall_seconds``
 and ``cpu_seconds`` (this process and its workers).
 """
 
@@ -68,7 +80,8 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -77,7 +90,7 @@ import numpy as np
 from fedsilo.errors import ConfigError
 
 BENCH = "utility"
-ARMS = ("pooled", "local", "fedavg", "fedprox", "robust", "personalized")
+ARMS = ("pooled", "local", "fedavg", "fedprox", "robust", "personalized", "ditto")
 #: Per-image preprocessing the bench offers (names of pipelines.transforms.TRANSFORMS, no arguments) or "none".
 PREPROCESS = ("NormalizeIntensity", "ScaleIntensity", "none")
 #: Dice points (x 100) the goals allow.
@@ -134,6 +147,10 @@ class UtilityConfig:
     channels / strides: the MONAI UNet (num_res_units 0). loss: the plan's loss.
     epsilons / delta / max_grad_norm: DP arms (max_grad_norm: DP-SGD's per-sample clip).
     fedprox_mu: FedProx's proximal weight.
+    ditto_lambda / ditto_epochs: Ditto's proximal weight lambda (> 0; lambda 0 would be local-only training on a
+    share of the budget, the ``local`` arm's job, and lambda x lr must stay below 2 (1 + momentum), where
+    heavy-ball SGD on the proximal term diverges) and the epochs of each round a silo gives its personal model
+    (1 .. local_epochs - 1; the rest train the global model). Defaults not yet tuned (being chosen on seeds 10..13).
     robust_rule: rule from coordinator.aggregation (f = 1). seeds / first_seed: repetitions, seeds
     ``first_seed .. first_seed + seeds - 1`` (each draws new silos and initial weights). The defaults are reported
     on seeds 0..2 and were chosen, from the fourth session of 2026-11-27 on, on seeds 10..13 (``--first-seed 10``),
@@ -167,6 +184,8 @@ class UtilityConfig:
     delta: float = 1e-5
     max_grad_norm: float = 0.1
     fedprox_mu: float = 0.01
+    ditto_lambda: float = 0.1
+    ditto_epochs: int = 2
     robust_rule: str = "trimmed_mean"
     seeds: int = 3
     first_seed: int = 0
@@ -224,7 +243,11 @@ class _Trainer:
         self.noise: dict[str, float] = {}
         self.epsilon: dict[str, float] = {}
 
-    def train(self, key: str, start: dict[str, np.ndarray], data, *, epochs: int, salt: int) -> dict[str, np.ndarray]:
+    def train(self, key: str, start: dict[str, np.ndarray], data, *, epochs: int, salt: int,
+              anchor: dict[str, np.ndarray] | None = None, lam: float = 0.0) -> dict[str, np.ndarray]:
+        """Train from ``start`` on ``data``; with ``anchor``, the loss gains ``lam/2 ||v - anchor||^2`` (Ditto's
+        personal objective, :func:`_proximal_pull`). Under DP every call with the same ``key`` (dataset) goes on
+        one accountant history."""
         from pipelines.networks import build_network
         from pipelines.training import plan_noise_multiplier, train_local
 
@@ -238,11 +261,47 @@ class _Trainer:
                 self.history[key] = []
             kwargs = {"history": self.history[key], "noise_multiplier": self.noise[key]}
         seed = int(np.random.SeedSequence([self.seed, salt, len(data)]).generate_state(1)[0]) & 0x7FFFFFFF
-        result = train_local(model, data, self.plan, epochs=epochs, seed=seed, **kwargs)
+        if anchor is None:
+            result = train_local(model, data, self.plan, epochs=epochs, seed=seed, **kwargs)
+        else:
+            with _proximal_pull(model, anchor, lam):
+                result = train_local(model, data, self.plan, epochs=epochs, seed=seed, **kwargs)
         if result.privacy is not None:
             self.history[key].append(result.privacy.entry)
             self.epsilon[key] = result.privacy.epsilon
         return {k: v.detach().cpu().numpy().copy() for k, v in result.state_dict.items()}
+
+
+@contextmanager
+def _proximal_pull(model, anchor: dict[str, np.ndarray], lam: float) -> Iterator[None]:
+    """While open, every step of a plain optimizer over ``model``'s parameters adds ``lam * (v - anchor)`` to
+    their gradients: the gradient of Ditto's ``lam/2 ||v - w||^2`` (``anchor`` is ``w``).
+
+    :func:`pipelines.training.train_local` builds its optimizer inside, so the term goes in through torch's
+    global step pre-hook, matched to this model's parameters by identity (no other optimizer is touched). Under
+    DP, Opacus' ``DPOptimizer`` replaces ``p.grad`` by the clipped, noised per-sample sum and then calls the
+    wrapped optimizer's ``step``: the hook skips the wrapper and adds the term at the wrapped optimizer, after
+    the noise, as :func:`pipelines.training.add_proximal_term` does for FedProx (post-processing, no privacy)."""
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    targets = {id(p): torch.from_numpy(anchor[name].copy()) for name, p in model.named_parameters() if p.requires_grad}
+
+    def hook(optimizer, _args, _kwargs) -> None:
+        if hasattr(optimizer, "original_optimizer"):  # Opacus' DPOptimizer: its p.grad is about to be replaced
+            return
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    w = targets.get(id(p))
+                    if w is not None and p.grad is not None:
+                        p.grad.add_(p - w, alpha=lam)
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _dice(model, state, test, plan) -> float:
@@ -272,22 +331,27 @@ class _Codec:
 def _federate(rule, trainer: _Trainer, initial, trains, config: UtilityConfig, salt: int,
               keep_last_local: bool = False,
               codec: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+              epochs: int | None = None, starts: list[dict[str, np.ndarray]] | None = None,
               ) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
     """``config.rounds`` rounds: every silo trains from the global model, ``rule`` aggregates the deltas
     (weighted by examples), the plan's server optimizer (:mod:`coordinator.server_optimizer`: plain ``sgd`` at
     lr 1 is FedAvg; ``adam``/``yogi`` are FedAdam/FedYogi) moves the global model by the aggregate. Returns the
     global model and, when asked, the silos' models of the last round (trained from the global model of round
     ``rounds - 1``). ``codec(silo, delta)``, when given, is what the wire does to each silo's delta (a
-    :class:`_Codec`)."""
+    :class:`_Codec`). ``epochs``: local epochs per round (default ``local_epochs``); ``starts``, when given,
+    receives the global model each round starts from (Ditto's anchors)."""
     from coordinator.server_optimizer import build_server_optimizer
 
     server = build_server_optimizer(config.server_optimizer, config.server_lr)
     state = {k: v.copy() for k, v in initial.items()}
     last: list[dict[str, np.ndarray]] = []
     for r in range(config.rounds):
+        if starts is not None:
+            starts.append(state)
         deltas, weights, local_models = [], [], []
         for i, data in enumerate(trains):
-            local = trainer.train(f"silo{i}", state, data, epochs=config.local_epochs, salt=salt * 1000 + r * 100 + i)
+            local = trainer.train(f"silo{i}", state, data, epochs=epochs or config.local_epochs,
+                                  salt=salt * 1000 + r * 100 + i)
             local_models.append(local)
             delta = {k: local[k] - state[k] for k in state if np.issubdtype(state[k].dtype, np.floating)}
             deltas.append(codec(i, delta) if codec is not None else delta)
@@ -397,7 +461,33 @@ def _setting_job(config: UtilityConfig, seed: int, eps: float | None, *, progres
     t0 = time.perf_counter()
     trainer = _Trainer(plan, seed * 7919 + 3)
     record(config.robust_rule, [_federate(rule, trainer, initial, trains, config, 3)[0]] * n, t0)
+
+    t0 = time.perf_counter()
+    trainer = _Trainer(plan, seed * 7919 + 5)
+    record("ditto", _ditto(trainer, initial, trains, config, fedavg), t0)
+    if eps is not None:
+        out["epsilon_spent_ditto"] = max(trainer.epsilon.values())
     return out
+
+
+def _ditto(trainer: _Trainer, initial, trains, config: UtilityConfig, fedavg) -> list[dict[str, np.ndarray]]:
+    """Ditto (Algorithm 1 of Li et al. 2021, every silo every round): FedAvg with ``local_epochs - ditto_epochs``
+    epochs a round; each silo's personal model trains ``ditto_epochs`` a round towards that round's global model
+    ``w^t``. The personal models never reach the global one, so they train after the federation, each round's
+    ``w^t`` in turn (the same updates as interleaved; the accountant's composition does not depend on order).
+    Global and personal training share the silo's accountant history (key ``silo<i>``). Returns the personal
+    models."""
+    starts: list[dict[str, np.ndarray]] = []
+    _federate(fedavg, trainer, initial, trains, config, 5, epochs=config.local_epochs - config.ditto_epochs,
+              starts=starts)
+    personal = []
+    for i, data in enumerate(trains):
+        v = initial
+        for r, w in enumerate(starts):
+            v = trainer.train(f"silo{i}", v, data, epochs=config.ditto_epochs, salt=6000 + r * 100 + i, anchor=w,
+                              lam=config.ditto_lambda)
+        personal.append(v)
+    return personal
 
 
 _RESULT_MARK = "UTILITY-RESULT "
@@ -488,6 +578,7 @@ def run_utility_bench(*, config: UtilityConfig | None = None, progress: bool = F
     # dice[(arm, privacy)][seed] = per-silo Dice list
     dice: dict[tuple[str, str], list[list[float]]] = {}
     spent: dict[str, float] = {}
+    spent_ditto: dict[str, float] = {}
     noise: dict[str, dict[str, float]] = {}
     seconds: dict[str, dict[str, float]] = {}
     for out in sorted(outcomes, key=lambda o: (settings.index(None if o["privacy"] == "no-DP" else
@@ -497,6 +588,8 @@ def run_utility_bench(*, config: UtilityConfig | None = None, progress: bool = F
         if "epsilon_spent" in out:
             spent[out["privacy"]] = max(spent.get(out["privacy"], 0.0), out["epsilon_spent"])
             noise.setdefault(out["privacy"], out["noise"])
+        if "epsilon_spent_ditto" in out:
+            spent_ditto[out["privacy"]] = max(spent_ditto.get(out["privacy"], 0.0), out["epsilon_spent_ditto"])
         seconds.setdefault(out["privacy"], out["seconds"])
     thresholds = [_threshold_job(config, seed) for seed in _seeds(config)]
     wall = time.perf_counter() - started
@@ -505,7 +598,7 @@ def run_utility_bench(*, config: UtilityConfig | None = None, progress: bool = F
         children.children_system - children_started.children_system)
     profiles = hard_profiles(config.silos, seed=0, train_sizes=config.train_sizes, n_test=config.test_cases)
     return _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, [p.name for p in profiles],
-                   [p.n_train for p in profiles])
+                   [p.n_train for p in profiles], spent_ditto)
 
 
 def _check(config: UtilityConfig) -> None:
@@ -535,12 +628,33 @@ def _check(config: UtilityConfig) -> None:
         raise ConfigError(f"--max-grad-norm {config.max_grad_norm} must be positive", fix="e.g. --max-grad-norm 0.1")
     if config.fedprox_mu <= 0:
         raise ConfigError(f"--fedprox-mu {config.fedprox_mu} must be positive", fix="e.g. --fedprox-mu 0.01")
+    _check_ditto(config)
     if isinstance(config.topk_fraction, bool) or not 0 < config.topk_fraction <= 1:
         raise ConfigError(f"--topk-fraction {config.topk_fraction} must be in (0, 1]", fix="e.g. --topk-fraction 0.01")
     for spec in config.compression:
         compression_spec(spec, config.topk_fraction)
     if len(set(config.compression)) != len(config.compression):
         raise ConfigError(f"--compression {','.join(config.compression)}: an arm twice", fix="name each arm once")
+
+
+def _check_ditto(config: UtilityConfig) -> None:
+    """Ditto's lambda: positive (0 is local-only training on a share of the budget: the ``local`` arm), finite,
+    and lambda x lr below 2 (1 + momentum) at every learning rate in use (heavy-ball SGD on the quadratic
+    ``lambda/2 ||v - w||^2`` diverges from there); its personal epochs: 1 .. local_epochs - 1."""
+    lam = config.ditto_lambda
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < float("inf"):
+        raise ConfigError(f"--ditto-lambda {lam!r} must be a positive number",
+                          fix="e.g. --ditto-lambda 0.1 (lambda 0 is local-only training: the local arm)")
+    lrs = [config.lr, *([config.dp_lr] if config.epsilons else [])]
+    limit = 2 * (1 + config.momentum)
+    if max(lrs) * lam >= limit:
+        raise ConfigError(f"--ditto-lambda {lam:g} x lr {max(lrs):g} is {max(lrs) * lam:g}, at or above "
+                          f"2 (1 + momentum) = {limit:g}: SGD on the proximal term diverges",
+                          fix=f"use --ditto-lambda below {limit / max(lrs):g}")
+    e = config.ditto_epochs
+    if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e < config.local_epochs:
+        raise ConfigError(f"--ditto-epochs {e!r} must be 1 .. local epochs - 1 ({config.local_epochs - 1})",
+                          fix="give the personal model some of each round's local epochs and the global model the rest")
 
 
 def _row(case: str, metric: str, value: float | None, baseline: str | None = None,
@@ -554,7 +668,8 @@ def _row(case: str, metric: str, value: float | None, baseline: str | None = Non
             "baseline": baseline, "ratio": ratio}
 
 
-def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, sizes) -> dict[str, Any]:
+def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, sizes,
+            spent_ditto=None) -> dict[str, Any]:
     import monai
     import opacus
     import torch
@@ -574,7 +689,7 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
     untrained = per_silo(("untrained", _privacy_name(None)))
     rows.append(_row("untrained (initial weights)", "dice mean", statistics.fmean(untrained)))
     compressed = [f"fedavg-{m}" for m in config.compression]
-    arms = ["pooled", "local", "fedavg", "fedprox", config.robust_rule, "personalized", *compressed]
+    arms = ["pooled", "local", "fedavg", "fedprox", config.robust_rule, "personalized", "ditto", *compressed]
     privacy_names = [_privacy_name(None), *(_privacy_name(e) for e in config.epsilons)]
     means: dict[tuple[str, str], float] = {}
     for pname in privacy_names:
@@ -585,19 +700,21 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
             means[(arm, pname)] = statistics.fmean(values)
             case = f"{arm} {pname}"
             ref_case, ref = (base_case, base) if arm != "pooled" else (None, None)
-            if arm == "personalized" or arm in compressed:
+            if arm in ("personalized", "ditto") or arm in compressed:
                 ref_case, ref = f"fedavg {pname}", per_silo(("fedavg", pname))
             for i, name in enumerate(names):
                 rows.append(_row(case, f"dice {name}", values[i], ref_case, ref[i] if ref else None))
             rows.append(_row(case, "dice mean", means[(arm, pname)], ref_case, statistics.fmean(ref) if ref else None))
-        fed, pers = per_silo(("fedavg", pname)), per_silo(("personalized", pname))
-        for i, name in enumerate(names):
-            rows.append(_row(f"personalization gain {pname}", f"dice points {name}", (pers[i] - fed[i]) * 100))
+        fed = per_silo(("fedavg", pname))
+        for case, arm in (("personalization gain", "personalized"), ("ditto gain", "ditto")):
+            pers = per_silo((arm, pname))
+            for i, name in enumerate(names):
+                rows.append(_row(f"{case} {pname}", f"dice points {name}", (pers[i] - fed[i]) * 100))
 
     goals: dict[str, Any] = {}
     nodp = _privacy_name(None)
     local = per_silo(("local", nodp))
-    for arm in ("fedavg", "fedprox", config.robust_rule, "personalized"):
+    for arm in ("fedavg", "fedprox", config.robust_rule, "personalized", "ditto"):
         gap = (means[("pooled", nodp)] - means[(arm, nodp)]) * 100
         fed = per_silo((arm, nodp))
         beats = sum(f > lo for f, lo in zip(fed, local))
@@ -649,10 +766,16 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
         "budget": f"every arm {config.rounds * config.local_epochs} epochs of each silo's data (pooled: of the union)",
         "epsilons": list(config.epsilons), "delta": config.delta, "max_grad_norm": config.max_grad_norm,
         "epsilon_spent": {k: round(v, 3) for k, v in spent.items()},
+        "epsilon_spent_ditto": {k: round(v, 3) for k, v in (spent_ditto or {}).items()},
         "noise_multipliers_fedavg": noise,
         "fedprox_mu": config.fedprox_mu, "robust_rule": config.robust_rule, "robust_rule_f": 1,
         "personalization": "FedAvg for rounds-1 rounds, then local_epochs of local fine-tuning at each silo: the same "
                            "compute and privacy budget as fedavg ((rounds-1)/rounds of the steps federated, 1/rounds fine-tuning)",
+        "ditto": {"lambda": config.ditto_lambda, "personal_epochs_per_round": config.ditto_epochs,
+                  "global_epochs_per_round": config.local_epochs - config.ditto_epochs,
+                  "how": "Ditto (Li et al. 2021, arXiv:2012.04221): FedAvg of the global model alongside a personal "
+                         "model per silo trained with lambda/2 ||v - w^t||^2; each round's local epochs split between "
+                         "the two; under DP one accountant history per silo over both (same epsilon)"},
         "threshold": {"raw_per_seed": [round(t["raw"]["threshold"], 4) for t in thresholds],
                       "preprocessed_per_seed": [round(t["preprocessed"]["threshold"], 4) for t in thresholds],
                       "chosen": "global, best mean Dice on the pooled training data (non-private)"},
@@ -673,7 +796,7 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
 def add_bench_command(bsub) -> None:
     """``fedsilo bench utility`` (registered by fedsilo.bench_cli.BENCH_MODULES)."""
     d = UtilityConfig()
-    p = bsub.add_parser("utility", help="Dice of pooled, local-only, FedAvg, FedProx, robust and personalized "
+    p = bsub.add_parser("utility", help="Dice of pooled, local-only, FedAvg, FedProx, robust, personalized and Ditto "
                                         "(and, with --compression, FedAvg with int8/top-k updates) "
                                         "training on hard non-IID silos, without DP and at several epsilons")
     p.add_argument("--silos", type=int, default=d.silos, help=f"silos (default {d.silos})")
@@ -692,6 +815,11 @@ def add_bench_command(bsub) -> None:
                    help=f"DP-SGD per-sample clipping norm (default {d.max_grad_norm})")
     p.add_argument("--epsilons", default=",".join(f"{e:g}" for e in d.epsilons), help="DP settings (default 1,3,8)")
     p.add_argument("--fedprox-mu", type=float, default=d.fedprox_mu)
+    p.add_argument("--ditto-lambda", type=float, default=d.ditto_lambda,
+                   help=f"Ditto's proximal weight lambda, > 0 (default {d.ditto_lambda})")
+    p.add_argument("--ditto-epochs", type=int, default=d.ditto_epochs,
+                   help=f"of each round's local epochs, those Ditto gives each silo's personal model; the rest train "
+                        f"the global model (default {d.ditto_epochs})")
     p.add_argument("--robust-rule", default=d.robust_rule)
     p.add_argument("--seeds", type=int, default=d.seeds, help=f"repetitions (default {d.seeds})")
     p.add_argument("--first-seed", type=int, default=d.first_seed,
@@ -746,6 +874,7 @@ def _utility(args) -> int:
         dp_batch_size=args.dp_batch_size, lr=args.lr, dp_lr=args.dp_lr,
         max_grad_norm=args.max_grad_norm,
         epsilons=_numbers(args.epsilons, "epsilons", float) or (), fedprox_mu=args.fedprox_mu,
+        ditto_lambda=args.ditto_lambda, ditto_epochs=args.ditto_epochs,
         robust_rule=args.robust_rule, seeds=args.seeds, first_seed=args.first_seed, threads=args.threads,
         workers=args.workers,
         preprocess=args.preprocess, server_optimizer=args.server_optimizer, server_lr=args.server_lr,

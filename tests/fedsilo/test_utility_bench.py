@@ -12,8 +12,9 @@ from fedsilo.utility_bench import UtilityConfig, run_utility_bench
 
 KEYS = {"case", "metric", "value", "baseline", "ratio"}
 # batch 16 >= every silo (and the pooled 16 cases): sample rate 1, so the noise search is instant (RDP in closed form).
-TINY = UtilityConfig(silos=2, train_sizes=(6, 10), test_cases=3, size=16, rounds=2, local_epochs=1, batch_size=16,
-                     dp_batch_size=16,
+# local_epochs 2: Ditto gives 1 of them to the personal model, 1 to the global one.
+TINY = UtilityConfig(silos=2, train_sizes=(6, 10), test_cases=3, size=16, rounds=2, local_epochs=2, batch_size=16,
+                     dp_batch_size=16, ditto_epochs=1,
                      epsilons=(8.0,), channels=(4, 8), strides=(2,), seeds=1, workers=2, compression=("int8", "topk"))
 
 
@@ -31,7 +32,7 @@ def test_tiny_run_has_every_arm_privacy_and_silo(tiny_result) -> None:
         if row["baseline"] is None:
             assert row["ratio"] is None
         by_key[(row["case"], row["metric"])] = row
-    for arm in ("pooled", "local", "fedavg", "fedprox", "trimmed_mean", "personalized"):
+    for arm in ("pooled", "local", "fedavg", "fedprox", "trimmed_mean", "personalized", "ditto"):
         for privacy in ("no-DP", "eps=8"):
             for metric in ("dice silo0", "dice silo1", "dice mean"):
                 row = by_key[(f"{arm} {privacy}", metric)]
@@ -45,12 +46,94 @@ def test_tiny_run_has_every_arm_privacy_and_silo(tiny_result) -> None:
     pers, fed = by_key[("personalized eps=8", "dice silo1")]["value"], by_key[("fedavg eps=8", "dice silo1")]["value"]
     assert gain == pytest.approx((pers - fed) * 100, abs=0.05)
     goals = result["params"]["goals"]
-    assert set(goals) == {"fedavg", "fedprox", "trimmed_mean", "personalized", "fedavg-int8", "fedavg-topk"}
+    assert set(goals) == {"fedavg", "fedprox", "trimmed_mean", "personalized", "ditto", "fedavg-int8", "fedavg-topk"}
     assert {"points_behind_pooled", "within_2_points", "silos_beating_their_local_model", "eps8_within_3_points"} <= set(goals["fedavg"])
     assert ("threshold (global, raw intensities)", "dice mean") in by_key and ("total", "wall_seconds") in by_key
     assert ("threshold (global, after NormalizeIntensity)", "dice mean") in by_key
     # Both settings ran (in two worker processes: workers=2) and came back whole.
     assert set(result["params"]["arm_seconds"]) == {"no-DP", "eps=8"}
+
+
+def test_ditto_reports_each_silo_against_fedavg_and_local(tiny_result) -> None:
+    rows = {(r["case"], r["metric"]): r for r in tiny_result["rows"]}
+    for privacy in ("no-DP", "eps=8"):
+        for silo in ("silo0", "silo1"):
+            ditto, fed = rows[(f"ditto {privacy}", f"dice {silo}")], rows[(f"fedavg {privacy}", f"dice {silo}")]
+            assert 0.0 <= ditto["value"] <= 1.0
+            if ditto["ratio"] is not None:
+                assert ditto["baseline"] == f"fedavg {privacy}"
+                assert ditto["ratio"] == pytest.approx(ditto["value"] / fed["value"], rel=1e-3)
+            gain = rows[(f"ditto gain {privacy}", f"dice points {silo}")]["value"]
+            assert gain == pytest.approx((ditto["value"] - fed["value"]) * 100, abs=0.05)
+    goal = tiny_result["params"]["goals"]["ditto"]
+    beats = sum(rows[("ditto no-DP", f"dice {s}")]["value"] > rows[("local no-DP", f"dice {s}")]["value"]
+                for s in ("silo0", "silo1"))
+    assert goal["silos_beating_their_local_model"] == beats  # rounded values: equal unless a tie at 4 places
+    behind = (rows[("pooled no-DP", "dice mean")]["value"] - rows[("ditto no-DP", "dice mean")]["value"]) * 100
+    assert goal["points_behind_pooled"] == pytest.approx(behind, abs=0.05)
+    gap8 = (rows[("ditto no-DP", "dice mean")]["value"] - rows[("ditto eps=8", "dice mean")]["value"]) * 100
+    assert goal["eps8_points_behind_nodp"] == pytest.approx(gap8, abs=0.05)
+    assert tiny_result["params"]["ditto"]["personal_epochs_per_round"] == 1
+    assert tiny_result["params"]["ditto"]["global_epochs_per_round"] == 1
+
+
+def test_ditto_spends_the_same_epsilon_over_global_and_personal_training(tiny_result) -> None:
+    # Global and personal DP-SGD share each silo's accountant history: all of it composes to the target, not more.
+    spent = tiny_result["params"]["epsilon_spent_ditto"]["eps=8"]
+    assert spent == pytest.approx(8.0, rel=0.03) and spent <= 8.0 + 1e-6
+
+
+def test_ditto_training_accounts_every_epoch_and_keeps_personal_models() -> None:
+    # Each silo: rounds x (local_epochs - ditto_epochs) global + rounds x ditto_epochs personal epochs, all on one
+    # history of rounds x local_epochs epochs' steps (sample rate 1 here: one step per epoch); the personal
+    # models differ from the global model and from each other.
+    from coordinator.aggregation import build_rule
+    from fedsilo.utility_bench import _ditto, _federate, _plan, _silo_data, _state, _Trainer
+    from pipelines.networks import build_network
+
+    config = UtilityConfig(silos=2, train_sizes=(4, 6), test_cases=1, size=16, rounds=2, local_epochs=3,
+                           ditto_epochs=1, batch_size=8, dp_batch_size=8, channels=(4, 8), strides=(2,))
+    plan = _plan(config, 8.0)
+    _, _, _, trains, _ = _silo_data(config, 0, plan)
+    initial = _state(build_network(plan, seed=0))
+    trainer = _Trainer(plan, 5)
+    personal = _ditto(trainer, initial, trains, config, build_rule("fedavg", {}))
+    for key in ("silo0", "silo1"):
+        assert sum(int(h[2]) for h in trainer.history[key]) == config.rounds * config.local_epochs
+        assert len(trainer.history[key]) == 2 * config.rounds  # a global and a personal training per round
+        assert trainer.epsilon[key] == pytest.approx(8.0, rel=0.03)
+    glob = _federate(build_rule("fedavg", {}), _Trainer(plan, 5), initial, trains, config, 5, epochs=2)[0]
+    name = next(k for k in initial if k.endswith("weight"))
+    assert not np.array_equal(personal[0][name], personal[1][name])
+    assert not np.array_equal(personal[0][name], glob[name])
+
+
+@pytest.mark.parametrize("eps", [None, 8.0])
+def test_ditto_proximal_term_pulls_the_personal_model_to_the_global_one(eps) -> None:
+    # The same training from the same start, the anchor w elsewhere: lambda 1 ends much nearer w than lambda 1e-6,
+    # which matches no anchor at all; with DP too (the term goes in after Opacus' noise, at the wrapped
+    # optimizer). The hook is gone afterwards.
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    from fedsilo.utility_bench import _plan, _silo_data, _state, _Trainer
+    from pipelines.networks import build_network
+
+    config = UtilityConfig(silos=2, train_sizes=(6, 10), test_cases=1, size=16, rounds=2, local_epochs=2,
+                           batch_size=16, dp_batch_size=16, channels=(4, 8), strides=(2,))
+    plan = _plan(config, eps)
+    _, _, _, trains, _ = _silo_data(config, 0, plan)
+    w, v0 = _state(build_network(plan, seed=1)), _state(build_network(plan, seed=2))
+    names = [n for n, _ in build_network(plan).named_parameters()]
+
+    def distance(lam):
+        state = _Trainer(plan, 0).train("silo0", v0, trains[0], epochs=4, salt=1, anchor=None if lam is None else w,
+                                        lam=lam or 0.0)
+        return float(np.sqrt(sum(((state[n] - w[n]) ** 2).sum() for n in names)))
+
+    free, tiny, pulled = distance(None), distance(1e-6), distance(1.0)
+    assert tiny == pytest.approx(free, rel=1e-3)
+    assert pulled < 0.6 * free
+    assert not _global_optimizer_pre_hooks
 
 
 def test_compressed_arms_are_reported_against_fedavg(tiny_result) -> None:
@@ -219,6 +302,15 @@ def test_first_seed_moves_the_seeds_a_run_uses(monkeypatch) -> None:
         (UtilityConfig(compression=("topk:x",)), "--compression 'topk:x': the top-k fraction must be in"),
         (UtilityConfig(compression=("int8", "int8")), "--compression int8,int8: an arm twice"),
         (UtilityConfig(compression=("topk",), topk_fraction=0.0), "--topk-fraction 0.0"),
+        (UtilityConfig(ditto_lambda=0.0), "--ditto-lambda 0.0 must be a positive number"),
+        (UtilityConfig(ditto_lambda=-1.0), "--ditto-lambda -1.0 must be a positive number"),
+        (UtilityConfig(ditto_lambda=float("nan")), "--ditto-lambda nan must be a positive number"),
+        (UtilityConfig(ditto_lambda=float("inf")), "--ditto-lambda inf must be a positive number"),
+        # DP lr 2.5 x lambda 2 = 5 >= 2 (1 + 0.9): divergent; without DP settings only lr 0.2 counts.
+        (UtilityConfig(ditto_lambda=2.0), "--ditto-lambda 2 x lr 2.5 is 5, at or above 2 .1 . momentum. = 3.8"),
+        (UtilityConfig(ditto_epochs=0), "--ditto-epochs 0 must be 1 .. local epochs - 1 .3."),
+        (UtilityConfig(ditto_epochs=4), "--ditto-epochs 4 must be"),
+        (UtilityConfig(local_epochs=1, ditto_epochs=1), "--ditto-epochs 1 must be 1 .. local epochs - 1 .0."),
     ],
 )
 def test_bad_config_is_refused_before_training(config, match) -> None:
@@ -242,3 +334,18 @@ def test_cli_refuses_an_unknown_compression_in_one_line(capsys) -> None:
     err = capsys.readouterr().err
     assert code == 2 and "--compression 'zip' is not known" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_ditto_lambda_below_the_dp_limit_passes_without_dp_settings() -> None:
+    from fedsilo.utility_bench import _check
+
+    _check(UtilityConfig(ditto_lambda=2.0, epsilons=()))  # lr 0.2 x 2 = 0.4: stable
+
+
+def test_cli_refuses_ditto_lambda_zero_with_exit_code_2(capsys) -> None:
+    from fedsilo.cli import main
+
+    code = main(["bench", "utility", "--ditto-lambda", "0", "--json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--ditto-lambda 0.0 must be a positive number" in err and "local arm" in err
+    assert "Traceback" not in err
