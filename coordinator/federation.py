@@ -38,6 +38,7 @@ from coordinator.progress import EVALUATED_IN_ROUND, EVALUATED_WITH_NEXT_ROUND, 
 from coordinator.run_state import RunSnapshot, save_snapshot
 from coordinator.server_optimizer import build_server_optimizer
 from coordinator.validation import Expectation, UpdateRejected, validate_reply
+from fedsilo.envelope import EnvelopeError, is_sealed, open_content, seal
 from fedsilo import protocol as P
 from fedsilo.errors import DeploymentError, FedsiloError, VerificationError
 from pipelines.plan import Plan
@@ -173,7 +174,7 @@ class FederatedRun:
                 cosign = evaluate.note
             if cosign is not None and node in self.node_site:
                 content[P.WITNESS] = self._witness_request(self.node_site[node], cosign)
-            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+            messages.append(Message(content=seal(content), message_type=message_type, dst_node_id=node))  # one object (fedsilo.envelope)
         return messages
 
     def _send_and_receive(self, messages: list, timeout_s: float) -> list:
@@ -200,7 +201,8 @@ class FederatedRun:
             if pending:
                 time.sleep(interval)
         order = {mid: i for i, mid in enumerate(ids)}  # replies in the order the messages went out: a deterministic aggregation
-        return sorted(replies, key=lambda r: order.get(r.metadata.reply_to_message_id, len(order)))
+        sent = dict(zip(ids, messages))
+        return sorted((_opened(r, sent) for r in replies), key=lambda r: order.get(r.metadata.reply_to_message_id, len(order)))
 
     # --- signed checkpoints, witnessed by the silos -----------------------------------
 
@@ -527,6 +529,24 @@ class FederatedRun:
             optimizer_state=self.optimizer.state_dict(), rounds=self.state.rounds, node_site=self.node_site, witnessed_size=self.witnessed_size))
         self.audit.append(EventType.STATE_SAVED, actor=self.actor, object={"type": "state", "id": f"round-{row['round']}", "sha256": snap.file_sha256},
                           run_id=self.run_id, round=row["round"], details={"model_sha256": snap.model_sha256, "optimizer": self.optimizer.name})
+
+
+def _opened(reply, sent: dict):
+    """``reply`` with its sealed content opened (fedsilo.envelope); one that cannot be opened becomes an error reply
+    from its node, which the round audits as a rejected update like any other refusal."""
+    from flwr.app import Error, Message, RecordDict
+
+    if reply.has_error() or not reply.has_content() or not is_sealed(reply.content):
+        return reply
+    try:
+        reply.content = open_content(reply.content)
+    except EnvelopeError as exc:
+        original = sent.get(reply.metadata.reply_to_message_id)
+        if original is None:  # not a reply to these messages (Flower pulls only those): nothing of it is read
+            reply.content = RecordDict()
+            return reply
+        return Message(Error(P.ERR_BAD_INPUT, f"reply envelope: {exc}"), reply_to=original)
+    return reply
 
 
 def _wire_size(content) -> int:

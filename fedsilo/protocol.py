@@ -10,6 +10,8 @@ IDENTITY = "identity"  # ConfigRecord from silos: SITE, and in train replies RUN
 WITNESS = "witness"  # ConfigRecord to silos: CHECKPOINT, PROOF, OLD_SIZE; from silos: COSIGNED
 EVALUATE = "evaluate"  # ConfigRecord in a train message: ROUND, the round whose model (the one carried) to evaluate first
 EVALUATION = "evaluation"  # MetricRecord in a train reply: that evaluation's metrics (numeric, allow-listed keys only)
+# A plain round's whole content, sealed into one ConfigRecord holding one bytes value (fedsilo.envelope), both ways.
+ENVELOPE = "envelope"
 
 PLAN_YAML = "plan-yaml"
 PLAN_HASH = "plan-hash"

@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from compliance import AuditLog, EventType
 from fedsilo import protocol as P
+from fedsilo.envelope import EnvelopeError, is_sealed, open_content, seal
 from fedsilo.errors import ConfigError, DataError, FedsiloError, RefusalError
 from silo_agent.egress import check_arrays, check_metrics
 from silo_agent.secure_aggregation import secure_aggregation_mod
@@ -67,11 +68,15 @@ def _handle(msg: Message, context: Context, kind: str) -> Message:
     _set_threads(context.node_config.get("threads"))
     actor = site.actor()
     with AuditLog.open(site.audit_dir, source="silo-agent") as audit:
+        sealed, unopened = _open(msg)
         run_id, round_ = _run_and_round(msg)
         try:
+            if unopened is not None:
+                raise RefusalError(f"the coordinator's message cannot be opened: {unopened}")
             handler = _train if kind == "train" else _evaluate
             content = handler(msg, site, audit, actor)
-            return Message(content, reply_to=msg)
+            # A sealed message is answered sealed (one object on the wire); an unsealed one (SecAgg+) as it came.
+            return Message(seal(content) if sealed else content, reply_to=msg)
         except FedsiloError as exc:
             refused = isinstance(exc, RefusalError)
             # Data errors name local files, and hospital paths can carry patient names: the full text
@@ -89,6 +94,19 @@ def _handle(msg: Message, context: Context, kind: str) -> Message:
             audit.append(EventType.RUN_FAILED, actor=actor, run_id=run_id or None, round=round_ or None,
                          outcome="failure", reason=f"internal error ({type(exc).__name__})")
             return Message(Error(P.ERR_INTERNAL, f"{site.site_id}: internal error ({type(exc).__name__}); see the site's logs/silo.log"), reply_to=msg)
+
+
+def _open(msg: Message) -> tuple[bool, EnvelopeError | None]:
+    """Open a sealed message's content in place (fedsilo.envelope); returns whether it was sealed, and why it could not
+    be opened (its content is then emptied: nothing of it is read)."""
+    if not msg.has_content() or not is_sealed(msg.content):
+        return False, None
+    try:
+        msg.content = open_content(msg.content)
+    except EnvelopeError as exc:
+        msg.content = RecordDict()
+        return False, exc
+    return True, None
 
 
 def _run_and_round(msg: Message) -> tuple[str, int]:

@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from compliance import AuditLog, verify_log
 from coordinator.federation import FederatedRun
 from fedsilo import protocol as P
+from fedsilo.envelope import is_sealed, open_content, seal
 from fedsilo.wire import pack
 from fedsilo.errors import ConfigError, FedsiloError
 from pipelines.plan import parse_plan
@@ -56,6 +57,8 @@ class LoopbackGrid:
         self.nodes, self.silo = nodes, silo
         self.replies: dict[str, Message] = {}
         self.pushed = 0
+        self.sealed: list[bool] = []  # per message pushed: whether it came sealed (fedsilo.envelope)
+        self.seal_reply = seal
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -67,6 +70,9 @@ class LoopbackGrid:
             msg.metadata.__dict__["_message_id"] = f"m{self.pushed}"
             ids.append(msg.metadata.message_id)
             node = msg.metadata.dst_node_id
+            sealed = is_sealed(msg.content) or getattr(msg, "was_sealed", False)  # opened and answered sealed, as a silo does
+            self.sealed.append(sealed)
+            msg.content = open_content(msg.content)
             if msg.metadata.message_type == "train":
                 content = self.silo(node, msg)
                 if isinstance(content, RecordDict) and P.EVALUATE in msg.content:  # the previous round's model, evaluated first
@@ -76,6 +82,8 @@ class LoopbackGrid:
                                       P.IDENTITY: ConfigRecord({P.SITE: f"hospital{node}"})})
             if content is None:
                 continue
+            if sealed and isinstance(content, RecordDict):
+                content = self.seal_reply(content)
             reply = Message(content, reply_to=msg)  # its src_node_id is the node the message went to
             if isinstance(content, Error) and content.code not in SILO_ERRORS:
                 reply.metadata.__dict__["_src_node_id"] = self.SUPERLINK
@@ -140,6 +148,29 @@ def test_each_bad_update_is_rejected_audited_and_the_round_goes_on(tmp_path):
     # Only the two honest updates moved the model (FedAvg of two equal deltas, server lr 1).
     for name in INITIAL:
         np.testing.assert_allclose(driver.global_state[name], GOOD[name], rtol=1e-6)
+
+
+def test_plain_rounds_travel_sealed_both_ways_and_an_unopenable_reply_is_rejected_and_audited(tmp_path):
+    """Every train message of a plain round leaves as one envelope (fedsilo.envelope); the silos' sealed replies are
+    opened and validated as before; a reply whose envelope cannot be opened is audited as a rejected update, with the
+    reason, and the round goes on with the others."""
+    text = plan_text()
+    grid = LoopbackGrid([1, 2, 3], honest)
+    grid.seal_reply = lambda content: (RecordDict({P.ENVELOPE: ConfigRecord({P.ENVELOPE: b"\xff\xff not flower records"})})
+                                       if content[P.IDENTITY][P.SITE] == "hospital3" else seal(content))
+    driver = FederatedRun(grid, parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1", {k: v.copy() for k, v in INITIAL.items()})
+    try:
+        driver.execute()
+    finally:
+        driver.audit.close()
+    assert grid.sealed and all(grid.sealed)  # the train messages and the last round's evaluate messages
+    with AuditLog.open(tmp_path / "run" / "audit", read_only=True) as log:
+        records = list(log.records())
+    received = sorted(r["details"]["site"] for r in records if r["event"] == "update.received")
+    assert received == ["hospital1", "hospital2"]
+    rejected = [r for r in records if r["event"] == "update.rejected"]
+    assert len(rejected) == 1 and rejected[0]["reason"].startswith("reply envelope: the envelope does not decode")
+    assert driver.state.rounds[0]["replied"] == 2
 
 
 def test_clipping_instead_of_rejecting(tmp_path):
@@ -224,6 +255,9 @@ class RecordingGrid(LoopbackGrid):
             raise RuntimeError("the ServerApp died")
         from fedsilo.wire import unpack_record
 
+        for m in messages:
+            m.was_sealed = is_sealed(m.content)
+            m.content = open_content(m.content)  # as a silo reads it; LoopbackGrid answers it sealed all the same
         self.pushes.append([(m.metadata.message_type, int(m.content[P.CONFIG][P.ROUND]), m.metadata.dst_node_id,
                              int(m.content[P.EVALUATE][P.ROUND]) if P.EVALUATE in m.content else None) for m in messages])
         for m in messages:
@@ -337,6 +371,7 @@ def test_a_silo_that_refuses_the_next_rounds_training_is_asked_for_its_evaluatio
 def test_evaluation_figures_are_filed_under_the_nodes_known_site_and_only_finite_ones(tmp_path):
     """A reply cannot file figures under another site's name, and NaN or Inf never reach metrics.json."""
     grid = RecordingGrid([1, 2], honest)
+    grid.seal_reply = lambda content: content  # replies edited below, after the silo answered: left unsealed
     original = grid.push_messages
 
     def push(messages):

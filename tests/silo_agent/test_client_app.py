@@ -361,3 +361,34 @@ def test_a_site_holding_a_checkpoint_the_coordinator_never_heard_back_about_cosi
         assert cosigned.startswith(second)
         with pytest.raises(RefusalError, match="malformed consistency proof"):
             _witness(ConfigRecord({**stale, P.OTHER_PROOFS: [b"\x00" * 9]}), site, silo_log, site.actor(), "run1", 2)
+
+
+def test_a_sealed_train_message_is_answered_sealed_with_the_same_records(tmp_path):
+    """The coordinator seals a plain round's content into one envelope (fedsilo.envelope); the silo opens it, checks it
+    as before, and seals its reply, which opens to the update, metrics and identity the egress guard checked."""
+    from fedsilo.envelope import is_sealed, open_content, seal
+
+    site = init_site(tmp_path / "site", "hospital0")
+    add_officer(site, "j.smith")
+    site = register_dataset(site, "ct", task="seg3d", datalist=write_tiny_datalist(tmp_path / "data", cases=3))
+    raw = {**PLAN, "training": {"local_epochs": 1, "batch_size": 2}}
+    approve(site, raw)
+    msg = _asking_evaluation(raw, 1)
+    msg.content = seal(msg.content)
+    reply = train(msg, context(site.root))
+    assert not reply.has_error(), reply.error.reason
+    assert is_sealed(reply.content)
+    opened = open_content(reply.content)
+    assert set(opened.keys()) == {P.ARRAYS, P.METRICS, P.IDENTITY, P.EVALUATION}
+    assert opened[P.IDENTITY][P.SITE] == "hospital0" and opened[P.METRICS][P.NUM_EXAMPLES] == 2
+
+
+def test_a_message_whose_envelope_cannot_be_opened_is_refused_and_audited(site):
+    approve(site)
+    msg = Message(content=RecordDict({P.ENVELOPE: ConfigRecord({P.ENVELOPE: b"\xff\xff DOE^JANE"})}), message_type="train", dst_node_id=1)
+    reply = train(msg, context(site.root))
+    assert reply.has_error() and reply.error.code == P.ERR_REFUSED
+    assert "cannot be opened: the envelope does not decode as Flower records" in reply.error.reason
+    assert "DOE" not in reply.error.reason
+    refused = [r for r in audit_events(site) if r["event"] == "plan.refused"]
+    assert len(refused) == 1 and "cannot be opened" in refused[0]["reason"]
