@@ -340,6 +340,8 @@ def test_ditto_lambda_below_the_dp_limit_passes_without_dp_settings() -> None:
     from fedsilo.utility_bench import _check
 
     _check(UtilityConfig(ditto_lambda=2.0, epsilons=()))  # lr 0.2 x 2 = 0.4: stable
+    # The defaults, chosen on seeds 10..13: lambda 0.1, 2 of the 4 local epochs to the personal model.
+    assert (UtilityConfig().ditto_lambda, UtilityConfig().ditto_epochs, UtilityConfig().local_epochs) == (0.1, 2, 4)
 
 
 def test_cli_refuses_ditto_lambda_zero_with_exit_code_2(capsys) -> None:
