@@ -656,6 +656,9 @@ def _check_ditto(config: UtilityConfig) -> None:
                           f"2 (1 + momentum) = {limit:g}: SGD on the proximal term diverges",
                           fix=f"use --ditto-lambda below {limit / max(lrs):g}")
     e = config.ditto_epochs
+    if config.local_epochs < 2:
+        raise ConfigError(f"--local-epochs {config.local_epochs} leaves the ditto arm no epoch to split between its global "
+                          "and personal models", fix="use --local-epochs 2 or more")
     if isinstance(e, bool) or not isinstance(e, int) or not 1 <= e < config.local_epochs:
         raise ConfigError(f"--ditto-epochs {e!r} must be 1 .. local epochs - 1 ({config.local_epochs - 1})",
                           fix="give the personal model some of each round's local epochs and the global model the rest")

@@ -310,7 +310,7 @@ def test_first_seed_moves_the_seeds_a_run_uses(monkeypatch) -> None:
         (UtilityConfig(ditto_lambda=2.0), "--ditto-lambda 2 x lr 2.5 is 5, at or above 2 .1 . momentum. = 3.8"),
         (UtilityConfig(ditto_epochs=0), "--ditto-epochs 0 must be 1 .. local epochs - 1 .3."),
         (UtilityConfig(ditto_epochs=4), "--ditto-epochs 4 must be"),
-        (UtilityConfig(local_epochs=1, ditto_epochs=1), "--ditto-epochs 1 must be 1 .. local epochs - 1 .0."),
+        (UtilityConfig(local_epochs=1, ditto_epochs=1), "--local-epochs 1 leaves the ditto arm no epoch to split"),
     ],
 )
 def test_bad_config_is_refused_before_training(config, match) -> None:
