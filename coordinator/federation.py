@@ -38,7 +38,7 @@ from coordinator.progress import EVALUATED_IN_ROUND, EVALUATED_WITH_NEXT_ROUND, 
 from coordinator.run_state import RunSnapshot, save_snapshot
 from coordinator.server_optimizer import build_server_optimizer
 from coordinator.validation import Expectation, UpdateRejected, validate_reply
-from fedsilo.envelope import EnvelopeError, is_sealed, open_content, seal
+from fedsilo.envelope import FROM_SILO, EnvelopeError, is_sealed, open_content, seal
 from fedsilo import protocol as P
 from fedsilo.errors import DeploymentError, FedsiloError, VerificationError
 from pipelines.plan import Plan
@@ -177,8 +177,10 @@ class FederatedRun:
             messages.append(Message(content=seal(content), message_type=message_type, dst_node_id=node))  # one object (fedsilo.envelope)
         return messages
 
-    def _send_and_receive(self, messages: list, timeout_s: float) -> list:
-        """Push ``messages`` and collect the replies that arrive within ``timeout_s``.
+    def _send_and_receive(self, messages: list, timeout_s: float, *, unseal: bool = True) -> list:
+        """Push ``messages`` and collect the replies that arrive within ``timeout_s``, sealed ones opened
+        (fedsilo.envelope) unless ``unseal`` is False (SecAgg+ stages: a sealed reply there stays sealed, and is
+        refused as malformed).
 
         Flower's ``Grid.send_and_receive`` checks for replies every 3 s (this does the same through
         the same public Grid calls); a coordinator started with fedsilo's Flower tuning
@@ -202,7 +204,7 @@ class FederatedRun:
                 time.sleep(interval)
         order = {mid: i for i, mid in enumerate(ids)}  # replies in the order the messages went out: a deterministic aggregation
         sent = dict(zip(ids, messages))
-        return sorted((_opened(r, sent) for r in replies), key=lambda r: order.get(r.metadata.reply_to_message_id, len(order)))
+        return sorted((_opened(r, sent) if unseal else r for r in replies), key=lambda r: order.get(r.metadata.reply_to_message_id, len(order)))
 
     # --- signed checkpoints, witnessed by the silos -----------------------------------
 
@@ -539,7 +541,7 @@ def _opened(reply, sent: dict):
     if reply.has_error() or not reply.has_content() or not is_sealed(reply.content):
         return reply
     try:
-        reply.content = open_content(reply.content)
+        reply.content = open_content(reply.content, FROM_SILO)
     except EnvelopeError as exc:
         original = sent.get(reply.metadata.reply_to_message_id)
         if original is None:  # not a reply to these messages (Flower pulls only those): nothing of it is read

@@ -122,7 +122,7 @@ class _RoundGrid:
         from flwr.common.serde import recorddict_to_proto
 
         messages = list(messages)
-        replies = self.run._send_and_receive(messages, self.run.plan.federation.round_timeout_s)
+        replies = self.run._send_and_receive(messages, self.run.plan.federation.round_timeout_s, unseal=False)  # never sealed
         kept = []
         for reply in replies:
             if reply.has_error():

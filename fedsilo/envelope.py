@@ -13,8 +13,9 @@ objects: the message, its RecordDict and the envelope.
 Only contents up to :data:`MAX_SEALED_BYTES` are sealed: that is below Flower's 5 MiB array chunk size, so a
 sealed model would have travelled as one chunk anyway, while a larger one keeps Flower's chunked, de-duplicated
 transfer (the same model sent to every silo is then pushed once). The receiver opens an envelope with
-:func:`open_content`, which refuses anything but exactly one envelope of at most that size, and passes an
-unsealed content through unchanged: a SecAgg+ message is never sealed (Flower's ``secaggplus_mod`` reads its
+:func:`open_content`, which refuses anything but exactly one envelope of at most that size holding the records the
+protocol sends that way (:data:`TO_SILO`, :data:`FROM_SILO`), each of its kind and of bounded item counts, and
+passes an unsealed content through unchanged: a SecAgg+ message is never sealed (Flower's ``secaggplus_mod`` reads its
 records directly). The envelope is transport only: both sides check the opened records as before.
 """
 
@@ -24,6 +25,15 @@ from fedsilo import protocol as P
 
 #: Largest serialized content that is sealed (and the largest envelope a receiver opens): 4 MiB.
 MAX_SEALED_BYTES = 4 << 20
+#: What a receiver opens, checked on the parsed protobuf before any Flower record is built: the protocol's records,
+#: each of its kind, at most this many items per record and values per list (the protocol's largest list, a
+#: consistency proof, holds a few dozen hashes). Without them a 4 MiB envelope of a million empty items would be one
+#: request for its sender but seconds of CPU and hundreds of MB for the single-threaded round loop that opens it.
+TO_SILO = {P.ARRAYS: "array_record", P.CONFIG: "config_record", P.EVALUATE: "config_record", P.WITNESS: "config_record"}
+FROM_SILO = {P.ARRAYS: "array_record", P.METRICS: "metric_record", P.IDENTITY: "config_record",
+             P.EVALUATION: "metric_record", P.WITNESS: "config_record"}
+MAX_ITEMS = 64
+MAX_LIST = 4096
 
 
 class EnvelopeError(ValueError):
@@ -49,12 +59,12 @@ def is_sealed(content) -> bool:
     return P.ENVELOPE in content
 
 
-def open_content(content):
-    """The records a sealed ``content`` carries, or ``content`` unchanged when it is not sealed."""
+def open_content(content, allowed: dict[str, str]):
+    """The records a sealed ``content`` carries, or ``content`` unchanged when it is not sealed. ``allowed``: the
+    record names the receiver accepts and the kind of each (:data:`TO_SILO` or :data:`FROM_SILO`)."""
     from flwr.app import ConfigRecord
     from flwr.common.serde import recorddict_from_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-    from google.protobuf.message import DecodeError
 
     if not is_sealed(content):
         return content
@@ -69,17 +79,41 @@ def open_content(content):
     proto = ProtoRecordDict()
     try:
         proto.ParseFromString(blob)
-        keys = [item.key for item in proto.items]
-        if len(set(keys)) != len(keys):
-            raise EnvelopeError("the envelope names a record twice")
-        opened = recorddict_from_proto(proto)
-    except EnvelopeError:
-        raise
-    except (DecodeError, ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - DecodeError, or whatever else the parser raises on crafted bytes
         raise EnvelopeError(f"the envelope does not decode as Flower records ({type(exc).__name__})") from None
-    if is_sealed(opened):
-        raise EnvelopeError("an envelope inside an envelope")
-    return opened
+    _check_shape(proto, allowed)
+    try:
+        return recorddict_from_proto(proto)
+    except Exception as exc:  # noqa: BLE001 - whatever a crafted value provokes in Flower's decoder is one refusal
+        raise EnvelopeError(f"the envelope does not decode as Flower records ({type(exc).__name__})") from None
+
+
+def _check_shape(proto, allowed: dict[str, str]) -> None:
+    """Names, kinds and sizes of the parsed records (:data:`TO_SILO`, :data:`FROM_SILO`), before Flower builds them."""
+    names = [item.key for item in proto.items]
+    if len(set(names)) != len(names):
+        raise EnvelopeError("the envelope names a record twice")
+    for item in proto.items:
+        kind = item.WhichOneof("value")
+        if item.key not in allowed:
+            raise EnvelopeError(f"the envelope carries a record this side does not accept ({item.key[:40]!r})"
+                                if item.key != P.ENVELOPE else "an envelope inside an envelope")
+        if kind != allowed[item.key]:
+            raise EnvelopeError(f"record '{item.key}' is a {kind or 'record of no kind'}, not a {allowed[item.key]}")
+        record = getattr(item, kind)
+        if len(record.items) > MAX_ITEMS:
+            raise EnvelopeError(f"record '{item.key}' holds {len(record.items)} items, at most {MAX_ITEMS} are accepted")
+        keys = [entry.key for entry in record.items]
+        if len(set(keys)) != len(keys):
+            raise EnvelopeError(f"record '{item.key}' names an item twice")
+        for entry in record.items:
+            if kind == "array_record":
+                continue  # an Array is its bytes (bounded by the envelope) and a shape the receiver's checks read
+            field = entry.value.WhichOneof("value")
+            if field is None:
+                raise EnvelopeError(f"record '{item.key}' has an item with no value")
+            if field.endswith("_list") and len(getattr(entry.value, field).vals) > MAX_LIST:
+                raise EnvelopeError(f"record '{item.key}' has a list of more than {MAX_LIST} values")
 
 
 def _array_bytes(content) -> int:

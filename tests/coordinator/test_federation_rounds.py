@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from compliance import AuditLog, verify_log
 from coordinator.federation import FederatedRun
 from fedsilo import protocol as P
-from fedsilo.envelope import is_sealed, open_content, seal
+from fedsilo.envelope import TO_SILO, is_sealed, open_content, seal
 from fedsilo.wire import pack
 from fedsilo.errors import ConfigError, FedsiloError
 from pipelines.plan import parse_plan
@@ -72,7 +72,7 @@ class LoopbackGrid:
             node = msg.metadata.dst_node_id
             sealed = is_sealed(msg.content) or getattr(msg, "was_sealed", False)  # opened and answered sealed, as a silo does
             self.sealed.append(sealed)
-            msg.content = open_content(msg.content)
+            msg.content = open_content(msg.content, TO_SILO)
             if msg.metadata.message_type == "train":
                 content = self.silo(node, msg)
                 if isinstance(content, RecordDict) and P.EVALUATE in msg.content:  # the previous round's model, evaluated first
@@ -156,7 +156,9 @@ def test_plain_rounds_travel_sealed_both_ways_and_an_unopenable_reply_is_rejecte
     reason, and the round goes on with the others."""
     text = plan_text()
     grid = LoopbackGrid([1, 2, 3], honest)
-    grid.seal_reply = lambda content: (RecordDict({P.ENVELOPE: ConfigRecord({P.ENVELOPE: b"\xff\xff not flower records"})})
+    # A record the uplink accepts ('identity') whose item "x" sets no value: Flower's decoder raised AttributeError on it.
+    crafted = bytes.fromhex("0a110a086964656e7469747922050a030a0178")
+    grid.seal_reply = lambda content: (RecordDict({P.ENVELOPE: ConfigRecord({P.ENVELOPE: crafted})})
                                        if content[P.IDENTITY][P.SITE] == "hospital3" else seal(content))
     driver = FederatedRun(grid, parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1", {k: v.copy() for k, v in INITIAL.items()})
     try:
@@ -169,8 +171,24 @@ def test_plain_rounds_travel_sealed_both_ways_and_an_unopenable_reply_is_rejecte
     received = sorted(r["details"]["site"] for r in records if r["event"] == "update.received")
     assert received == ["hospital1", "hospital2"]
     rejected = [r for r in records if r["event"] == "update.rejected"]
-    assert len(rejected) == 1 and rejected[0]["reason"].startswith("reply envelope: the envelope does not decode")
+    assert len(rejected) == 1 and rejected[0]["object"]["id"] == "3"
+    assert rejected[0]["reason"] == "reply envelope: record 'identity' has an item with no value"
     assert driver.state.rounds[0]["replied"] == 2
+
+
+def test_secure_aggregation_stages_never_open_a_sealed_reply(tmp_path):
+    """SecAgg+ messages are never sealed, so a sealed reply to one stays sealed (and is refused as malformed by the
+    secure round's own checks): _send_and_receive opens replies only when asked to."""
+    text = plan_text()
+    grid = LoopbackGrid([1], honest)
+    driver = _driver(tmp_path, grid, text)
+    try:
+        sealed_reply = driver._send_and_receive(driver._messages([1], 1, "train"), 5, unseal=False)
+        opened_reply = driver._send_and_receive(driver._messages([1], 1, "train"), 5)
+    finally:
+        driver.audit.close()
+    assert is_sealed(sealed_reply[0].content)
+    assert not is_sealed(opened_reply[0].content) and P.ARRAYS in opened_reply[0].content
 
 
 def test_clipping_instead_of_rejecting(tmp_path):
@@ -257,7 +275,7 @@ class RecordingGrid(LoopbackGrid):
 
         for m in messages:
             m.was_sealed = is_sealed(m.content)
-            m.content = open_content(m.content)  # as a silo reads it; LoopbackGrid answers it sealed all the same
+            m.content = open_content(m.content, TO_SILO)  # as a silo reads it; LoopbackGrid answers it sealed all the same
         self.pushes.append([(m.metadata.message_type, int(m.content[P.CONFIG][P.ROUND]), m.metadata.dst_node_id,
                              int(m.content[P.EVALUATE][P.ROUND]) if P.EVALUATE in m.content else None) for m in messages])
         for m in messages:

@@ -366,7 +366,7 @@ def test_a_site_holding_a_checkpoint_the_coordinator_never_heard_back_about_cosi
 def test_a_sealed_train_message_is_answered_sealed_with_the_same_records(tmp_path):
     """The coordinator seals a plain round's content into one envelope (fedsilo.envelope); the silo opens it, checks it
     as before, and seals its reply, which opens to the update, metrics and identity the egress guard checked."""
-    from fedsilo.envelope import is_sealed, open_content, seal
+    from fedsilo.envelope import FROM_SILO, is_sealed, open_content, seal
 
     site = init_site(tmp_path / "site", "hospital0")
     add_officer(site, "j.smith")
@@ -378,17 +378,22 @@ def test_a_sealed_train_message_is_answered_sealed_with_the_same_records(tmp_pat
     reply = train(msg, context(site.root))
     assert not reply.has_error(), reply.error.reason
     assert is_sealed(reply.content)
-    opened = open_content(reply.content)
+    opened = open_content(reply.content, FROM_SILO)
     assert set(opened.keys()) == {P.ARRAYS, P.METRICS, P.IDENTITY, P.EVALUATION}
     assert opened[P.IDENTITY][P.SITE] == "hospital0" and opened[P.METRICS][P.NUM_EXAMPLES] == 2
 
 
-def test_a_message_whose_envelope_cannot_be_opened_is_refused_and_audited(site):
+@pytest.mark.parametrize("blob, why", [
+    (b"\xff\xff DOE^JANE", "the envelope does not decode as Flower records"),
+    # 17 bytes: a 'config' record whose item "x" sets no value (Flower's decoder raised AttributeError on it)
+    (bytes.fromhex("0a0f0a06636f6e66696722050a030a0178"), "record 'config' has an item with no value"),
+])
+def test_a_message_whose_envelope_cannot_be_opened_is_refused_and_audited(site, blob, why):
     approve(site)
-    msg = Message(content=RecordDict({P.ENVELOPE: ConfigRecord({P.ENVELOPE: b"\xff\xff DOE^JANE"})}), message_type="train", dst_node_id=1)
+    msg = Message(content=RecordDict({P.ENVELOPE: ConfigRecord({P.ENVELOPE: blob})}), message_type="train", dst_node_id=1)
     reply = train(msg, context(site.root))
     assert reply.has_error() and reply.error.code == P.ERR_REFUSED
-    assert "cannot be opened: the envelope does not decode as Flower records" in reply.error.reason
+    assert f"cannot be opened: {why}" in reply.error.reason
     assert "DOE" not in reply.error.reason
     refused = [r for r in audit_events(site) if r["event"] == "plan.refused"]
     assert len(refused) == 1 and "cannot be opened" in refused[0]["reason"]
