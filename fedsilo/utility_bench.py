@@ -80,8 +80,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -250,8 +249,8 @@ class _Trainer:
     def train(self, key: str, start: dict[str, np.ndarray], data, *, epochs: int, salt: int,
               anchor: dict[str, np.ndarray] | None = None, lam: float = 0.0) -> dict[str, np.ndarray]:
         """Train from ``start`` on ``data``; with ``anchor``, the loss gains ``lam/2 ||v - anchor||^2`` (Ditto's
-        personal objective, :func:`_proximal_pull`). Under DP every call with the same ``key`` (dataset) goes on
-        one accountant history."""
+        personal objective: :func:`pipelines.training.add_proximal_term` anchored at ``anchor``). Under DP every call
+        with the same ``key`` (dataset) goes on one accountant history."""
         from pipelines.networks import build_network
         from pipelines.training import plan_noise_multiplier, train_local
 
@@ -265,47 +264,13 @@ class _Trainer:
                 self.history[key] = []
             kwargs = {"history": self.history[key], "noise_multiplier": self.noise[key]}
         seed = int(np.random.SeedSequence([self.seed, salt, len(data)]).generate_state(1)[0]) & 0x7FFFFFFF
-        if anchor is None:
-            result = train_local(model, data, self.plan, epochs=epochs, seed=seed, **kwargs)
-        else:
-            with _proximal_pull(model, anchor, lam):
-                result = train_local(model, data, self.plan, epochs=epochs, seed=seed, **kwargs)
+        if anchor is not None:  # Ditto's personal objective: FedProx's term, anchored at the round's global model
+            kwargs.update(fedprox_mu=lam, proximal_anchor=anchor)
+        result = train_local(model, data, self.plan, epochs=epochs, seed=seed, **kwargs)
         if result.privacy is not None:
             self.history[key].append(result.privacy.entry)
             self.epsilon[key] = result.privacy.epsilon
         return {k: v.detach().cpu().numpy().copy() for k, v in result.state_dict.items()}
-
-
-@contextmanager
-def _proximal_pull(model, anchor: dict[str, np.ndarray], lam: float) -> Iterator[None]:
-    """While open, every step of a plain optimizer over ``model``'s parameters adds ``lam * (v - anchor)`` to
-    their gradients: the gradient of Ditto's ``lam/2 ||v - w||^2`` (``anchor`` is ``w``).
-
-    :func:`pipelines.training.train_local` builds its optimizer inside, so the term goes in through torch's
-    global step pre-hook, matched to this model's parameters by identity (no other optimizer is touched). Under
-    DP, Opacus' ``DPOptimizer`` replaces ``p.grad`` by the clipped, noised per-sample sum and then calls the
-    wrapped optimizer's ``step``: the hook skips the wrapper and adds the term at the wrapped optimizer, after
-    the noise, as :func:`pipelines.training.add_proximal_term` does for FedProx (post-processing, no privacy)."""
-    import torch
-    from torch.optim.optimizer import register_optimizer_step_pre_hook
-
-    targets = {id(p): torch.from_numpy(anchor[name].copy()) for name, p in model.named_parameters() if p.requires_grad}
-
-    def hook(optimizer, _args, _kwargs) -> None:
-        if hasattr(optimizer, "original_optimizer"):  # Opacus' DPOptimizer: its p.grad is about to be replaced
-            return
-        with torch.no_grad():
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    w = targets.get(id(p))
-                    if w is not None and p.grad is not None:
-                        p.grad.add_(p - w, alpha=lam)
-
-    handle = register_optimizer_step_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _dice(model, state, test, plan) -> float:

@@ -16,9 +16,10 @@ import functools
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -254,10 +255,13 @@ def _rdp_per_step(noise_multiplier: float, rate: float) -> tuple[float, ...]:
                                                 orders=RDPAccountant.DEFAULT_ALPHAS))
 
 
-def add_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Module, mu: float) -> None:
+def add_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Module, mu: float,
+                      anchor: Mapping[str, Any] | None = None) -> None:
     """FedProx (Li et al. 2020, arXiv:1812.06127, eq. 2): local objective ``loss + mu/2 * ||w - w_global||^2``.
 
-    ``w_global`` is ``model``'s weights now (the round's global model). The term's gradient
+    ``w_global`` is ``anchor`` (parameter name -> array or tensor) or, by default, ``model``'s weights now (the
+    round's global model). Ditto's personal objective (Li et al. 2021, arXiv:2012.04221) is the same term with the
+    anchor the round's global model while training a personal model from elsewhere. The term's gradient
     ``mu * (w - w_global)`` is added to every parameter's gradient just before each step of ``optimizer``
     (a step pre-hook), not to the loss: under DP-SGD, Opacus' optimizer replaces ``p.grad`` with the clipped,
     noised per-sample sum, and per-sample gradients come from the layers' activations, so a loss term on the
@@ -267,7 +271,8 @@ def add_proximal_term(optimizer: torch.optim.Optimizer, model: torch.nn.Module, 
     already the output of the DP mechanism and on the global model), so it costs no privacy (post-processing).
     Register the hook before ``PrivacyEngine.make_private`` wraps the optimizer.
     """
-    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+    anchors = [(p, p.detach().clone() if anchor is None else torch.as_tensor(anchor[name], dtype=p.dtype, device=p.device).clone())
+               for name, p in model.named_parameters() if p.requires_grad]
 
     def hook(_optimizer, _args, _kwargs) -> None:
         with torch.no_grad():
@@ -296,6 +301,7 @@ def train_local(
     seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
     fedprox_mu: float | None = None,
+    proximal_anchor: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` for the plan's local epochs.
 
@@ -311,7 +317,9 @@ def train_local(
         seed: seeds batch order and noise.
         on_epoch: called with (epoch, mean loss) after each epoch.
         fedprox_mu: override ``plan.training.fedprox_mu`` (FedProx's proximal weight; 0: none). The
-            proximal anchor is ``model``'s weights as passed in (the global model of the round).
+            proximal anchor is ``model``'s weights as passed in (the global model of the round), or
+        proximal_anchor: these weights (parameter name -> array), e.g. Ditto's global model while a personal
+            model trains.
     """
     if len(data) == 0:
         raise ConfigError("no training cases", fix="register a dataset with training cases")
@@ -326,7 +334,7 @@ def train_local(
     if mu < 0:
         raise ConfigError(f"fedprox_mu {mu} is negative", fix="use 0 (FedAvg) or a positive proximal weight")
     if mu > 0:
-        add_proximal_term(optimizer, model, mu)
+        add_proximal_term(optimizer, model, mu, proximal_anchor)
     loss_fn = make_loss(plan)
     engine = None
     start = time.perf_counter()

@@ -112,7 +112,7 @@ def test_ditto_training_accounts_every_epoch_and_keeps_personal_models() -> None
 def test_ditto_proximal_term_pulls_the_personal_model_to_the_global_one(eps) -> None:
     # The same training from the same start, the anchor w elsewhere: lambda 1 ends much nearer w than lambda 1e-6,
     # which matches no anchor at all; with DP too (the term goes in after Opacus' noise, at the wrapped
-    # optimizer). The hook is gone afterwards.
+    # optimizer: pipelines.training.add_proximal_term). No global optimizer hook is left behind.
     from torch.optim.optimizer import _global_optimizer_pre_hooks
 
     from fedsilo.utility_bench import _plan, _silo_data, _state, _Trainer

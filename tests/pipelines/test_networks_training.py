@@ -114,6 +114,21 @@ def test_proximal_term_adds_mu_times_the_drift_to_the_gradient_by_hand():
     assert layer.weight.detach().flatten().tolist() == pytest.approx([3.9, 3.9])
 
 
+def test_proximal_term_pulls_towards_a_given_anchor_by_name():
+    # Ditto: the anchor is another model's weights (the round's global model), by parameter name. Weight 4 anchored
+    # at 2 (not at its own 4): the step sees mu * (4 - 2) = 0.4, lr 0.5: w moves by -0.2.
+    from pipelines.training import add_proximal_term
+
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(4.0)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    add_proximal_term(optimizer, layer, 0.2, anchor={"weight": np.full((1, 2), 2.0, np.float32)})
+    layer.weight.grad = torch.zeros_like(layer.weight)
+    optimizer.step()
+    assert layer.weight.detach().flatten().tolist() == pytest.approx([3.8, 3.8])
+
+
 @pytest.mark.parametrize("private", [False, True], ids=["no-dp", "dp"])
 def test_fedprox_keeps_local_training_closer_to_the_global_model(private):
     # Same seed, same data and noise: a strong proximal weight must shrink the drift from the global weights,
