@@ -38,7 +38,7 @@ from coordinator.progress import EVALUATED_IN_ROUND, EVALUATED_WITH_NEXT_ROUND, 
 from coordinator.run_state import RunSnapshot, save_snapshot
 from coordinator.server_optimizer import build_server_optimizer
 from coordinator.validation import Expectation, UpdateRejected, validate_reply
-from fedsilo.envelope import FROM_SILO, EnvelopeError, is_sealed, open_content, seal
+from fedsilo.envelope import EnvelopeError, is_sealed, open_content, seal
 from fedsilo import protocol as P
 from fedsilo.errors import DeploymentError, FedsiloError, VerificationError
 from pipelines.plan import Plan
@@ -541,7 +541,7 @@ def _opened(reply, sent: dict):
     if reply.has_error() or not reply.has_content() or not is_sealed(reply.content):
         return reply
     try:
-        reply.content = open_content(reply.content, FROM_SILO)
+        reply.content = open_content(reply.content, P.RECORDS_FROM_SILO)
     except EnvelopeError as exc:
         original = sent.get(reply.metadata.reply_to_message_id)
         if original is None:  # not a reply to these messages (Flower pulls only those): nothing of it is read

@@ -14,7 +14,7 @@ Only contents up to :data:`MAX_SEALED_BYTES` are sealed: that is below Flower's 
 sealed model would have travelled as one chunk anyway, while a larger one keeps Flower's chunked, de-duplicated
 transfer (the same model sent to every silo is then pushed once). The receiver opens an envelope with
 :func:`open_content`, which refuses anything but exactly one envelope of at most that size holding the records the
-protocol sends that way (:data:`TO_SILO`, :data:`FROM_SILO`), each of its kind and of bounded item counts, and
+protocol sends that way (``P.RECORDS_TO_SILO``, ``P.RECORDS_FROM_SILO``), each of its kind and of bounded item counts, and
 passes an unsealed content through unchanged: a SecAgg+ message is never sealed (Flower's ``secaggplus_mod`` reads its
 records directly). The envelope is transport only: both sides check the opened records as before.
 """
@@ -25,13 +25,11 @@ from fedsilo import protocol as P
 
 #: Largest serialized content that is sealed (and the largest envelope a receiver opens): 4 MiB.
 MAX_SEALED_BYTES = 4 << 20
-#: What a receiver opens, checked on the parsed protobuf before any Flower record is built: the protocol's records,
-#: each of its kind, at most this many items per record and values per list (the protocol's largest list, a
-#: consistency proof, holds a few dozen hashes). Without them a 4 MiB envelope of a million empty items would be one
-#: request for its sender but seconds of CPU and hundreds of MB for the single-threaded round loop that opens it.
-TO_SILO = {P.ARRAYS: "array_record", P.CONFIG: "config_record", P.EVALUATE: "config_record", P.WITNESS: "config_record"}
-FROM_SILO = {P.ARRAYS: "array_record", P.METRICS: "metric_record", P.IDENTITY: "config_record",
-             P.EVALUATION: "metric_record", P.WITNESS: "config_record"}
+#: What a receiver opens, checked on the parsed protobuf before any Flower record is built: the protocol's records for
+#: that direction (``P.RECORDS_TO_SILO``, ``P.RECORDS_FROM_SILO``), each of its kind, at most this many items per
+#: record and values per list (the protocol's largest list, a consistency proof, holds a few dozen hashes). Without
+#: them a 4 MiB envelope of a million empty items would be one request for its sender but seconds of CPU and hundreds
+#: of MB for the single-threaded round loop that opens it.
 MAX_ITEMS = 64
 MAX_LIST = 4096
 
@@ -61,7 +59,7 @@ def is_sealed(content) -> bool:
 
 def open_content(content, allowed: dict[str, str]):
     """The records a sealed ``content`` carries, or ``content`` unchanged when it is not sealed. ``allowed``: the
-    record names the receiver accepts and the kind of each (:data:`TO_SILO` or :data:`FROM_SILO`)."""
+    record names the receiver accepts and the kind of each (``P.RECORDS_TO_SILO`` or ``P.RECORDS_FROM_SILO``)."""
     from flwr.app import ConfigRecord
     from flwr.common.serde import recorddict_from_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
@@ -89,7 +87,7 @@ def open_content(content, allowed: dict[str, str]):
 
 
 def _check_shape(proto, allowed: dict[str, str]) -> None:
-    """Names, kinds and sizes of the parsed records (:data:`TO_SILO`, :data:`FROM_SILO`), before Flower builds them."""
+    """Names, kinds and sizes of the parsed records (``P.RECORDS_TO_SILO``, ``P.RECORDS_FROM_SILO``), before Flower builds them."""
     names = [item.key for item in proto.items]
     if len(set(names)) != len(names):
         raise EnvelopeError("the envelope names a record twice")

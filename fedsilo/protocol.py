@@ -12,6 +12,11 @@ EVALUATE = "evaluate"  # ConfigRecord in a train message: ROUND, the round whose
 EVALUATION = "evaluation"  # MetricRecord in a train reply: that evaluation's metrics (numeric, allow-listed keys only)
 # A plain round's whole content, sealed into one ConfigRecord holding one bytes value (fedsilo.envelope), both ways.
 ENVELOPE = "envelope"
+# The records each direction carries and the kind of each (Flower's protobuf field names): what a receiver opens from
+# an envelope (fedsilo.envelope), and what a silo's egress guard lets leave (silo_agent.egress).
+RECORDS_TO_SILO = {ARRAYS: "array_record", CONFIG: "config_record", EVALUATE: "config_record", WITNESS: "config_record"}
+RECORDS_FROM_SILO = {ARRAYS: "array_record", METRICS: "metric_record", IDENTITY: "config_record",
+                     EVALUATION: "metric_record", WITNESS: "config_record"}
 
 PLAN_YAML = "plan-yaml"
 PLAN_HASH = "plan-hash"

@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 
 from compliance import AuditLog, EventType
 from fedsilo import protocol as P
-from fedsilo.envelope import TO_SILO, EnvelopeError, is_sealed, open_content, seal
+from fedsilo.envelope import EnvelopeError, is_sealed, open_content, seal
 from fedsilo.errors import ConfigError, DataError, FedsiloError, RefusalError
 from silo_agent.egress import check_arrays, check_metrics
 from silo_agent.secure_aggregation import secure_aggregation_mod
@@ -102,7 +102,7 @@ def _open(msg: Message) -> tuple[bool, EnvelopeError | None]:
     if not msg.has_content() or not is_sealed(msg.content):
         return False, None
     try:
-        msg.content = open_content(msg.content, TO_SILO)
+        msg.content = open_content(msg.content, P.RECORDS_TO_SILO)
     except EnvelopeError as exc:
         msg.content = RecordDict()
         return False, exc

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fedsilo.errors import RefusalError
+from fedsilo.protocol import RECORDS_FROM_SILO
 
 ALLOWED_METRICS = frozenset({
     "num-examples", "train-loss", "loss", "dice", "accuracy", "auc",
@@ -43,8 +44,8 @@ def check_metrics(metrics: Mapping[str, object]) -> None:
             raise RefusalError(f"egress blocked: metric '{key}' is not a finite number")
 
 
-#: The records a reply may carry (fedsilo.protocol: ARRAYS, METRICS, IDENTITY, WITNESS, EVALUATION), checked below.
-REPLY_RECORDS = frozenset({"arrays", "metrics", "identity", "witness", "evaluation"})
+#: The records a reply may carry (fedsilo.protocol.RECORDS_FROM_SILO, the same names a coordinator opens), checked below.
+REPLY_RECORDS = frozenset(RECORDS_FROM_SILO)
 POLICY_METRICS = {"loss": "loss", "train-loss": "loss", "dice": "dice", "accuracy": "accuracy", "auc": "auc"}
 
 

@@ -20,7 +20,7 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from compliance import AuditLog, verify_log
 from coordinator.federation import FederatedRun
 from fedsilo import protocol as P
-from fedsilo.envelope import TO_SILO, is_sealed, open_content, seal
+from fedsilo.envelope import is_sealed, open_content, seal
 from fedsilo.wire import pack
 from fedsilo.errors import ConfigError, FedsiloError
 from pipelines.plan import parse_plan
@@ -70,9 +70,9 @@ class LoopbackGrid:
             msg.metadata.__dict__["_message_id"] = f"m{self.pushed}"
             ids.append(msg.metadata.message_id)
             node = msg.metadata.dst_node_id
-            sealed = is_sealed(msg.content) or getattr(msg, "was_sealed", False)  # opened and answered sealed, as a silo does
+            sealed = is_sealed(msg.content)  # opened and answered sealed, as a silo does
             self.sealed.append(sealed)
-            msg.content = open_content(msg.content, TO_SILO)
+            msg.content = open_content(msg.content, P.RECORDS_TO_SILO)
             if msg.metadata.message_type == "train":
                 content = self.silo(node, msg)
                 if isinstance(content, RecordDict) and P.EVALUATE in msg.content:  # the previous round's model, evaluated first
@@ -273,15 +273,13 @@ class RecordingGrid(LoopbackGrid):
             raise RuntimeError("the ServerApp died")
         from fedsilo.wire import unpack_record
 
-        for m in messages:
-            m.was_sealed = is_sealed(m.content)
-            m.content = open_content(m.content, TO_SILO)  # as a silo reads it; LoopbackGrid answers it sealed all the same
-        self.pushes.append([(m.metadata.message_type, int(m.content[P.CONFIG][P.ROUND]), m.metadata.dst_node_id,
-                             int(m.content[P.EVALUATE][P.ROUND]) if P.EVALUATE in m.content else None) for m in messages])
-        for m in messages:
-            if m.metadata.message_type == "evaluate" or P.EVALUATE in m.content:
-                evaluated = int(m.content[P.EVALUATE][P.ROUND]) if P.EVALUATE in m.content else int(m.content[P.CONFIG][P.ROUND])
-                self.evaluated_models[evaluated] = unpack_record(m.content[P.ARRAYS])
+        opened = [(m, open_content(m.content, P.RECORDS_TO_SILO)) for m in messages]  # as a silo reads them
+        self.pushes.append([(m.metadata.message_type, int(c[P.CONFIG][P.ROUND]), m.metadata.dst_node_id,
+                             int(c[P.EVALUATE][P.ROUND]) if P.EVALUATE in c else None) for m, c in opened])
+        for m, c in opened:
+            if m.metadata.message_type == "evaluate" or P.EVALUATE in c:
+                evaluated = int(c[P.EVALUATE][P.ROUND]) if P.EVALUATE in c else int(c[P.CONFIG][P.ROUND])
+                self.evaluated_models[evaluated] = unpack_record(c[P.ARRAYS])
         return super().push_messages(messages)
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fedsilo import envelope
 from fedsilo import protocol as P
-from fedsilo.envelope import FROM_SILO, TO_SILO, EnvelopeError, is_sealed, open_content, seal
+from fedsilo.envelope import EnvelopeError, is_sealed, open_content, seal
 from fedsilo.wire import pack, unpack_record
 
 # The records of _content, as a receiver would allow them (the protocol's two directions are tested below).
@@ -61,7 +61,7 @@ def test_a_sealed_message_is_three_flower_objects_instead_of_one_per_record_and_
 
 def test_an_unsealed_content_passes_through_unchanged():
     content = _content()
-    assert open_content(content, TO_SILO) is content
+    assert open_content(content, P.RECORDS_TO_SILO) is content
 
 
 def test_a_content_too_large_to_seal_keeps_flowers_chunked_transfer():
@@ -147,7 +147,7 @@ def _proto(**records):
 ])
 def test_records_are_checked_for_name_kind_and_size_before_flower_builds_them(blob, why):
     with pytest.raises(EnvelopeError, match=why):
-        open_content(_sealed(blob()), TO_SILO)
+        open_content(_sealed(blob()), P.RECORDS_TO_SILO)
 
 
 def test_a_record_of_no_kind_is_refused():
@@ -156,7 +156,7 @@ def test_a_record_of_no_kind_is_refused():
     proto = ProtoRecordDict()
     proto.items.add().key = P.CONFIG
     with pytest.raises(EnvelopeError, match="record of no kind"):
-        open_content(_sealed(proto.SerializeToString()), TO_SILO)
+        open_content(_sealed(proto.SerializeToString()), P.RECORDS_TO_SILO)
 
 
 def test_each_direction_opens_only_what_the_protocol_sends_that_way():
@@ -165,12 +165,12 @@ def test_each_direction_opens_only_what_the_protocol_sends_that_way():
     up = RecordDict({P.ARRAYS: pack({"w": np.ones(3, np.float32)}), P.METRICS: MetricRecord({"dice": 0.5}),
                      P.IDENTITY: ConfigRecord({P.SITE: "hospital0"}), P.EVALUATION: MetricRecord({"dice": 0.4}),
                      P.WITNESS: ConfigRecord({P.COSIGNED: b"note"})})
-    assert list(open_content(seal(down), TO_SILO).keys()) == list(down.keys())
-    assert list(open_content(seal(up), FROM_SILO).keys()) == list(up.keys())
+    assert list(open_content(seal(down), P.RECORDS_TO_SILO).keys()) == list(down.keys())
+    assert list(open_content(seal(up), P.RECORDS_FROM_SILO).keys()) == list(up.keys())
     with pytest.raises(EnvelopeError, match="does not accept"):
-        open_content(seal(up), TO_SILO)  # a silo is sent no metrics
+        open_content(seal(up), P.RECORDS_TO_SILO)  # a silo is sent no metrics
     with pytest.raises(EnvelopeError, match="does not accept"):
-        open_content(seal(down), FROM_SILO)  # a silo sends no plan
+        open_content(seal(down), P.RECORDS_FROM_SILO)  # a silo sends no plan
 
 
 _VALID = recorddict_to_proto(_content(256)).SerializeToString()

@@ -366,7 +366,7 @@ def test_a_site_holding_a_checkpoint_the_coordinator_never_heard_back_about_cosi
 def test_a_sealed_train_message_is_answered_sealed_with_the_same_records(tmp_path):
     """The coordinator seals a plain round's content into one envelope (fedsilo.envelope); the silo opens it, checks it
     as before, and seals its reply, which opens to the update, metrics and identity the egress guard checked."""
-    from fedsilo.envelope import FROM_SILO, is_sealed, open_content, seal
+    from fedsilo.envelope import is_sealed, open_content, seal
 
     site = init_site(tmp_path / "site", "hospital0")
     add_officer(site, "j.smith")
@@ -378,7 +378,7 @@ def test_a_sealed_train_message_is_answered_sealed_with_the_same_records(tmp_pat
     reply = train(msg, context(site.root))
     assert not reply.has_error(), reply.error.reason
     assert is_sealed(reply.content)
-    opened = open_content(reply.content, FROM_SILO)
+    opened = open_content(reply.content, P.RECORDS_FROM_SILO)
     assert set(opened.keys()) == {P.ARRAYS, P.METRICS, P.IDENTITY, P.EVALUATION}
     assert opened[P.IDENTITY][P.SITE] == "hospital0" and opened[P.METRICS][P.NUM_EXAMPLES] == 2
 
