@@ -25,6 +25,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from fedsilo.flower_tuning import IDLE_AFTER_S, IDLE_POLL_S
+
 #: Imported once in the parent; every forked ClientApp process inherits them.
 PRELOAD = ("torch", "monai.networks.nets", "monai.transforms", "opacus", "flwr.app", "flwr.clientapp",
            "flwr.supernode.cli.flwr_clientapp", "pipelines.training", "pipelines.networks", "pipelines.metrics",
@@ -40,6 +42,8 @@ _children: set[int] = set()
 BUSY_POLL_S = 1.0
 #: How often a busy executor looks (locally, ``waitpid``) whether its child has ended.
 CHILD_CHECK_S = 0.05
+#: When a ClientApp child last ran (or the executor started): the idle slow-down counts from here.
+_last_busy = time.monotonic()
 
 
 def preload(modules: Sequence[str] = PRELOAD) -> float:
@@ -64,16 +68,23 @@ def reap() -> None:
 
 
 def paced_sleep(seconds: float, *, busy_poll_s: float = BUSY_POLL_S, check_s: float = CHILD_CHECK_S,
-                clock=time.monotonic, sleep=time.sleep) -> None:
+                idle_after_s: float = IDLE_AFTER_S, idle_poll_s: float = IDLE_POLL_S, clock=time.monotonic, sleep=time.sleep) -> None:
     """The executor's pause between two asks for a task: ``seconds``, and while a ClientApp child still runs, on
     until it ends or ``busy_poll_s`` have passed in all. A child that ends is noticed within ``check_s``, so the
-    next task is asked for as soon as there can be one."""
+    next task is asked for as soon as there can be one. With no child for ``idle_after_s`` (between runs), at
+    least ``idle_poll_s`` (fedsilo.flower_tuning.IDLE_AFTER_S: the SuperNode slows down alike)."""
+    global _last_busy
+    reap()
+    if not _children:
+        sleep(max(seconds, idle_poll_s) if clock() - _last_busy >= idle_after_s else seconds)
+        return
     deadline = clock() + max(busy_poll_s, seconds)
     sleep(seconds)
     reap()
     while _children and clock() < deadline:
         sleep(min(check_s, max(0.0, deadline - clock())))
         reap()
+    _last_busy = clock()
 
 
 def install_busy_pacing() -> None:

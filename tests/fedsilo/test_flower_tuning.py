@@ -42,6 +42,7 @@ def test_apply_shortens_flowers_waits_in_a_fresh_process():
         "t = time.perf_counter(); sci.time.sleep(3); slept = time.perf_counter() - t\n"
         "assert slept < 1.0, slept\n"
         "assert sci.time.time() > 0 and sci.time.monotonic() > 0\n"
+        "assert sci._pull_and_store_message.__name__ == 'pull_and_store_message' and sci._push_messages.__name__ == 'push_messages'\n"
         "from flwr.supernode import fleet_http_connection as fhc\n"
         "from flwr.supercore import heartbeat\n"
         "assert fhc.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == flower_tuning.HEARTBEAT_S\n"
@@ -67,3 +68,51 @@ def test_round_overhead_of_a_round_evaluated_in_the_next_rounds_training_subtrac
            "sites": {"a": {"train_seconds": 4.0, "eval_seconds": 1.0}, "b": {"train_seconds": 3.0, "eval_seconds": 2.0}}}
     split = round_overhead(row)
     assert split == {"wall": 10.0, "train": 4.0, "evaluate": 2.0, "aggregate": 0.5, "overhead": 5.5, "evaluate_inside": 0.0}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now, self.slept = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_an_idle_supernode_polls_once_a_second_and_a_message_brings_the_tuned_interval_back():
+    clock = _Clock()
+    backoff = flower_tuning.IdleBackoff(0.1, idle_after_s=300, idle_poll_s=1.0, clock=clock.monotonic, sleep=clock.sleep)
+    backoff.sleep(3)  # Flower's wait between two polls for messages
+    backoff.sleep(0.5)  # its wait between two checks for a reply
+    assert clock.slept == [0.1, 0.1]
+    clock.now = 299.0
+    backoff.sleep(3)
+    assert clock.slept[-1] == 0.1
+    clock.now = 300.0
+    backoff.sleep(3)
+    backoff.sleep(0.5)  # never longer than Flower's own wait
+    assert clock.slept[-2:] == [1.0, 0.5]
+    backoff.active()
+    backoff.sleep(3)
+    assert clock.slept[-1] == 0.1
+
+
+def test_the_supernode_loop_reports_each_message_and_reply_to_the_backoff():
+    from types import SimpleNamespace
+
+    clock = _Clock()
+    backoff = flower_tuning.IdleBackoff(0.1, idle_after_s=300, clock=clock.monotonic, sleep=clock.sleep)
+    pulled = iter([None, 7])
+    loop = SimpleNamespace(_pull_and_store_message=lambda **kw: next(pulled), _push_messages=lambda **kw: "pushed")
+    flower_tuning._mark_activity(loop, backoff)
+    clock.now = 400.0
+    assert loop._pull_and_store_message(state=None) is None  # no message: still idle since 0
+    assert backoff.last_active == 0.0
+    assert loop._pull_and_store_message(state=None) == 7
+    assert backoff.last_active == 400.0
+    clock.now = 450.0
+    assert loop._push_messages(state=None) == "pushed"
+    assert backoff.last_active == 450.0

@@ -25,6 +25,7 @@ class _Clock:
 @pytest.fixture
 def clock(monkeypatch) -> _Clock:
     monkeypatch.setattr(warm_exec, "_children", set())
+    monkeypatch.setattr(warm_exec, "_last_busy", 0.0)
     return _Clock()
 
 
@@ -40,7 +41,8 @@ def _child_until(monkeypatch, clock: _Clock, ends_at: float | None) -> None:
 
 
 def _pause(clock: _Clock, seconds: float = 0.1) -> float:
-    warm_exec.paced_sleep(seconds, busy_poll_s=1.0, check_s=0.05, clock=clock.monotonic, sleep=clock.sleep)
+    warm_exec.paced_sleep(seconds, busy_poll_s=1.0, check_s=0.05, idle_after_s=300.0, idle_poll_s=1.0, clock=clock.monotonic,
+                          sleep=clock.sleep)
     return clock.now
 
 
@@ -68,3 +70,21 @@ def test_the_executor_loop_pauses_with_paced_sleep():
         assert run_superexec.time.monotonic is before.monotonic  # the rest of the clock is Flower's own
     finally:
         run_superexec.time = before
+
+
+def test_an_executor_idle_since_its_last_child_asks_once_a_second(monkeypatch, clock):
+    monkeypatch.setattr(warm_exec, "_last_busy", 0.0)
+    clock.now = 299.0
+    assert _pause(clock) == pytest.approx(299.1)  # within IDLE_AFTER_S of the last child: the tuned interval
+    clock.now = 300.0
+    assert _pause(clock) == pytest.approx(301.0)
+
+
+def test_a_child_restarts_the_idle_count(monkeypatch, clock):
+    monkeypatch.setattr(warm_exec, "_last_busy", 0.0)
+    clock.now = 500.0
+    _child_until(monkeypatch, clock, ends_at=500.3)
+    _pause(clock)
+    assert warm_exec._last_busy == pytest.approx(500.3, abs=0.05 + 1e-9)
+    start = clock.now
+    assert _pause(clock) == pytest.approx(start + 0.1)
