@@ -141,6 +141,7 @@ def _child_setup(job: dict[str, Any]):
     import torch.func  # noqa: F401
     import torch.utils.data  # noqa: F401
 
+    import pipelines.grad_samplers  # noqa: F401
     import pipelines.networks  # noqa: F401
     import pipelines.plan  # noqa: F401
     import pipelines.training  # noqa: F401
@@ -196,6 +197,8 @@ def _build_step(job: dict[str, Any], mode: str | None, device):
     if mode is not None:
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
+
+        import pipelines.grad_samplers  # noqa: F401 - as pipelines.training: fedsilo's samplers for UNet's layers
 
         engine = PrivacyEngine(accountant="rdp")
         loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=batch)

@@ -52,16 +52,18 @@ class NetworkEntry:
 # (DP step time / non-private step time, batch 8/16/32, 32^3 inputs, BENCH_PLANS' arguments; "x": fails).
 #
 # | network        | hooks           | functorch       | ew            | ghost           | chosen    | measured        |
-# | UNet           | 1.97/0.83/2.02  | 2.73/0.79/2.64  | x (PReLU)     | 2.00/2.58/2.93  | hooks     | 2026-11-27 (1)  |
+# | UNet           | 1.56/1.36/1.43  | 2.64/2.39/2.02  | x (PReLU)     | 2.08/2.19/2.09  | hooks     | 2026-11-27 (1)  |
 # | BasicUNet      | 4.5             | 2.0             | -             | -               | functorch | previous run (2)|
 # | SegResNet      | x (x += res)    | x (x += res)    | 1.05          | -               | ew        | previous run (2)|
 # | DenseNet121    | 3.2             | x at 32^3 (3)   | -             | -               | hooks     | previous run (2)|
 # | EfficientNetBN | 32              | 2.3             | -             | -               | functorch | previous run (2)|
 #
-# (1) timed interleaved in one process (every mode's step in turn, median of 7), load average about 9 on 2 cores:
-#     mean over batch sizes hooks 1.61, functorch 2.05, ghost 2.50; extra peak memory hooks 1.23-1.26x. The b=16
-#     ratios below 1 show how noisy the shared machine was; the ordering hooks < functorch < ghost held at b=8 and 32.
-# (2) the previous session's sequential `fedsilo bench dp` (means over batch 8/16/32), not re-measured here.
+# (1) timed interleaved in one process (every mode's step in turn, median of 7), quiet machine (load under 1), with
+#     fedsilo's per-sample gradient samplers (pipelines.grad_samplers: conv and transposed conv as one grouped
+#     convolution, PReLU in closed form); extra peak memory hooks 1.04-1.05x. With Opacus' own samplers, an hour
+#     earlier on the same quiet machine: hooks 2.43/2.31/2.11, functorch 2.38/2.19/2.10, ghost 3.06/2.85/2.86.
+# (2) an earlier session's sequential `fedsilo bench dp` (means over batch 8/16/32), before pipelines.grad_samplers,
+#     not re-measured (hooks uses the new samplers for their convolutions; the other modes do not).
 # (3) functorch leaves DenseNet's last GroupNorm one value per group at 32^3, which torch refuses.
 NETWORKS: dict[str, NetworkEntry] = {
     "UNet": NetworkEntry("UNet", "hooks", ("seg",)),
