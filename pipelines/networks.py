@@ -53,9 +53,9 @@ class NetworkEntry:
 #
 # | network        | hooks           | functorch       | ew            | ghost           | chosen    | measured        |
 # | UNet           | 1.56/1.36/1.43  | 2.64/2.39/2.02  | x (PReLU)     | 2.08/2.19/2.09  | hooks     | 2026-11-27 (1)  |
-# | BasicUNet      | 4.5             | 2.0             | -             | -               | functorch | previous run (2)|
+# | BasicUNet      | 1.66            | 2.19            | x (ConvT)     | 2.55            | hooks     | 2026-11-27 (4)  |
 # | SegResNet      | x (x += res)    | x (x += res)    | 1.05          | -               | ew        | previous run (2)|
-# | DenseNet121    | 3.2             | x at 32^3 (3)   | -             | -               | hooks     | previous run (2)|
+# | DenseNet121    | 2.28            | x at 32^3 (3)   | x             | 2.83            | hooks     | 2026-11-27 (4)  |
 # | EfficientNetBN | 32              | 2.3             | -             | -               | functorch | previous run (2)|
 #
 # (1) timed interleaved in one process (every mode's step in turn, median of 7), quiet machine (load under 1), with
@@ -65,9 +65,12 @@ class NetworkEntry:
 # (2) an earlier session's sequential `fedsilo bench dp` (means over batch 8/16/32), before pipelines.grad_samplers,
 #     not re-measured (hooks uses the new samplers for their convolutions; the other modes do not).
 # (3) functorch leaves DenseNet's last GroupNorm one value per group at 32^3, which torch refuses.
+# (4) batch 8 only, interleaved, median of 5, quiet machine, with pipelines.grad_samplers (BasicUNet was functorch
+#     until then: hooks fell back to functorch for its transposed convolutions, 4.5x); extra peak memory hooks
+#     0.88x (BasicUNet) and 1.14x (DenseNet121).
 NETWORKS: dict[str, NetworkEntry] = {
     "UNet": NetworkEntry("UNet", "hooks", ("seg",)),
-    "BasicUNet": NetworkEntry("BasicUNet", "functorch", ("seg",)),
+    "BasicUNet": NetworkEntry("BasicUNet", "hooks", ("seg",)),
     "SegResNet": NetworkEntry("SegResNet", "ew", ("seg",)),
     "DenseNet121": NetworkEntry("DenseNet121", "hooks", ("cls",), fixed={"pretrained": False}),
     "EfficientNetBN": NetworkEntry(
