@@ -142,11 +142,13 @@ def _mark_activity(module, backoff: IdleBackoff) -> None:
         return run_id
 
     def push_messages(*args, **kwargs):
+        backoff.active()  # and while it waits for the ClientApp's reply: a long training is not idleness
         try:
             return push(*args, **kwargs)
         finally:
             backoff.active()
 
+    pull_and_store_message.backoff = push_messages.backoff = backoff  # for tests: the one whose sleep the loop uses
     module._pull_and_store_message, module._push_messages = pull_and_store_message, push_messages
 
 

@@ -36,9 +36,11 @@ _children: set[int] = set()
 
 #: How often to ask the SuperNode for a task while a forked ClientApp runs. The SuperNode handles one message at a
 #: time (``flwr.supernode.start_client_internal`` pulls a message, then waits for its reply before it pulls the
-#: next), so no task can come before the child ends; each ask is an HTTP request that costs the SuperNode about
-#: 10 ms of CPU. At the tuned 0.1 s that was 0.12-0.14 of a core across 3 SuperNodes and 0.06 in the executors,
-#: taken from training on the 2-core bench machine. Not "never": a bound on what an unforeseen task would wait.
+#: next), so no next message can come before the child has sent its reply, and the child exits right after
+#: (Flower's on-exit steps: its task output, its heartbeat). Each ask is an HTTP request that costs the SuperNode
+#: about 10 ms of CPU; at the tuned 0.1 s that was 0.12-0.14 of a core across 3 SuperNodes and 0.06 in the
+#: executors, taken from training on the 2-core bench machine. Not "never": a task that comes while a child is
+#: still exiting (or one a running task creates) waits at most this long.
 BUSY_POLL_S = 1.0
 #: How often a busy executor looks (locally, ``waitpid``) whether its child has ended.
 CHILD_CHECK_S = 0.05

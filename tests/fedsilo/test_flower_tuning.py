@@ -42,7 +42,8 @@ def test_apply_shortens_flowers_waits_in_a_fresh_process():
         "t = time.perf_counter(); sci.time.sleep(3); slept = time.perf_counter() - t\n"
         "assert slept < 1.0, slept\n"
         "assert sci.time.time() > 0 and sci.time.monotonic() > 0\n"
-        "assert sci._pull_and_store_message.__name__ == 'pull_and_store_message' and sci._push_messages.__name__ == 'push_messages'\n"
+        "backoff = sci.time.sleep.__self__\n"
+        "assert sci._pull_and_store_message.backoff is backoff and sci._push_messages.backoff is backoff\n"
         "from flwr.supernode import fleet_http_connection as fhc\n"
         "from flwr.supercore import heartbeat\n"
         "assert fhc.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == flower_tuning.HEARTBEAT_S\n"
@@ -106,7 +107,14 @@ def test_the_supernode_loop_reports_each_message_and_reply_to_the_backoff():
     clock = _Clock()
     backoff = flower_tuning.IdleBackoff(0.1, idle_after_s=300, clock=clock.monotonic, sleep=clock.sleep)
     pulled = iter([None, 7])
-    loop = SimpleNamespace(_pull_and_store_message=lambda **kw: next(pulled), _push_messages=lambda **kw: "pushed")
+    seen_inside: list[float] = []
+
+    def push(**kw):  # the SuperNode waiting for the ClientApp's reply, then sending it
+        seen_inside.append(backoff.last_active)
+        clock.now = 900.0
+        return "pushed"
+
+    loop = SimpleNamespace(_pull_and_store_message=lambda **kw: next(pulled), _push_messages=push)
     flower_tuning._mark_activity(loop, backoff)
     clock.now = 400.0
     assert loop._pull_and_store_message(state=None) is None  # no message: still idle since 0
@@ -115,4 +123,5 @@ def test_the_supernode_loop_reports_each_message_and_reply_to_the_backoff():
     assert backoff.last_active == 400.0
     clock.now = 450.0
     assert loop._push_messages(state=None) == "pushed"
-    assert backoff.last_active == 450.0
+    assert seen_inside == [450.0]  # active on entry: waiting out a long training is not idleness
+    assert backoff.last_active == 900.0  # and again once the reply has gone

@@ -38,6 +38,8 @@ TRANSPOSED = [
     ("2d, UNet's up-sampling", nn.ConvTranspose2d(8, 1, 3, stride=2, padding=1, output_padding=1), (4, 8, 7, 6)),
     ("2d, kernel 2 stride 2", nn.ConvTranspose2d(3, 5, 2, stride=2), (3, 3, 5, 5)),
     ("1d transposed", nn.ConvTranspose1d(3, 4, 5, stride=3, padding=2, output_padding=1), (4, 3, 9)),
+    ("1d, output padding above the stride", nn.ConvTranspose1d(2, 3, 3, stride=1, dilation=2, output_padding=1), (3, 2, 7)),
+    ("2d, output padding at the stride", nn.ConvTranspose2d(2, 3, 3, stride=2, dilation=3, padding=1, output_padding=2), (2, 2, 5, 4)),
 ]
 
 
@@ -47,7 +49,11 @@ CONVOLUTIONS = [
     ("3d, groups, dilation, no bias", nn.Conv3d(4, 6, (3, 2, 3), stride=(2, 1, 1), padding=(2, 0, 1), dilation=(2, 1, 1), groups=2, bias=False),
      (2, 4, 7, 5, 6)),
     ("2d, UNet's down-sampling", nn.Conv2d(3, 8, 3, stride=2, padding=1), (4, 3, 9, 8)),
-    ("2d, padding 'same' (Opacus' own sampler)", nn.Conv2d(3, 4, 3, padding="same"), (2, 3, 6, 6)),
+    ("2d, padding 'same'", nn.Conv2d(3, 4, 4, padding="same"), (2, 3, 6, 6)),
+    ("2d, padding 'valid'", nn.Conv2d(3, 4, 3, padding="valid"), (2, 3, 6, 6)),
+    ("3d, reflect padding", nn.Conv3d(2, 3, 3, padding=1, padding_mode="reflect"), (2, 2, 5, 4, 6)),
+    ("2d, replicate padding, stride", nn.Conv2d(2, 3, 3, stride=2, padding=(1, 2), padding_mode="replicate"), (3, 2, 7, 6)),
+    ("1d, circular padding, 'same'", nn.Conv1d(2, 3, 5, padding="same", padding_mode="circular"), (3, 2, 9)),
     ("1d conv", nn.Conv1d(3, 4, 5, stride=2, padding=2), (4, 3, 11)),
 ]
 
