@@ -100,6 +100,13 @@ def superlink_env(env: dict[str, str], interval: float = POLL_S) -> dict[str, st
     return {**tuned_env(env, interval), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPERLINK_TASK_POLL_S)}
 
 
+def clock_with_sleep(sleep) -> SimpleNamespace:
+    """A stand-in for the ``time`` module of a Flower module whose loop sleeps: the real clock, with ``sleep``."""
+    clock = {k: getattr(_time, k) for k in dir(_time) if not k.startswith("_")}
+    clock["sleep"] = sleep
+    return SimpleNamespace(**clock)
+
+
 def apply(interval: float | None = None) -> bool:
     """Tune the Flower modules loaded in this process; returns whether anything was tuned."""
     interval = poll_interval() if interval is None else interval
@@ -123,9 +130,7 @@ def apply(interval: float | None = None) -> bool:
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
     # The SuperNode's loop sleeps 3 s between polls for messages and 0.5 s between checks for a reply.
     backoff = IdleBackoff(interval)
-    clock = {k: getattr(_time, k) for k in dir(_time) if not k.startswith("_")}
-    clock["sleep"] = backoff.sleep
-    start_client_internal.time = SimpleNamespace(**clock)
+    start_client_internal.time = clock_with_sleep(backoff.sleep)
     _mark_activity(start_client_internal, backoff)
     return True
 

@@ -198,8 +198,6 @@ def _build_step(job: dict[str, Any], mode: str | None, device):
         from opacus import PrivacyEngine
         from torch.utils.data import DataLoader, TensorDataset
 
-        import pipelines.grad_samplers  # noqa: F401 - as pipelines.training: fedsilo's samplers for UNet's layers
-
         engine = PrivacyEngine(accountant="rdp")
         loader = DataLoader(TensorDataset(x.cpu(), y.cpu()), batch_size=batch)
         common = dict(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=NOISE_MULTIPLIER,

@@ -20,8 +20,8 @@ so its weight gradient is the forward convolution's with input and output gradie
 (``output_padding`` and ``output_size`` only change how many trailing output positions there are).
 
 The samplers are registered through Opacus' own extension point (``opacus.grad_sample.register_grad_sampler``),
-which the hooks and ghost-clipping modes consult; functorch mode does not. Importing this module registers them
-(``pipelines.training`` and ``pipelines.dp_bench`` do, before ``make_private``). Each is checked against plain
+which the hooks and ghost-clipping modes consult; functorch mode does not. Importing this module registers them;
+``pipelines.networks.make_private_compatible`` does, so every network ``build_network`` returns has them. Each is checked against plain
 autograd, one sample at a time, in tests/pipelines/test_grad_samplers.py.
 """
 

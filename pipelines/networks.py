@@ -147,8 +147,12 @@ def build_network(plan: "Plan", *, seed: int | None = None) -> "torch.nn.Module"
 
 
 def make_private_compatible(model: "torch.nn.Module") -> "torch.nn.Module":
-    """Replace BatchNorm (ModuleValidator.fix) and turn off in-place operations."""
+    """Replace BatchNorm (ModuleValidator.fix) and turn off in-place operations; fedsilo's per-sample gradient
+    samplers for the networks' layers (pipelines.grad_samplers) are registered with Opacus on the way, since the
+    modes in :data:`NETWORKS` were chosen with them."""
     from opacus.validators import ModuleValidator
+
+    import pipelines.grad_samplers  # noqa: F401 - registration on import
 
     if ModuleValidator.validate(model, strict=False):
         model = ModuleValidator.fix(model)

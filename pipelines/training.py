@@ -341,8 +341,6 @@ def train_local(
     if private:
         from opacus import PrivacyEngine
 
-        import pipelines.grad_samplers  # noqa: F401 - registers per-sample gradients Opacus lacks (UNet's layers)
-
         if noise_multiplier is None:
             noise_multiplier = plan_noise_multiplier(plan, len(data))
         mode = grad_sample_mode(plan)

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from fedsilo.flower_tuning import IDLE_AFTER_S, IDLE_POLL_S
+from fedsilo.flower_tuning import IDLE_AFTER_S, IDLE_POLL_S, clock_with_sleep
 
 #: Imported once in the parent; every forked ClientApp process inherits them.
 PRELOAD = ("torch", "monai.networks.nets", "monai.transforms", "opacus", "flwr.app", "flwr.clientapp",
@@ -91,13 +91,9 @@ def paced_sleep(seconds: float, *, busy_poll_s: float = BUSY_POLL_S, check_s: fl
 
 def install_busy_pacing() -> None:
     """Make Flower's SuperExec loop pause with :func:`paced_sleep` (its ``time.sleep(task_poll_interval)``)."""
-    from types import SimpleNamespace
-
     from flwr.supercore.superexec import run_superexec
 
-    clock = {k: getattr(time, k) for k in dir(time) if not k.startswith("_")}
-    clock["sleep"] = paced_sleep
-    run_superexec.time = SimpleNamespace(**clock)
+    run_superexec.time = clock_with_sleep(paced_sleep)
 
 
 def _run_clientapp_child(args: list[str]) -> None:

@@ -101,3 +101,21 @@ def test_the_samplers_are_what_opacus_hooks_mode_uses():
     assert GSM.GRAD_SAMPLERS[nn.ConvTranspose3d] is samplers.compute_conv_transpose_grad_sample
     assert GSM.GRAD_SAMPLERS[nn.Conv3d] is samplers.compute_conv_grad_sample
     assert GSM.GRAD_SAMPLERS[nn.PReLU] is samplers.compute_prelu_grad_sample
+
+
+def test_a_network_built_for_a_plan_comes_with_the_samplers_registered():
+    """The modes in pipelines.networks were chosen with these samplers: building a network registers them (in a fresh
+    interpreter, where nothing else has imported them)."""
+    import subprocess
+    import sys
+
+    code = ("import torch.nn as nn\n"
+            "from opacus.grad_sample.grad_sample_module import GradSampleModule as GSM\n"
+            "assert GSM.GRAD_SAMPLERS.get(nn.ConvTranspose3d) is None\n"
+            "from pipelines.networks import build_network\n"
+            "from pipelines.plan import parse_plan\n"
+            "build_network(parse_plan({'name': 't', 'task': 'seg3d', 'model': {'network': 'UNet', 'args': {'channels': [4, 8], 'strides': [2]}}}))\n"
+            "sampler = GSM.GRAD_SAMPLERS.get(nn.ConvTranspose3d)\n"
+            "assert sampler is not None and sampler.__module__ == 'pipelines.grad_samplers', sampler\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

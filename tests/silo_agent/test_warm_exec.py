@@ -72,8 +72,7 @@ def test_the_executor_loop_pauses_with_paced_sleep():
         run_superexec.time = before
 
 
-def test_an_executor_idle_since_its_last_child_asks_once_a_second(monkeypatch, clock):
-    monkeypatch.setattr(warm_exec, "_last_busy", 0.0)
+def test_an_executor_idle_since_its_last_child_asks_once_a_second(clock):
     clock.now = 299.0
     assert _pause(clock) == pytest.approx(299.1)  # within IDLE_AFTER_S of the last child: the tuned interval
     clock.now = 300.0
@@ -81,7 +80,6 @@ def test_an_executor_idle_since_its_last_child_asks_once_a_second(monkeypatch, c
 
 
 def test_a_child_restarts_the_idle_count(monkeypatch, clock):
-    monkeypatch.setattr(warm_exec, "_last_busy", 0.0)
     clock.now = 500.0
     _child_until(monkeypatch, clock, ends_at=500.3)
     _pause(clock)
