@@ -226,13 +226,14 @@ def run_coordinator(kit: CoordinatorKit, *, host: str = "0.0.0.0", port: int | N
     (kit.root / "runs").mkdir(exist_ok=True)
     cli_home = write_cli_config(kit, host, port, insecure=insecure_dev)
     # Flower's polling tuned for a handful of nodes (fedsilo.flower_tuning): the ServerApps poll in tenths of a second, the
-    # SuperExec that launches them every second.
+    # SuperExec that launches them every second, and the SuperLink holds empty pulls until something is pushed
+    # (fedsilo.flower_longpoll).
     link_env = superlink_env(flower_env(kit.root / "flwr" / "superlink"))
     link_env[COORDINATOR_DIR_ENV] = str(kit.root)
     with ProcessSet(kit.root / "logs", flower_env(cli_home)) as procs:
         auth = [] if insecure_dev else ["--enable-supernode-auth"]
         superlink = procs.start("superlink", [
-            flower_bin("flower-superlink"), *tls, *auth, "--host", host, "--port", str(port),
+            sys.executable, "-m", "fedsilo.flower_tuning", "flower-superlink", *tls, *auth, "--host", host, "--port", str(port),
             "--database", str(kit.root / DATABASE), "--disable-runtime-dependency-installation",
         ], env=link_env)
         _wait_listening(superlink, host, port)

@@ -184,7 +184,9 @@ class FederatedRun:
 
         Flower's ``Grid.send_and_receive`` checks for replies every 3 s (this does the same through
         the same public Grid calls); a coordinator started with fedsilo's Flower tuning
-        (fedsilo.flower_tuning) checks every tenth of a second instead.
+        (fedsilo.flower_tuning) checks every tenth of a second instead, and its SuperLink holds a check
+        that finds nothing until a reply is pushed (fedsilo.flower_longpoll). A check that found replies
+        is followed by another at once: the rest may be in too.
         """
         from fedsilo.flower_tuning import poll_interval
 
@@ -200,7 +202,7 @@ class FederatedRun:
             got = list(self.grid.pull_messages(pending))
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if pending:
+            if pending and not got:  # a SuperLink that holds empty pulls (fedsilo.flower_longpoll) answered "none" after its hold
                 time.sleep(interval)
         order = {mid: i for i, mid in enumerate(ids)}  # replies in the order the messages went out: a deterministic aggregation
         sent = dict(zip(ids, messages))

@@ -25,7 +25,9 @@ opt-in, per process, and leaves Flower's protocol untouched. The ServerApp side 
 public Grid API (see coordinator.federation) at :data:`POLL_S`.
 
 ``python -m fedsilo.flower_tuning flower-supernode ARGS...`` starts a Flower console command with the
-tuning applied (how fedsilo starts SuperNodes).
+tuning applied (how fedsilo starts SuperNodes); ``... flower-superlink ARGS...`` also holds the
+SuperLink's empty pulls until something is pushed (fedsilo.flower_longpoll), so that the tuned
+polling costs it little.
 """
 
 from __future__ import annotations
@@ -128,8 +130,17 @@ def apply(interval: float | None = None) -> bool:
 
     fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
     heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
-    # The SuperNode's loop sleeps 3 s between polls for messages and 0.5 s between checks for a reply.
-    backoff = IdleBackoff(interval)
+    # The SuperNode's loop sleeps 3 s between polls for messages and 0.5 s between checks for its ClientApp's
+    # reply and the reply's objects; tuned, it sleeps a tenth of a second at most, and wakes as soon as the
+    # ClientApp pushes (through this process's own runtime API) instead of at the next tenth.
+    from flwr.supernode.servicer.runtime import runtime_handlers
+
+    from fedsilo.flower_longpoll import Arrivals, announcing
+
+    pushed = Arrivals()
+    runtime_handlers.push_messages = announcing(runtime_handlers.push_messages, pushed)
+    runtime_handlers.push_object = announcing(runtime_handlers.push_object, pushed)
+    backoff = IdleBackoff(interval, sleep=pushed.sleep)
     start_client_internal.time = clock_with_sleep(backoff.sleep)
     _mark_activity(start_client_internal, backoff)
     return True
@@ -169,7 +180,12 @@ def main(argv: list[str]) -> int:
         print(f"fedsilo.flower_tuning: '{argv[0]}' is not a Flower command", file=sys.stderr)
         return 2
     command = matches[0].load()
-    apply()
+    if apply() and argv[0] == "flower-superlink":
+        from fedsilo.flower_longpoll import HOLD_S, install
+
+        install()  # its pulls held until something is pushed, instead of polled ten times a second
+        print(f"fedsilo: SuperLink long polling on: an empty pull is held up to {HOLD_S:g} s until something is pushed",
+              flush=True)
     sys.argv = list(argv)
     return int(command() or 0)
 

@@ -130,8 +130,10 @@ class LocalFederation:
         tls = self.tls = create_server_tls(pki)
         self.audit_config = provision_audit_keys(self.root, self.silos)
         self._write_cli_config(tls.ca_cert)
+        # Tuned, the SuperLink holds empty pulls until something is pushed (fedsilo.flower_longpoll).
+        launcher = [sys.executable, "-m", "fedsilo.flower_tuning", "flower-superlink"] if self.tuned else [_bin("flower-superlink")]
         superlink = self.procs.start("superlink", [
-            _bin("flower-superlink"), "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
+            *launcher, "--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
             "--enable-supernode-auth", "--host", LOOPBACK, "--port", str(self.port), "--database", str(self.root / "flwr" / "superlink-state.db"),
             "--disable-runtime-dependency-installation",
         ], env=self._env(self.flwr_home / "superlink", superlink=True))

@@ -44,6 +44,17 @@ def test_apply_shortens_flowers_waits_in_a_fresh_process():
         "assert sci.time.time() > 0 and sci.time.monotonic() > 0\n"
         "backoff = sci.time.sleep.__self__\n"
         "assert sci._pull_and_store_message.backoff is backoff and sci._push_messages.backoff is backoff\n"
+        "from flwr.supernode.servicer.runtime import runtime_handlers as rh\n"
+        "import flwr.supernode.main as supernode_main\n"
+        "assert supernode_main._RUNTIME_HANDLERS is rh\n"  # the module whose handlers the ClientApp's pushes reach
+        "pushed = backoff._sleep.__self__\n"
+        "before = pushed.count\n"
+        "try:\n    rh.push_object(None, None, None)\nexcept Exception:\n    pass\n"
+        "assert pushed.count == before + 1, 'a ClientApp push does not reach the SuperNode loop'\n"
+        "import threading; threading.Timer(0.3, lambda: pushed.bump()).start()\n"
+        "backoff.interval = 30.0; t = time.perf_counter(); sci.time.sleep(30); woke = time.perf_counter() - t\n"
+        "assert woke < 10, woke\n"  # a push by the ClientApp ends the SuperNode's wait
+        "assert rh.push_messages.__wrapped__ is not None\n"
         "from flwr.supernode import fleet_http_connection as fhc\n"
         "from flwr.supercore import heartbeat\n"
         "assert fhc.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == flower_tuning.HEARTBEAT_S\n"
