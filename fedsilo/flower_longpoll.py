@@ -25,6 +25,12 @@ which its routers call as module attributes, in the SuperLink process only
 (``python -m fedsilo.flower_tuning flower-superlink ...``). At most :data:`MAX_HELD` pulls are held at
 once; more are answered at once, as plain polls, so held pulls never take all of the worker threads
 the SuperLink's other requests need (anyio's default: 40).
+
+Known costs of holding: a pull answers (and Flower marks delivered) what it finds even if its client went
+away during the hold (a handler cannot see the connection), so a SuperNode restarted within a hold of the
+next message's arrival misses that message, as a silo that never answers does (the round goes on
+without it after ``round_timeout_s``, and it takes part in the next); and the ServerApp's last check may
+be held past its round timeout by up to :data:`HOLD_S`.
 """
 
 from __future__ import annotations
@@ -96,6 +102,13 @@ class Uploads:
                     completed = True
         return completed
 
+    def delivered(self, message_ids: Iterable[str]) -> None:
+        """Forget messages a pull has answered with (whole or not: a puller is held back at most one hold by an
+        upload that never finishes, e.g. from a sender that died mid-push)."""
+        with self._lock:
+            for message_id in message_ids:
+                self._missing.pop(message_id, None)
+
     def incomplete(self, pullers: Iterable[Hashable]) -> bool:
         """Whether a message for any of ``pullers`` is still missing objects (stale ones forgotten)."""
         pullers = set(pullers)
@@ -108,22 +121,28 @@ class Uploads:
 
 
 def held(pull: Callable[..., Any], arrivals: Arrivals, *, ready: Callable[..., bool] = lambda *a, **k: True,
-         hold_s: float = HOLD_S, slots: threading.Semaphore | None = None,
+         uploads: Uploads | None = None, hold_s: float = HOLD_S, slots: threading.Semaphore | None = None,
          clock: Callable[[], float] = time.monotonic) -> Callable[..., Any]:
     """``pull`` (a handler whose response has a ``messages_list``), held until ``ready(*args, **kwargs)`` and the
     pull finds something, asked again each time ``arrivals`` changes, for at most ``hold_s``; then asked once
-    more and answered whatever it finds. The count is read before each check, so a push that lands between
-    the check and the wait is not missed."""
+    more and answered whatever it finds (and those messages forgotten by ``uploads``). The count is read before
+    each check, so a push that lands between the check and the wait is not missed."""
+
+    def answer(*args: Any, **kwargs: Any) -> Any:
+        response = pull(*args, **kwargs)
+        if uploads is not None and len(response.messages_list):
+            uploads.delivered(m.metadata.message_id for m in response.messages_list)
+        return response
 
     @functools.wraps(pull)
     def pull_held(*args: Any, **kwargs: Any) -> Any:
         seen = arrivals.count
         if ready(*args, **kwargs):
-            response = pull(*args, **kwargs)
+            response = answer(*args, **kwargs)
             if len(response.messages_list):
                 return response
         if slots is not None and not slots.acquire(blocking=False):
-            return pull(*args, **kwargs)
+            return answer(*args, **kwargs)
         try:
             deadline = clock() + hold_s
             while (remaining := deadline - clock()) > 0:
@@ -132,10 +151,10 @@ def held(pull: Callable[..., Any], arrivals: Arrivals, *, ready: Callable[..., b
                     break
                 seen = arrivals.count
                 if ready(*args, **kwargs):
-                    response = pull(*args, **kwargs)
+                    response = answer(*args, **kwargs)
                     if len(response.messages_list):
                         return response
-            return pull(*args, **kwargs)
+            return answer(*args, **kwargs)
         finally:
             if slots is not None:
                 slots.release()
@@ -185,7 +204,7 @@ def tracking_objects(push: Callable[..., Any], uploads: Uploads, arrivals: Arriv
     @functools.wraps(push)
     def push_tracked(*args: Any, **kwargs: Any) -> Any:
         response = push(*args, **kwargs)
-        if uploads.object_stored(_request(args, kwargs).object_id):
+        if getattr(response, "stored", True) and uploads.object_stored(_request(args, kwargs).object_id):
             arrivals.bump()
         return response
 
@@ -225,9 +244,9 @@ def install(*, hold_s: float = HOLD_S, max_held: int = MAX_HELD) -> dict[str, An
                                    for m in request.messages_list])
     fleet_handlers.push_object = tracking_objects(fleet_handlers.push_object, up, to_serverapp)
     fleet_handlers.pull_messages = held(
-        fleet_handlers.pull_messages, to_nodes, hold_s=hold_s, slots=slots,
+        fleet_handlers.pull_messages, to_nodes, hold_s=hold_s, slots=slots, uploads=down,
         ready=lambda *a, **k: not down.incomplete([_request(a, k).node.node_id]))
     runtime_handlers.pull_messages = held(
-        runtime_handlers.pull_messages, to_serverapp, hold_s=hold_s, slots=slots,
+        runtime_handlers.pull_messages, to_serverapp, hold_s=hold_s, slots=slots, uploads=up,
         ready=lambda *a, **k: not up.incomplete(_request(a, k).message_ids))
     return {"down": down, "up": up, "to_nodes": to_nodes, "to_serverapp": to_serverapp}
