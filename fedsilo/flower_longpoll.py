@@ -121,8 +121,7 @@ class Uploads:
 
 
 def held(pull: Callable[..., Any], arrivals: Arrivals, *, ready: Callable[..., bool] = lambda *a, **k: True,
-         uploads: Uploads | None = None, hold_s: float = HOLD_S, slots: threading.Semaphore | None = None,
-         clock: Callable[[], float] = time.monotonic) -> Callable[..., Any]:
+         uploads: Uploads | None = None, hold_s: float = HOLD_S, slots: threading.Semaphore | None = None) -> Callable[..., Any]:
     """``pull`` (a handler whose response has a ``messages_list``), held until ``ready(*args, **kwargs)`` and the
     pull finds something, asked again each time ``arrivals`` changes, for at most ``hold_s``; then asked once
     more and answered whatever it finds (and those messages forgotten by ``uploads``). The count is read before
@@ -144,8 +143,8 @@ def held(pull: Callable[..., Any], arrivals: Arrivals, *, ready: Callable[..., b
         if slots is not None and not slots.acquire(blocking=False):
             return answer(*args, **kwargs)
         try:
-            deadline = clock() + hold_s
-            while (remaining := deadline - clock()) > 0:
+            deadline = time.monotonic() + hold_s
+            while (remaining := deadline - time.monotonic()) > 0:
                 arrivals.wait_past(seen, remaining)
                 if arrivals.count == seen:  # the hold ended with nothing pushed
                     break
@@ -182,20 +181,16 @@ def tracking_messages(push: Callable[..., Any], uploads: Uploads, arrivals: Arri
                       stored_ids: Callable[[Any, Any], list[str]]) -> Callable[..., Any]:
     """``push`` (a PushMessages handler), noting in ``uploads`` each stored message's objects still to come
     (``puller(message)`` will pull it; ``stored_ids(request, response)``: the ids it stored, "" for one it
-    did not), and bumping ``arrivals``."""
+    did not), and :func:`announcing` it on ``arrivals``."""
 
-    @functools.wraps(push)
     def push_tracked(*args: Any, **kwargs: Any) -> Any:
-        try:
-            response = push(*args, **kwargs)
-            request, to_come = _request(args, kwargs), set(response.objects_to_push)
-            for message, tree, message_id in zip(request.messages_list, request.message_object_trees, stored_ids(request, response)):
-                uploads.stored(message_id, puller(message), _tree_ids(tree) & to_come)
-            return response
-        finally:
-            arrivals.bump()
+        response = push(*args, **kwargs)
+        request, to_come = _request(args, kwargs), set(response.objects_to_push)
+        for message, tree, message_id in zip(request.messages_list, request.message_object_trees, stored_ids(request, response)):
+            uploads.stored(message_id, puller(message), _tree_ids(tree) & to_come)
+        return response
 
-    return push_tracked
+    return announcing(functools.wraps(push)(push_tracked), arrivals)
 
 
 def tracking_objects(push: Callable[..., Any], uploads: Uploads, arrivals: Arrivals) -> Callable[..., Any]:
