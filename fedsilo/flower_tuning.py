@@ -27,7 +27,9 @@ public Grid API (see coordinator.federation) at :data:`POLL_S`.
 ``python -m fedsilo.flower_tuning flower-supernode ARGS...`` starts a Flower console command with the
 tuning applied (how fedsilo starts SuperNodes); ``... flower-superlink ARGS...`` also holds the
 SuperLink's empty pulls until something is pushed (fedsilo.flower_longpoll), so that the tuned
-polling costs it little.
+polling costs it little, and sweeps expired task tokens once a second instead of before every request
+(fedsilo.flower_housekeeping), keeps the Control API's middlewares off Fleet and runtime requests
+(fedsilo.flower_http) and switches threads every 1 ms.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ POLL_S = 0.1
 PULL_BACKOFF_S = (0.05, 0.2)
 #: How often the SuperLink's own SuperExec looks for a ServerApp to launch (see superlink_env).
 SUPERLINK_TASK_POLL_S = 1.0
+#: The SuperLink's GIL switch interval (Python's default: 0.005 s); see main().
+SUPERLINK_SWITCH_S = 0.001
 #: SuperNode heartbeat interval when tuned (Flower's HEARTBEAT_MIN_INTERVAL).
 HEARTBEAT_S = 10
 #: After this long without a message or a reply, a tuned SuperNode (and a silo's warm executor) polls every
@@ -186,6 +190,16 @@ def main(argv: list[str]) -> int:
         install()  # its pulls held until something is pushed, instead of polled ten times a second
         print(f"fedsilo: SuperLink long polling on: an empty pull is held up to {HOLD_S:g} s until something is pushed",
               flush=True)
+        from fedsilo import flower_housekeeping
+
+        swept = flower_housekeeping.install()  # not before every request
+        print(f"fedsilo: SuperLink sweeps expired task tokens at most every {swept.interval_s:g} s", flush=True)
+        from fedsilo import flower_http
+
+        flower_http.install()  # the Control API's middlewares off Fleet and runtime requests
+        # The event loop wakes for every request step while handler threads run SQL; with Python's default 5 ms
+        # switch interval each wake can wait that long for the GIL (the convoy effect, bpo-7946).
+        sys.setswitchinterval(SUPERLINK_SWITCH_S)
     sys.argv = list(argv)
     return int(command() or 0)
 

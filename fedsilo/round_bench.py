@@ -42,7 +42,7 @@ MODES = ("subprocess", "warm")
 def add_bench_command(bsub) -> None:
     p = bsub.add_parser("round", help="per-round overhead of a real TLS deployment: warm executor vs Flower's default subprocess mode")
     p.add_argument("--silos", type=int, default=3, help="number of silos (default 3)")
-    p.add_argument("--rounds", type=int, default=3, help="federated rounds per mode; each round is one repetition (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="federated rounds per mode; each round is one repetition (default 5)")
     p.add_argument("--plan", type=Path, default=DEFAULT_PLAN, help="the plan to run (default: the demo's seg3d UNet plan)")
     p.add_argument("--cases", type=int, default=None, help="training cases per silo (default: the demo's sizes)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)} (default both)")
@@ -121,7 +121,7 @@ def _run_mode(root: Path, plan_path: Path, mode: str, *, silos: int, rounds: int
     return split, (float(rows[-1].get("final_evaluation_seconds") or 0.0) if rows else 0.0)
 
 
-def run_round_bench(*, plan_path: Path = DEFAULT_PLAN, silos: int = 3, rounds: int = 3, modes: list[str] | None = None,
+def run_round_bench(*, plan_path: Path = DEFAULT_PLAN, silos: int = 3, rounds: int = 5, modes: list[str] | None = None,
                     cases: int | None = None, keep: Path | None = None, say=lambda text: None) -> dict[str, Any]:
     """Run the plan once per mode and return ``{"bench": "round", "params", "machine", "rows"}``."""
     import torch

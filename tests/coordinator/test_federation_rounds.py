@@ -412,3 +412,44 @@ def test_evaluation_figures_are_filed_under_the_nodes_known_site_and_only_finite
     assert "dice" not in first["hospital2"]  # its claim to be hospital1 was not filed anywhere
     metrics = (tmp_path / "run" / "metrics.json").read_text()
     assert "NaN" not in metrics and "Infinity" not in metrics
+
+
+class PushOrderGrid(LoopbackGrid):
+    """A loopback grid that notes the destination nodes of each push."""
+
+    def __init__(self, nodes, silo) -> None:
+        super().__init__(nodes, silo)
+        self.pushes: list[list[int]] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.pushes.append([m.metadata.dst_node_id for m in messages])
+        return super().push_messages(messages)
+
+
+def test_the_slowest_silos_message_goes_out_first_and_the_aggregation_order_stays(tmp_path):
+    """From the second round the silo that reported the longest work gets its message in a push of its own, ahead of
+    the rest (coordinator.federation FederatedRun._push); replies, and so the aggregation's inputs, stay in node order.
+    A silo that reports no figure is never put first."""
+    work = {1: 2.0, 2: 9.0, 3: 5.0}  # the "seconds" each silo reports; silo 4 reports none
+
+    def silo(node, msg):
+        content = honest(node, msg, {k: v * node for k, v in GOOD.items()})
+        if node in work:
+            content[P.METRICS]["seconds"] = work[node]
+        return content
+
+    text = plan_text(rounds=3, update_norm_bound=10.0)
+    grid = PushOrderGrid([1, 2, 3, 4], silo)
+    driver = FederatedRun(grid, parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1", {k: v.copy() for k, v in INITIAL.items()})
+    try:
+        driver.execute()
+    finally:
+        driver.audit.close()
+    assert grid.pushes[0] == [1, 2, 3, 4]  # nothing known yet: one push
+    assert grid.pushes[1:] == [[2], [1, 3, 4]] * 3  # rounds 2 and 3, and the last round's evaluation
+    assert driver.node_seconds == {1: 2.0, 2: 9.0, 3: 5.0}
+    with AuditLog.open(tmp_path / "run" / "audit", read_only=True) as log:
+        aggregates = [r for r in log.records() if r["event"] == "aggregate.computed"]
+    assert [a["details"]["input_sites"] for a in aggregates] == [["hospital1", "hospital2", "hospital3", "hospital4"]] * 3
+    assert [r["sites"]["hospital2"]["train_seconds"] for r in driver.state.rounds] == [9.0] * 3
