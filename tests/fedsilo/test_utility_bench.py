@@ -136,6 +136,86 @@ def test_ditto_proximal_term_pulls_the_personal_model_to_the_global_one(eps) -> 
     assert not _global_optimizer_pre_hooks
 
 
+def test_finetune_lr_scales_follow_the_linear_scaling_rule() -> None:
+    from fedsilo.utility_bench import finetune_lr_scales
+
+    # min(1, n_k / B): a silo smaller than the batch steps at lr x n_k / B, the rest at the plan's lr.
+    assert finetune_lr_scales([16, 32, 64, 128, 256], 64) == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert finetune_lr_scales([16, 256], 8) == [1.0, 1.0]  # without DP (batch 8) every default silo keeps its lr
+
+
+@pytest.mark.parametrize("eps", [None, 8.0])
+def test_lr_scale_scales_a_single_step_exactly(eps) -> None:
+    # 3 cases, batch 8 (DP: Poisson rate 1), one epoch: one step, whose size is lr x the (noisy, clipped) mean
+    # gradient, the same draw at the same seed: a quarter of the lr moves every weight a quarter as far.
+    from fedsilo.utility_bench import _plan, _silo_data, _state, _Trainer
+    from pipelines.networks import build_network
+
+    config = UtilityConfig(silos=2, train_sizes=(3, 5), test_cases=1, size=16, rounds=2, local_epochs=1,
+                           batch_size=8, dp_batch_size=8, channels=(4, 8), strides=(2,))
+    plan = _plan(config, eps)
+    _, _, _, trains, _ = _silo_data(config, 0, plan)
+    start = _state(build_network(plan, seed=0))
+    full = _Trainer(plan, 0).train("silo0", start, trains[0], epochs=1, salt=1)
+    quarter = _Trainer(plan, 0).train("silo0", start, trains[0], epochs=1, salt=1, lr_scale=0.25)
+    names = [n for n, _ in build_network(plan).named_parameters()]
+    moved = sum(float(np.abs(full[n] - start[n]).sum()) for n in names)
+    assert moved > 0
+    for n in names:
+        np.testing.assert_allclose(quarter[n] - start[n], 0.25 * (full[n] - start[n]), rtol=1e-4, atol=1e-7)
+
+
+def test_last_round_lr_scales_touch_only_the_last_round_of_the_scaled_silo() -> None:
+    # The personalized arm's fine-tuning: silo0 (4 cases < batch 8) fine-tunes at half the lr in the last round;
+    # silo1 (8 cases) and every earlier round are the fedavg arm's own training, weight for weight.
+    from coordinator.aggregation import build_rule
+    from fedsilo.utility_bench import _federate, _plan, _silo_data, _state, _Trainer, finetune_lr_scales
+    from pipelines.networks import build_network
+
+    config = UtilityConfig(silos=2, train_sizes=(4, 8), test_cases=1, size=16, rounds=2, local_epochs=1,
+                           batch_size=8, channels=(4, 8), strides=(2,))
+    plan = _plan(config, None)
+    _, _, _, trains, _ = _silo_data(config, 0, plan)
+    initial = _state(build_network(plan, seed=0))
+    scales = finetune_lr_scales([len(d) for d in trains], 8)
+    assert scales == [0.5, 1.0]
+
+    def run(last_round_lr_scales=None):
+        starts: list = []
+        _, last = _federate(build_rule("fedavg", {}), _Trainer(plan, 3), initial, trains, config, 3,
+                            keep_last_local=True, starts=starts, last_round_lr_scales=last_round_lr_scales)
+        return starts, last
+
+    (starts, plain), (starts_scaled, scaled) = run(), run(scales)
+    name = next(k for k in initial if k.endswith("weight"))
+    for a, b in zip(starts, starts_scaled):  # the global models of every round before the last are the same
+        np.testing.assert_array_equal(a[name], b[name])
+    np.testing.assert_array_equal(plain[1][name], scaled[1][name])
+    assert not np.allclose(plain[0][name], scaled[0][name])
+    np.testing.assert_allclose(scaled[0][name] - starts[-1][name], 0.5 * (plain[0][name] - starts[-1][name]),
+                               rtol=1e-4, atol=1e-7)  # one step (4 cases, batch 8, 1 epoch): exactly half as far
+
+
+def test_personalized_arm_reports_its_scales_and_spends_the_target_epsilon(tiny_result) -> None:
+    # TINY's silos (6 and 10 cases) are smaller than its batch of 16: both fine-tune at n_k / 16 of the lr, in a
+    # FedAvg run of their own, whose accountant ends at the same target epsilon (the lr costs no privacy).
+    params = tiny_result["params"]
+    assert params["finetune_lr_scales"] == {"no-DP": [0.375, 0.625], "eps=8": [0.375, 0.625]}
+    assert params["epsilon_spent_personalized"]["eps=8"] == pytest.approx(8.0, rel=0.03)
+    assert "linear scaling rule" in params["personalization"]
+
+
+def test_cli_turns_finetune_lr_scaling_off() -> None:
+    import argparse
+
+    from fedsilo.utility_bench import add_bench_command
+
+    parser = argparse.ArgumentParser()
+    add_bench_command(parser.add_subparsers())
+    assert parser.parse_args(["utility"]).finetune_lr_scaling is True
+    assert parser.parse_args(["utility", "--no-finetune-lr-scaling"]).finetune_lr_scaling is False
+
+
 def test_compressed_arms_are_reported_against_fedavg(tiny_result) -> None:
     rows = {(r["case"], r["metric"]): r for r in tiny_result["rows"]}
     goals = tiny_result["params"]["goals"]
