@@ -216,6 +216,40 @@ def test_cli_turns_finetune_lr_scaling_off() -> None:
     assert parser.parse_args(["utility", "--no-finetune-lr-scaling"]).finetune_lr_scaling is False
 
 
+def test_local_models_are_scored_on_every_silos_cases_and_counted_against_each_arm(tiny_result) -> None:
+    # FLamby's reading of "better than every local-only model": each local-only model's mean Dice over all the
+    # silos' held-out cases; the goal row counts the local models each arm's mean beats.
+    rows = {(r["case"], r["metric"]): r["value"] for r in tiny_result["rows"]}
+    goals = tiny_result["params"]["goals"]
+    for pname in ("no-DP", "eps=8"):
+        values = [rows[(f"local-only model of {s}, every silo's cases {pname}", "dice mean")] for s in ("silo0", "silo1")]
+        assert all(0 <= v <= 1 for v in values)
+    local_all = [rows[(f"local-only model of {s}, every silo's cases no-DP", "dice mean")] for s in ("silo0", "silo1")]
+    for arm in ("fedavg", "personalized", "ditto"):
+        count = sum(rows[(f"{arm} no-DP", "dice mean")] > v for v in local_all)
+        assert rows[(f"goal/{arm} beats local-only on every silo's cases no-DP", "local models (of 2)")] == count
+        assert goals[arm]["local_models_beaten_on_every_silos_cases"] == count
+
+
+def test_a_local_model_scored_everywhere_averages_its_per_silo_dice() -> None:
+    # A job's local_everywhere[i] is the mean of local model i's Dice on each silo's test cases: retrain silo0's
+    # local-only model the way the job does (same seeds, deterministic) and score it at silo0 and at silo1.
+    from fedsilo.utility_bench import _dice, _plan, _setting_job, _silo_data, _state, _Trainer
+    from pipelines.networks import build_network
+
+    config = UtilityConfig(silos=2, train_sizes=(4, 6), test_cases=2, size=16, rounds=2, local_epochs=2,
+                           batch_size=8, ditto_epochs=1, epsilons=(), channels=(4, 8), strides=(2,), seeds=1, workers=1)
+    out = _setting_job(config, 0, None, progress=False, emit=print)
+    plan = _plan(config, None)
+    _, _, _, trains, tests = _silo_data(config, 0, plan)
+    model = build_network(plan, seed=0)
+    state = _Trainer(plan, 0 * 7919 + 2).train("silo0", _state(model), trains[0], epochs=4, salt=2)
+    at_silo0, at_silo1 = _dice(model, state, tests[0], plan), _dice(model, state, tests[1], plan)
+    assert out["dice"]["local"][0] == pytest.approx(at_silo0, abs=1e-6)
+    assert out["local_everywhere"][0] == pytest.approx((at_silo0 + at_silo1) / 2, abs=1e-6)
+    assert len(out["local_everywhere"]) == 2
+
+
 def test_compressed_arms_are_reported_against_fedavg(tiny_result) -> None:
     rows = {(r["case"], r["metric"]): r for r in tiny_result["rows"]}
     goals = tiny_result["params"]["goals"]
