@@ -75,15 +75,23 @@ held-out cases: the ``local-only model of <silo>, every silo's cases`` rows), th
 (goal: at most 3 points), for fedavg, fedprox, the robust rule, personalization and ditto (whose per-silo
 gains over fedavg are the ``ditto gain <privacy>`` rows); ``total`` ``wall_seconds``
 and ``cpu_seconds`` (this process and its workers).
+
+Where the DP cost comes from (``--dp-without-noise``, off by default): one more setting, ``DP-no-noise``, in which
+every arm trains exactly as under DP (the DP batch, learning rate and per-sample clip, Opacus' Poisson sampling,
+the same seeds as the DP settings) with a noise multiplier of 0, so not privately. The ``dp cost/<arm>`` rows
+split each arm's loss to DP into the DP optimizer's (``no-DP`` against ``DP-no-noise``) and the noise's
+(``DP-no-noise`` against each epsilon).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -175,6 +183,10 @@ class UtilityConfig:
     minibatch is the plan's times ``n_k / B`` (:func:`finetune_lr_scales`; chosen on seeds 10..13, where it moved
     personalized Dice at eps=8 from .890 to .901 and at eps=3 from .853 to .889; without DP every default silo
     has at least B = 8 cases, so nothing changes there).
+    dp_without_noise: add the privacy setting ``DP-no-noise``: every arm trains exactly as under DP (the DP batch,
+    learning rate and per-sample clipping, Opacus' Poisson sampling) with a noise multiplier of 0, so not
+    privately. It splits each arm's DP cost in two: the DP optimizer's (batch, clipping, learning rate: no-DP
+    against DP-no-noise) and the noise's (DP-no-noise against eps=8); the ``dp cost/...`` rows.
     """
 
     silos: int = 5
@@ -208,18 +220,33 @@ class UtilityConfig:
     compression: tuple[str, ...] = ()
     topk_fraction: float = 0.01
     finetune_lr_scaling: bool = True
+    dp_without_noise: bool = False
+
+
+#: The ``eps`` of the ``DP-no-noise`` setting (``dp_without_noise``): DP-SGD's optimizer with no noise, no privacy.
+NO_NOISE = math.inf
+NO_NOISE_NAME = "DP-no-noise"
 
 
 def _privacy_name(eps: float | None) -> str:
-    return "no-DP" if eps is None else f"eps={eps:g}"
+    if eps is None:
+        return "no-DP"
+    return NO_NOISE_NAME if eps == NO_NOISE else f"eps={eps:g}"
+
+
+def _setting_eps(pname: str) -> float | None:
+    """The inverse of :func:`_privacy_name`."""
+    if pname == "no-DP":
+        return None
+    return NO_NOISE if pname == NO_NOISE_NAME else float(pname[4:])
 
 
 def _plan(config: UtilityConfig, eps: float | None, *, fedprox_mu: float = 0.0):
     from pipelines.plan import parse_plan
 
     privacy: dict[str, Any] = {"enabled": eps is not None, "target_delta": config.delta, "max_grad_norm": config.max_grad_norm}
-    if eps is not None:
-        privacy["target_epsilon"] = float(eps)
+    if eps is not None:  # DP-no-noise: a valid plan; its trainers override the noise multiplier with 0
+        privacy["target_epsilon"] = float(eps) if eps != NO_NOISE else max(config.epsilons, default=8.0)
     return parse_plan({
         "name": "bench-utility", "task": "seg2d",
         "model": {"network": "UNet", "args": {"channels": list(config.channels), "strides": list(config.strides),
@@ -249,8 +276,8 @@ def _load(model, state: dict[str, np.ndarray]) -> None:
 class _Trainer:
     """Trains one silo's copy of the model; carries each dataset's accountant history (DP)."""
 
-    def __init__(self, plan, seed: int) -> None:
-        self.plan, self.seed = plan, seed
+    def __init__(self, plan, seed: int, *, noiseless: bool = False) -> None:
+        self.plan, self.seed, self.noiseless = plan, seed, noiseless
         self.history: dict[str, list] = {}
         self.noise: dict[str, float] = {}
         self.epsilon: dict[str, float] = {}
@@ -261,7 +288,8 @@ class _Trainer:
         """Train from ``start`` on ``data``; with ``anchor``, the loss gains ``lam/2 ||v - anchor||^2`` (Ditto's
         personal objective: :func:`pipelines.training.add_proximal_term` anchored at ``anchor``); ``lr_scale``
         multiplies the plan's learning rate (it costs no privacy: the noise multiplier is the plan's). Under DP
-        every call with the same ``key`` (dataset) goes on one accountant history."""
+        every call with the same ``key`` (dataset) goes on one accountant history; a ``noiseless`` trainer runs
+        Opacus with a noise multiplier of 0 (clipping and Poisson sampling only: no privacy, epsilon infinite)."""
         from pipelines.networks import build_network
         from pipelines.training import plan_noise_multiplier, train_local
 
@@ -272,13 +300,16 @@ class _Trainer:
         kwargs: dict[str, Any] = {}
         if private:
             if key not in self.noise:
-                self.noise[key] = plan_noise_multiplier(self.plan, len(data))
+                self.noise[key] = 0.0 if self.noiseless else plan_noise_multiplier(self.plan, len(data))
                 self.history[key] = []
             kwargs = {"history": self.history[key], "noise_multiplier": self.noise[key]}
         seed = int(np.random.SeedSequence([self.seed, salt, len(data)]).generate_state(1)[0]) & 0x7FFFFFFF
         if anchor is not None:  # Ditto's personal objective: FedProx's term, anchored at the round's global model
             kwargs.update(fedprox_mu=lam, proximal_anchor=anchor)
-        result = train_local(model, data, plan, epochs=epochs, seed=seed, **kwargs)
+        with warnings.catch_warnings():
+            if self.noiseless:  # Opacus' RDP analysis warns that no order bounds an infinite epsilon
+                warnings.simplefilter("ignore", UserWarning)
+            result = train_local(model, data, plan, epochs=epochs, seed=seed, **kwargs)
         if result.privacy is not None:
             self.history[key].append(result.privacy.entry)
             self.epsilon[key] = result.privacy.epsilon
@@ -434,54 +465,59 @@ def _setting_job(config: UtilityConfig, seed: int, eps: float | None, *, progres
             emit(f"utility: seed {seed} {arm} {pname}: mean Dice {statistics.fmean(scores):.3f} "
                  f"({' '.join(f'{x:.2f}' for x in scores)}) {seconds[arm]:.0f}s")
 
+    accounted = eps is not None and eps != NO_NOISE  # a DP setting with an epsilon to report
+
+    def new_trainer(plan_, seed_: int) -> _Trainer:
+        return _Trainer(plan_, seed_, noiseless=eps == NO_NOISE)
+
     t0 = time.perf_counter()
     if eps is None:  # the floor: the initial weights every arm starts from
         record("untrained", [initial] * n, t0)
-    trainer = _Trainer(plan, seed * 7919 + 1)
+    trainer = new_trainer(plan, seed * 7919 + 1)
     record("pooled", [trainer.train("pooled", initial, pooled, epochs=epochs_total, salt=1)] * n, t0)
 
     t0 = time.perf_counter()
-    trainer = _Trainer(plan, seed * 7919 + 2)
+    trainer = new_trainer(plan, seed * 7919 + 2)
     local_states = [trainer.train(f"silo{i}", initial, d, epochs=epochs_total, salt=2 + i) for i, d in enumerate(trains)]
     record("local", local_states, t0)
     # Each local-only model on every silo's held-out cases (FLamby's "local" baselines, Ogier du Terrail et al. 2022).
     out["local_everywhere"] = [statistics.fmean(_dice(model, s, test, plan) for test in tests) for s in local_states]
 
     t0 = time.perf_counter()
-    trainer = _Trainer(plan, seed * 7919 + 3)
+    trainer = new_trainer(plan, seed * 7919 + 3)
     fed_state, last = _federate(fedavg, trainer, initial, trains, config, 3, keep_last_local=True)
     record("fedavg", [fed_state] * n, t0)
-    if eps is not None:
+    if accounted:
         out["epsilon_spent"] = max(trainer.epsilon.values())
         out["noise"] = {k: round(v, 4) for k, v in trainer.noise.items()}
     scales = finetune_lr_scales([len(d) for d in trains], plan.training.batch_size) if config.finetune_lr_scaling else []
     if any(s != 1.0 for s in scales):  # a silo smaller than the batch fine-tunes at its own rate: a run of its own
         t0 = time.perf_counter()      # (the fedavg arm's seeds; only the last round's rates differ)
-        trainer = _Trainer(plan, seed * 7919 + 3)
+        trainer = new_trainer(plan, seed * 7919 + 3)
         last = _federate(fedavg, trainer, initial, trains, config, 3, keep_last_local=True,
                          last_round_lr_scales=scales)[1]
-        if eps is not None:
+        if accounted:
             out["epsilon_spent_personalized"] = max(trainer.epsilon.values())
     record("personalized", last, t0)
 
     for spec in config.compression:  # the fedavg arm's seeds: only the compression differs
         t0 = time.perf_counter()
-        trainer = _Trainer(plan, seed * 7919 + 3)
+        trainer = new_trainer(plan, seed * 7919 + 3)
         codec = _Codec(*compression_spec(spec, config.topk_fraction), seed * 7919 + 4)
         record(f"fedavg-{spec}", [_federate(fedavg, trainer, initial, trains, config, 3, codec=codec)[0]] * n, t0)
 
     t0 = time.perf_counter()
-    trainer = _Trainer(_plan(config, eps, fedprox_mu=config.fedprox_mu), seed * 7919 + 3)
+    trainer = new_trainer(_plan(config, eps, fedprox_mu=config.fedprox_mu), seed * 7919 + 3)
     record("fedprox", [_federate(fedavg, trainer, initial, trains, config, 3)[0]] * n, t0)
 
     t0 = time.perf_counter()
-    trainer = _Trainer(plan, seed * 7919 + 3)
+    trainer = new_trainer(plan, seed * 7919 + 3)
     record(config.robust_rule, [_federate(rule, trainer, initial, trains, config, 3)[0]] * n, t0)
 
     t0 = time.perf_counter()
-    trainer = _Trainer(plan, seed * 7919 + 5)
+    trainer = new_trainer(plan, seed * 7919 + 5)
     record("ditto", _ditto(trainer, initial, trains, config, fedavg), t0)
-    if eps is not None:
+    if accounted:
         out["epsilon_spent_ditto"] = max(trainer.epsilon.values())
     return out
 
@@ -587,9 +623,10 @@ def run_utility_bench(*, config: UtilityConfig | None = None, progress: bool = F
     started = time.perf_counter()
     cpu_started = time.process_time()
     children_started = os.times()
-    settings: list[float | None] = [None, *config.epsilons]
+    noiseless = [NO_NOISE] if config.dp_without_noise else []
+    settings: list[float | None] = [None, *noiseless, *config.epsilons]
     # DP settings first: they take longest, so that the workers finish together.
-    jobs = [(seed, eps) for eps in [*config.epsilons, None] for seed in _seeds(config)]
+    jobs = [(seed, eps) for eps in [*config.epsilons, *noiseless, None] for seed in _seeds(config)]
     outcomes = _run_jobs(config, jobs, progress=progress, emit=emit)
     # dice[(arm, privacy)][seed] = per-silo Dice list
     dice: dict[tuple[str, str], list[list[float]]] = {}
@@ -599,8 +636,7 @@ def run_utility_bench(*, config: UtilityConfig | None = None, progress: bool = F
     everywhere: dict[str, list[list[float]]] = {}  # privacy -> per seed, each local-only model's Dice on every silo
     noise: dict[str, dict[str, float]] = {}
     seconds: dict[str, dict[str, float]] = {}
-    for out in sorted(outcomes, key=lambda o: (settings.index(None if o["privacy"] == "no-DP" else
-                                                               float(o["privacy"][4:])), o["seed"])):
+    for out in sorted(outcomes, key=lambda o: (settings.index(_setting_eps(o["privacy"])), o["seed"])):
         for arm, scores in out["dice"].items():
             dice.setdefault((arm, out["privacy"]), []).append(scores)
         if "epsilon_spent" in out:
@@ -665,7 +701,7 @@ def _check_ditto(config: UtilityConfig) -> None:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam < float("inf"):
         raise ConfigError(f"--ditto-lambda {lam!r} must be a positive number",
                           fix="e.g. --ditto-lambda 0.1 (lambda 0 is local-only training: the local arm)")
-    lrs = [config.lr, *([config.dp_lr] if config.epsilons else [])]
+    lrs = [config.lr, *([config.dp_lr] if config.epsilons or config.dp_without_noise else [])]
     limit = 2 * (1 + config.momentum)
     if max(lrs) * lam >= limit:
         raise ConfigError(f"--ditto-lambda {lam:g} x lr {max(lrs):g} is {max(lrs) * lam:g}, at or above "
@@ -717,7 +753,8 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
     rows.append(_row("untrained (initial weights)", "dice mean", statistics.fmean(untrained)))
     compressed = [f"fedavg-{m}" for m in config.compression]
     arms = ["pooled", "local", "fedavg", "fedprox", config.robust_rule, "personalized", "ditto", *compressed]
-    privacy_names = [_privacy_name(None), *(_privacy_name(e) for e in config.epsilons)]
+    privacy_names = [_privacy_name(None), *([NO_NOISE_NAME] if config.dp_without_noise else []),
+                     *(_privacy_name(e) for e in config.epsilons)]
     means: dict[tuple[str, str], float] = {}
     for pname in privacy_names:
         base = per_silo(("pooled", pname))
@@ -760,6 +797,16 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
             gap8 = (means[(arm, nodp)] - means[(arm, _privacy_name(8.0))]) * 100
             rows.append(_row(f"goal/{arm} eps=8 vs {nodp}", "dice points behind", gap8))
             g.update(eps8_points_behind_nodp=round(gap8, 2), eps8_within_3_points=gap8 <= GOAL_DP8_POINTS)
+        if config.dp_without_noise:  # the DP cost in two: the DP optimizer's (batch, clip, lr), then the noise's
+            optimizer_cost = (means[(arm, nodp)] - means[(arm, NO_NOISE_NAME)]) * 100
+            rows.append(_row(f"dp cost/{arm} DP batch, clip and lr ({NO_NOISE_NAME}) vs {nodp}", "dice points behind",
+                             optimizer_cost))
+            g["dp_optimizer_points_behind_nodp"] = round(optimizer_cost, 2)
+            for e in config.epsilons:
+                noise_cost = (means[(arm, NO_NOISE_NAME)] - means[(arm, _privacy_name(e))]) * 100
+                rows.append(_row(f"dp cost/{arm} noise {_privacy_name(e)} vs {NO_NOISE_NAME}", "dice points behind",
+                                 noise_cost))
+                g.setdefault("dp_noise_points_behind_no_noise", {})[_privacy_name(e)] = round(noise_cost, 2)
         goals[arm] = g
     for spec in config.compression:
         arm = f"fedavg-{spec}"
@@ -807,8 +854,11 @@ def _result(config, dice, thresholds, spent, noise, seconds, wall, cpu, names, s
                            + (", fine-tuning at lr x min(1, n_k / batch) (linear scaling rule)" if config.finetune_lr_scaling else ""),
         "finetune_lr_scales": {_privacy_name(e): [round(x, 4) for x in finetune_lr_scales(
             sizes, config.batch_size if e is None else config.dp_batch_size)] if config.finetune_lr_scaling else
-            [1.0] * len(sizes) for e in (None, *config.epsilons)},
+            [1.0] * len(sizes) for e in (None, *([NO_NOISE] if config.dp_without_noise else []), *config.epsilons)},
         "epsilon_spent_personalized": {k: round(v, 3) for k, v in (spent_personalized or {}).items()},
+        "dp_without_noise": ("every arm trained as under DP (DP batch, lr, per-sample clipping, Poisson sampling) "
+                             "with noise multiplier 0: not private; splits the DP cost into the optimizer's and the "
+                             "noise's (dp cost/... rows)") if config.dp_without_noise else None,
         "ditto": {"lambda": config.ditto_lambda, "personal_epochs_per_round": config.ditto_epochs,
                   "global_epochs_per_round": config.local_epochs - config.ditto_epochs,
                   "how": "Ditto (Li et al. 2021, arXiv:2012.04221): FedAvg of the global model alongside a personal "
@@ -879,6 +929,10 @@ def add_bench_command(bsub) -> None:
     p.add_argument("--no-finetune-lr-scaling", dest="finetune_lr_scaling", action="store_false",
                    help="fine-tune the personalized arm at the plan's learning rate at every silo (default: a silo "
                         "with fewer cases than the minibatch fine-tunes at lr x cases / minibatch)")
+    p.add_argument("--dp-without-noise", action="store_true",
+                   help=f"add the setting {NO_NOISE_NAME}: every arm trained as under DP (DP batch, lr, per-sample "
+                        "clipping) with no noise, not private, to split the DP cost into the optimizer's and the "
+                        "noise's (one more job per seed)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=_utility)
 
@@ -920,7 +974,7 @@ def _utility(args) -> int:
         workers=args.workers,
         preprocess=args.preprocess, server_optimizer=args.server_optimizer, server_lr=args.server_lr,
         compression=tuple(_modes(args.compression)), topk_fraction=args.topk_fraction,
-        finetune_lr_scaling=args.finetune_lr_scaling,
+        finetune_lr_scaling=args.finetune_lr_scaling, dp_without_noise=args.dp_without_noise,
     )
     if config.size < 16:
         raise ConfigError(f"--size {config.size} is too small", fix="use 16 or more")

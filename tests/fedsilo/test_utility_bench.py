@@ -15,7 +15,8 @@ KEYS = {"case", "metric", "value", "baseline", "ratio"}
 # local_epochs 2: Ditto gives 1 of them to the personal model, 1 to the global one.
 TINY = UtilityConfig(silos=2, train_sizes=(6, 10), test_cases=3, size=16, rounds=2, local_epochs=2, batch_size=16,
                      dp_batch_size=16, ditto_epochs=1,
-                     epsilons=(8.0,), channels=(4, 8), strides=(2,), seeds=1, workers=2, compression=("int8", "topk"))
+                     epsilons=(8.0,), channels=(4, 8), strides=(2,), seeds=1, workers=2, compression=("int8", "topk"),
+                     dp_without_noise=True)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,63 @@ def test_tiny_run_has_every_arm_privacy_and_silo(tiny_result) -> None:
     assert ("threshold (global, raw intensities)", "dice mean") in by_key and ("total", "wall_seconds") in by_key
     assert ("threshold (global, after NormalizeIntensity)", "dice mean") in by_key
     # Both settings ran (in two worker processes: workers=2) and came back whole.
-    assert set(result["params"]["arm_seconds"]) == {"no-DP", "eps=8"}
+    assert set(result["params"]["arm_seconds"]) == {"no-DP", "DP-no-noise", "eps=8"}
+
+
+def test_dp_without_noise_splits_each_arms_dp_cost(tiny_result) -> None:
+    # DP-no-noise is a setting of its own for every arm; the dp cost rows are no-DP minus it (the DP optimizer's
+    # share) and it minus eps=8 (the noise's), and the two add up to the arm's eps=8 loss. It spends no epsilon.
+    rows = {(r["case"], r["metric"]): r["value"] for r in tiny_result["rows"]}
+    goals = tiny_result["params"]["goals"]
+    for arm in ("pooled", "local", "fedavg", "fedprox", "trimmed_mean", "personalized", "ditto"):
+        assert 0.0 <= rows[(f"{arm} DP-no-noise", "dice mean")] <= 1.0
+    for arm in ("fedavg", "fedprox", "trimmed_mean", "personalized", "ditto"):
+        nodp, quiet, eps8 = (rows[(f"{arm} {p}", "dice mean")] for p in ("no-DP", "DP-no-noise", "eps=8"))
+        optimizer = rows[(f"dp cost/{arm} DP batch, clip and lr (DP-no-noise) vs no-DP", "dice points behind")]
+        noise = rows[(f"dp cost/{arm} noise eps=8 vs DP-no-noise", "dice points behind")]
+        assert optimizer == pytest.approx((nodp - quiet) * 100, abs=0.03)
+        assert noise == pytest.approx((quiet - eps8) * 100, abs=0.03)
+        assert goals[arm]["dp_optimizer_points_behind_nodp"] + goals[arm]["dp_noise_points_behind_no_noise"]["eps=8"] \
+            == pytest.approx(goals[arm]["eps8_points_behind_nodp"], abs=0.03)
+    assert "DP-no-noise" not in tiny_result["params"]["epsilon_spent"]
+    assert tiny_result["params"]["finetune_lr_scales"]["DP-no-noise"] == [0.375, 0.625]  # the DP batch's
+
+
+def test_a_noiseless_trainer_runs_dp_sgd_with_zero_noise() -> None:
+    # The DP-no-noise setting trains with the DP plan (its batch, lr, clip and Poisson sampling) and a noise
+    # multiplier of 0 on the accountant's record; at the same seeds DP's noise is the only difference.
+    from fedsilo.utility_bench import NO_NOISE, _plan, _silo_data, _state, _Trainer
+    from pipelines.networks import build_network
+    from pipelines.training import sample_rate
+
+    config = UtilityConfig(silos=2, train_sizes=(6, 10), test_cases=1, size=16, batch_size=16, dp_batch_size=4,
+                           channels=(4, 8), strides=(2,))
+    plan = _plan(config, NO_NOISE)
+    assert plan.privacy.enabled and plan.training.batch_size == 4 and plan.training.optimizer.lr == config.dp_lr
+    _, _, _, trains, _ = _silo_data(config, 0, plan)
+    start = _state(build_network(plan, seed=0))
+    quiet = _Trainer(plan, 3, noiseless=True)
+    a = quiet.train("silo1", start, trains[1], epochs=2, salt=1)
+    assert quiet.noise["silo1"] == 0.0
+    assert [(h[0], h[1]) for h in quiet.history["silo1"]] == [(0.0, sample_rate(plan, 10))]  # 1/3: 3 steps an epoch
+    b = _Trainer(plan, 3, noiseless=True).train("silo1", start, trains[1], epochs=2, salt=1)
+    noisy = _Trainer(_plan(config, 8.0), 3)
+    c = noisy.train("silo1", start, trains[1], epochs=2, salt=1)
+    assert noisy.noise["silo1"] > 0.5
+    name = next(k for k in start if k.endswith("weight"))
+    assert np.array_equal(a[name], b[name]) and not np.array_equal(a[name], start[name])
+    assert not np.allclose(a[name], c[name])
+
+
+def test_cli_adds_the_dp_without_noise_setting() -> None:
+    import argparse
+
+    from fedsilo.utility_bench import add_bench_command
+
+    parser = argparse.ArgumentParser()
+    add_bench_command(parser.add_subparsers())
+    assert parser.parse_args(["utility"]).dp_without_noise is False
+    assert parser.parse_args(["utility", "--dp-without-noise"]).dp_without_noise is True
 
 
 def test_ditto_reports_each_silo_against_fedavg_and_local(tiny_result) -> None:
@@ -200,7 +257,7 @@ def test_personalized_arm_reports_its_scales_and_spends_the_target_epsilon(tiny_
     # TINY's silos (6 and 10 cases) are smaller than its batch of 16: both fine-tune at n_k / 16 of the lr, in a
     # FedAvg run of their own, whose accountant ends at the same target epsilon (the lr costs no privacy).
     params = tiny_result["params"]
-    assert params["finetune_lr_scales"] == {"no-DP": [0.375, 0.625], "eps=8": [0.375, 0.625]}
+    assert params["finetune_lr_scales"] == {"no-DP": [0.375, 0.625], "DP-no-noise": [0.375, 0.625], "eps=8": [0.375, 0.625]}
     assert params["epsilon_spent_personalized"]["eps=8"] == pytest.approx(8.0, rel=0.03)
     assert "linear scaling rule" in params["personalization"]
 
