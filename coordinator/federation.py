@@ -195,8 +195,8 @@ class FederatedRun:
         ids = self._push(messages)
         # Flower answers for a node that stopped sending heartbeats itself (an error reply from the
         # SuperLink, whose source is not the node): map every reply back to the node it was sent to.
-        self.reply_node.update({mid: m.metadata.dst_node_id for mid, m in zip(ids, messages)})
-        pending = set(ids)
+        self.reply_node.update({mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid})
+        pending = {mid for mid in ids if mid}  # a message the SuperLink refused has no id and gets no reply
         replies: list = []
         deadline = time.monotonic() + timeout_s
         while pending and time.monotonic() < deadline:
@@ -217,14 +217,22 @@ class FederatedRun:
         every silo's message (a pull and three object pulls each) is served in the same stretch and the slowest
         silo starts last with the rest. Its message first, it starts training while the others' go out; the longest
         job first is Graham's LPT rule (Graham 1969, "Bounds on multiprocessing timing anomalies"). The expected work
-        is the silo's last reported ``seconds``; until a round has reported one (the first), all go in one push."""
+        is the silo's last reported ``seconds``; until a round has reported one (the first), all go in one push.
+        A message the SuperLink did not store has ``None`` (or Flower's empty id) in its place."""
         known = [i for i, m in enumerate(messages) if m.metadata.dst_node_id in self.node_seconds]
         if len(messages) < 2 or not known:
-            return list(self.grid.push_messages(messages))
+            return self._push_batch(messages)
         first = max(known, key=lambda i: self.node_seconds[messages[i].metadata.dst_node_id])
-        ahead = list(self.grid.push_messages([messages[first]]))
-        rest = list(self.grid.push_messages(messages[:first] + messages[first + 1:]))
+        ahead = self._push_batch([messages[first]])
+        rest = self._push_batch(messages[:first] + messages[first + 1:])
         return rest[:first] + ahead + rest[first:]
+
+    def _push_batch(self, batch: list) -> list:
+        """Flower's ids for one push, one per message. Flower keeps them in order, with ``None`` or ``""`` for a message
+        the SuperLink did not store, but answers ``[]`` for a push refused whole (a request over the SuperLink's size
+        limit): that becomes one ``None`` per message, so that the ids of :meth:`_push`'s two pushes stay aligned."""
+        ids = list(self.grid.push_messages(batch))
+        return ids if len(ids) == len(batch) else [None] * len(batch)
 
     # --- signed checkpoints, witnessed by the silos -----------------------------------
 

@@ -453,3 +453,47 @@ def test_the_slowest_silos_message_goes_out_first_and_the_aggregation_order_stay
         aggregates = [r for r in log.records() if r["event"] == "aggregate.computed"]
     assert [a["details"]["input_sites"] for a in aggregates] == [["hospital1", "hospital2", "hospital3", "hospital4"]] * 3
     assert [r["sites"]["hospital2"]["train_seconds"] for r in driver.state.rounds] == [9.0] * 3
+
+
+class RefusingGrid(PushOrderGrid):
+    """A loopback grid whose SuperLink refuses the second round's push ahead of the rest whole, as Flower's grid
+    answers a push over its size limit: no message goes out and the id list is empty."""
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if len(messages) == 1 and len(self.pushes) == 1:
+            self.pushes.append([m.metadata.dst_node_id for m in messages])
+            return []
+        return super().push_messages(messages)
+
+
+def test_a_push_refused_whole_leaves_the_other_silos_replies_with_their_own_nodes(tmp_path):
+    """If only one of _push's two pushes is refused, the other's ids still belong to their own silos: the refused
+    silo misses the round and every other silo's update is filed under its own name (they are all honest, so a
+    misfiled reply would show as the wrong site aggregated)."""
+    work = {1: 2.0, 2: 9.0, 3: 5.0}
+
+    def silo(node, msg):
+        content = honest(node, msg, {k: v * node for k, v in GOOD.items()})
+        content[P.METRICS]["seconds"] = work[node]
+        return content
+
+    text = plan_text(rounds=2, update_norm_bound=10.0)
+    grid = RefusingGrid([1, 2, 3], silo)
+    driver = FederatedRun(grid, parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1", {k: v.copy() for k, v in INITIAL.items()})
+    try:
+        driver.execute()
+    finally:
+        driver.audit.close()
+    assert grid.pushes[:3] == [[1, 2, 3], [2], [1, 3]]  # round 2: node 2's push refused, the rest sent
+    with AuditLog.open(tmp_path / "run" / "audit", read_only=True) as log:
+        records = list(log.records())
+    aggregates = [r for r in records if r["event"] == "aggregate.computed"]
+    assert [a["details"]["input_sites"] for a in aggregates] == [["hospital1", "hospital2", "hospital3"],
+                                                                 ["hospital1", "hospital3"]]
+    # Round 2: the missing silo is node 2 (hospital2), and each update came from its own node.
+    missing = [(r["object"]["id"], r["details"]["site"]) for r in records if r["event"] == "update.missing"]
+    assert missing == [("2", "hospital2")]
+    received = [(r["details"]["site"], r["details"]["node"]) for r in records if r["event"] == "update.received" and r["round"] == 2]
+    assert received == [("hospital1", "1"), ("hospital3", "3")]
+    assert driver.node_site == {1: "hospital1", 2: "hospital2", 3: "hospital3"}
