@@ -200,6 +200,8 @@ def main(argv: list[str]) -> int:
         # The event loop wakes for every request step while handler threads run SQL; with Python's default 5 ms
         # switch interval each wake can wait that long for the GIL (the convoy effect, bpo-7946).
         sys.setswitchinterval(SUPERLINK_SWITCH_S)
+        print("fedsilo: SuperLink serves Fleet and runtime requests without the Control API's middlewares; "
+              f"thread switch interval {SUPERLINK_SWITCH_S * 1000:g} ms", flush=True)
     sys.argv = list(argv)
     return int(command() or 0)
 

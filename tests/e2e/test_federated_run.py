@@ -62,11 +62,13 @@ def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
     assert "lifetime 8.5" in budget_refusal["reason"]
     with PrivacyLedger.for_site(sites[0].privacy_dir) as ledger:
         assert [sp.round for sp in ledger.spends("synthetic")] == [1, 2]  # nothing spent by the refused round
-    # The SuperLink ran with fedsilo's long polling (fedsilo.flower_longpoll) and token sweep (fedsilo.flower_housekeeping),
+    # The SuperLink ran with fedsilo's long polling (fedsilo.flower_longpoll), token sweep (fedsilo.flower_housekeeping)
+    # and middleware gate (fedsilo.flower_http),
     # as `fedsilo coordinator start` runs it.
     superlink_log = (tmp_path / "logs" / "superlink.log").read_text()
     assert "SuperLink long polling on" in superlink_log
     assert "SuperLink sweeps expired task tokens at most every 1 s" in superlink_log
+    assert "without the Control API's middlewares; thread switch interval 1 ms" in superlink_log
     # Every process we started is gone.
     for pid in pids:
         with pytest.raises(ProcessLookupError):
