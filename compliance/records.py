@@ -71,7 +71,7 @@ class EventType:
     CHECKPOINT_COSIGNED = "checkpoint.cosigned"
     UPDATE_MISSING = "update.missing"  # a silo sent no reply within the round's timeout
     UPDATE_RESENT = "update.resent"  # a silo re-sent the update it already trained for a retried round
-    STATE_SAVED = "state.saved"  # the coordinator's run state (global model, optimizer, round) on disk
+    STATE_SAVED = "state.saved"  # the coordinator's run state (global model, optimizer, round), or a silo's personalized model, on disk
     RUN_RESUMED = "run.resumed"
 
 

@@ -453,9 +453,9 @@ class FederatedRun:
             metrics = {k: float(v) for k, v in dict(reply.content[metrics_key]).items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
             entry = sites.setdefault(site, {})
-            for key in ("dice", "accuracy", "auc", "loss", "seconds"):
+            for key, name in EVALUATION_FIGURES.items():
                 if key in metrics:
-                    entry[{"loss": "test_loss", "seconds": "eval_seconds"}.get(key, key)] = metrics[key]
+                    entry[name] = metrics[key]
 
     # --- the run ----------------------------------------------------------------------
 
@@ -609,8 +609,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: An evaluation reply's metric -> its name in a round's per-site figures (metrics.json). ``personalized-*``: the
+#: site's personalized model at the final evaluation (``training.personalize``).
+EVALUATION_FIGURES = {"dice": "dice", "accuracy": "accuracy", "auc": "auc", "loss": "test_loss", "seconds": "eval_seconds",
+                      "personalized-dice": "personalized_dice", "personalized-accuracy": "personalized_accuracy",
+                      "personalized-auc": "personalized_auc", "personalized-loss": "personalized_test_loss"}
+
+
 def summarize(state: RunState) -> dict[str, Any]:
-    """metrics.json: every round's per-site figures and the final ones."""
+    """metrics.json: every round's per-site figures and the final ones (with personalized models, each site's
+    personalized figure and its gain over the final global model's: ``personalization_gain_<metric>_per_site``)."""
     rounds = [{"round": r["round"], "replied": r["replied"], "seconds": r["seconds"], "aggregate_seconds": r.get("aggregate_seconds"), "uplink_bytes": r.get("uplink_bytes"),
                "sites": dict(sorted(r["sites"].items()))} for r in state.rounds]
     final: dict[str, Any] = {}
@@ -621,5 +629,10 @@ def summarize(state: RunState) -> dict[str, Any]:
             if per_site:
                 final[f"{metric}_per_site"] = per_site
                 final[f"{metric}_mean"] = float(np.mean(list(per_site.values())))
+            personal = {s: m[f"personalized_{metric}"] for s, m in last.items() if m.get(f"personalized_{metric}") is not None}
+            if personal:
+                final[f"personalized_{metric}_per_site"] = personal
+                final[f"personalized_{metric}_mean"] = float(np.mean(list(personal.values())))
+                final[f"personalization_gain_{metric}_per_site"] = {s: v - per_site[s] for s, v in personal.items() if s in per_site}
         final["epsilon_per_site"] = {s: max((r["sites"].get(s, {}).get("epsilon") or 0.0) for r in rounds) for s in sorted({s for r in rounds for s in r["sites"]})}
     return {"plan_hash": state.plan_hash, "run_id": state.run_id, "rounds": rounds, "final": final}

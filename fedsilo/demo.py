@@ -242,14 +242,18 @@ def _summary(metrics: dict[str, Any], metric: str, say: Callable[[str], None]) -
     per_site = final.get(f"{metric}_per_site", {})
     eps = final.get("epsilon_per_site", {})
     baseline = metrics.get(f"baseline_pooled_{metric}_per_site", {})
+    personal = final.get(f"personalized_{metric}_per_site", {})  # training.personalize: each site's own model
+    head = f"  {'personalized':>12}" if personal else ""
     say("")
-    say(f"{'site':>12}  {'federated+DP ' + metric:>20}  {'epsilon':>8}  {'pooled, no DP ' + metric:>21}")
+    say(f"{'site':>12}  {'federated+DP ' + metric:>20}{head}  {'epsilon':>8}  {'pooled, no DP ' + metric:>21}")
     for site in sorted(per_site):
         base = baseline.get(site)
-        say(f"{site:>12}  {per_site[site]:>20.3f}  {eps.get(site, 0.0):>8.2f}  {'-' if base is None else format(base, '.3f'):>21}")
+        own = f"  {'-' if site not in personal else format(personal[site], '.3f'):>12}" if personal else ""
+        say(f"{site:>12}  {per_site[site]:>20.3f}{own}  {eps.get(site, 0.0):>8.2f}  {'-' if base is None else format(base, '.3f'):>21}")
     mean = final.get(f"{metric}_mean")
     base_mean = metrics.get(f"baseline_pooled_{metric}")
-    say(f"{'mean':>12}  {mean if mean is not None else float('nan'):>20.3f}  {max(eps.values(), default=0.0):>8.2f}  "
+    own_mean = f"  {final.get(f'personalized_{metric}_mean', float('nan')):>12.3f}" if personal else ""
+    say(f"{'mean':>12}  {mean if mean is not None else float('nan'):>20.3f}{own_mean}  {max(eps.values(), default=0.0):>8.2f}  "
         f"{'-' if base_mean is None else format(base_mean, '.3f'):>21}")
     say(f"done in {metrics['seconds_total']:.0f} s")
 

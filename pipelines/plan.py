@@ -43,6 +43,7 @@ SECURE_RULES = ("fedavg",)
 #: (and so from its hash) at their default.
 LATER_KEYS: dict[tuple[str, str], Any] = {
     ("training", "fedprox_mu"): 0.0,
+    ("training", "personalize"): False,
     ("federation", "compression"): "float32",
     ("federation", "topk_fraction"): 0.01,
     ("federation", "secure_aggregation"): "none",
@@ -51,6 +52,13 @@ LATER_KEYS: dict[tuple[str, str], Any] = {
 
 def _fail(key: str, problem: str, fix: str) -> ConfigError:
     return ConfigError(f"plan key '{key}': {problem}", fix=fix)
+
+
+def _boolean(d: dict, key: str, where: str, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise _fail(f"{where}.{key}", f"expected true or false, got {value!r}", "write true or false")
+    return value
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,11 @@ class TrainingSpec:
     (Li et al. 2020, "Federated Optimization in Heterogeneous Networks", arXiv:1812.06127); 0 is plain
     FedAvg local training. Under DP-SGD the term's gradient ``mu * (w - w_global)`` is added after
     clipping and noise: it depends on no record, so it costs no privacy (see pipelines/training.py).
+
+    ``personalize``: each silo keeps the model it trains in the last round (the global model of round
+    ``rounds - 1`` fine-tuned on its own data, Wang et al. 2019, arXiv:1910.10252) as its personalized model, in
+    its own folder, and reports that model's figures beside the final global model's. The model never leaves the
+    silo, and its training is the last round's, already paid for in the silo's privacy ledger.
     """
 
     local_epochs: int = 4
@@ -103,6 +116,7 @@ class TrainingSpec:
     loss: str = "dice_ce"
     seed: int = 0
     fedprox_mu: float = 0.0
+    personalize: bool = False
 
 
 @dataclass(frozen=True)
@@ -314,7 +328,7 @@ def _parse_data(raw: Any) -> DataSpec:
 
 def _parse_training(raw: Any, task: str) -> TrainingSpec:
     t = _mapping(raw, "training")
-    _check_keys(t, ("local_epochs", "batch_size", "optimizer", "loss", "seed", "fedprox_mu"), "training")
+    _check_keys(t, ("local_epochs", "batch_size", "optimizer", "loss", "seed", "fedprox_mu", "personalize"), "training")
     o = _mapping(t.get("optimizer"), "training.optimizer")
     _check_keys(o, ("name", "lr", "momentum", "weight_decay"), "training.optimizer")
     optimizer = OptimizerSpec(
@@ -336,6 +350,7 @@ def _parse_training(raw: Any, task: str) -> TrainingSpec:
         loss=loss,
         seed=_number(t, "seed", "training", 0, integer=True, low=0),
         fedprox_mu=_number(t, "fedprox_mu", "training", 0.0, low=0, high=100),
+        personalize=_boolean(t, "personalize", "training", False),
     )
 
 

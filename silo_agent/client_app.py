@@ -274,6 +274,9 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
         details["secure_aggregation"] = fed.secure_aggregation
     payload = _compress(site, run_id, round_, fed, delta_np)
     details.update(compression=fed.compression, bytes=payload_nbytes(payload))
+    if plan.training.personalize and round_ == fed.rounds:  # the last round's model, fine-tuned here, stays here
+        _keep_personalized(site, audit, actor, plan, run_id, round_, result.state_dict)  # before the outbox: a
+        # retried round answered from it (no training) still finds this model
     if result.privacy is not None:  # a retried round (coordinator resumed) gets this update again, at no new cost
         from silo_agent.outbox import save_update
 
@@ -281,6 +284,52 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     audit.append(EventType.UPDATE_SENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(payload)},
                  run_id=run_id, round=round_, details=details)
     return _reply(site, run_id, round_, fed, payload, metrics, reference, evaluation)
+
+
+def personalized_model_path(site: Site, run_id: str) -> Path:
+    """Where a site keeps its personalized model of a run (``training.personalize``); it is never sent."""
+    import hashlib
+
+    return site.models_dir / f"personalized-{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.safetensors"
+
+
+def _keep_personalized(site: Site, audit: AuditLog, actor: dict, plan, run_id: str, round_: int, state) -> None:
+    """Keep the last round's local model: the global model of round ``rounds - 1`` fine-tuned on this site's data
+    (Wang et al. 2019, arXiv:1910.10252). Its training is the last round's, already in the privacy ledger."""
+    from pipelines.serialization import save_model, state_digest, to_numpy
+
+    arrays = to_numpy(state)
+    path = personalized_model_path(site, run_id)
+    save_model(path, arrays, metadata={"run_id": run_id, "round": str(round_), "plan_hash": plan.hash(),
+                                       "kind": "personalized"})
+    audit.append(EventType.STATE_SAVED, actor=actor, object={"type": "model", "id": f"personalized/{run_id}", "sha256": state_digest(arrays)},
+                 run_id=run_id, round=round_, details={"kind": "personalized model, kept at this site and never sent",
+                                                       "path": str(path.relative_to(site.root))})
+
+
+def _personalized_model(site: Site, plan, run_id: str, round_: int):
+    """The site's personalized model of the run when the plan asks for one and this is the final evaluation, else
+    None. A file whose tensors are not the plan's network's is refused, as a foreign global model is."""
+    import torch
+
+    from pipelines.networks import build_network
+    from pipelines.serialization import load_model, to_numpy
+
+    if not plan.training.personalize or round_ != plan.federation.rounds:
+        return None
+    path = personalized_model_path(site, run_id)
+    if not path.is_file():
+        return None  # this site did not train the last round (it joined late, or its update was refused)
+    model = build_network(plan)
+    arrays = load_model(path)
+    try:
+        check_arrays(arrays, to_numpy(model.state_dict()))
+    except RefusalError as exc:
+        detail = exc.message.removeprefix("egress blocked: ").replace("update tensors", "its tensors").replace("the global model", "the plan's network")
+        raise RefusalError(f"personalized model {path.name} is not the plan's network ({detail}); remove it from "
+                           f"the site's models folder to evaluate the global model alone") from None
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in arrays.items()})
+    return model
 
 
 def _evaluate_first(msg: Message, site: Site, plan, model, audit: AuditLog, actor: dict, run_id: str, round_: int) -> RecordDict | None:
@@ -306,13 +355,19 @@ def _evaluate_first(msg: Message, site: Site, plan, model, audit: AuditLog, acto
 
 def _evaluation(msg: Message, site: Site, plan, model, audit: AuditLog, actor: dict, run_id: str, round_: int,
                 started: float | None = None) -> tuple[dict, bytes | None]:
-    """``model`` (round ``round_``'s global model) on the site's test cases, audited; and the cosignature of the
-    checkpoint the message carries, if any. ``seconds`` counts from ``started`` (default: now)."""
+    """``model`` (round ``round_``'s global model) on the site's test cases, audited, and at the final evaluation
+    of a plan that personalizes, the site's personalized model beside it (its figures as ``personalized-<metric>``);
+    and the cosignature of the checkpoint the message carries, if any. ``seconds`` counts from ``started``
+    (default: now)."""
     from pipelines.metrics import evaluate as evaluate_model
+    from silo_agent.egress import PERSONALIZED_PREFIX
 
     started = time.perf_counter() if started is None else started
+    personal = _personalized_model(site, plan, run_id, round_)
     entry, data, _ = _load(site, plan, "test")
     metrics = evaluate_model(model, data, plan)
+    if personal is not None:
+        metrics.update({PERSONALIZED_PREFIX + k: v for k, v in evaluate_model(personal, data, plan).items() if k != P.NUM_EXAMPLES})
     metrics["seconds"] = time.perf_counter() - started  # for the coordinator's per-round overhead figure
     check_metrics(metrics)
     audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},

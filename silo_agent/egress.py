@@ -16,9 +16,12 @@ import numpy as np
 from fedsilo.errors import RefusalError
 from fedsilo.protocol import RECORDS_FROM_SILO
 
+#: The figures of a silo's personalized model (``training.personalize``) at the final evaluation, by the metric's name.
+PERSONALIZED_PREFIX = "personalized-"
 ALLOWED_METRICS = frozenset({
     "num-examples", "train-loss", "loss", "dice", "accuracy", "auc",
     "epsilon", "delta", "noise-multiplier", "sample-rate", "steps", "max-grad-norm", "seconds",
+    *(PERSONALIZED_PREFIX + m for m in ("loss", "dice", "accuracy", "auc")),
 })
 
 
@@ -46,7 +49,8 @@ def check_metrics(metrics: Mapping[str, object]) -> None:
 
 #: The records a reply may carry (fedsilo.protocol.RECORDS_FROM_SILO, the same names a coordinator opens), checked below.
 REPLY_RECORDS = frozenset(RECORDS_FROM_SILO)
-POLICY_METRICS = {"loss": "loss", "train-loss": "loss", "dice": "dice", "accuracy": "accuracy", "auc": "auc"}
+POLICY_METRICS = {"loss": "loss", "train-loss": "loss", "dice": "dice", "accuracy": "accuracy", "auc": "auc",
+                  **{PERSONALIZED_PREFIX + m: m for m in ("loss", "dice", "accuracy", "auc")}}
 
 
 def check_reply(content, *, site_id: str, run_id: str, round_: int, allowed_metrics: tuple[str, ...],

@@ -71,6 +71,11 @@ class Site:
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def models_dir(self) -> Path:
+        """Models the site keeps and never sends: the personalized models (``training.personalize``)."""
+        return self.root / "models"
+
     def actor(self) -> dict[str, str | None]:
         """The silo agent as an audit actor; its key is the site's witness key."""
         from silo_agent.witnessing import witness_fingerprint

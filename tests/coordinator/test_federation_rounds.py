@@ -78,7 +78,7 @@ class LoopbackGrid:
                 if isinstance(content, RecordDict) and P.EVALUATE in msg.content:  # the previous round's model, evaluated first
                     content[P.EVALUATION] = MetricRecord({"dice": 0.5, P.NUM_EXAMPLES: 4})
             else:
-                content = RecordDict({P.METRICS: MetricRecord({"dice": 0.5, P.NUM_EXAMPLES: 4}),
+                content = RecordDict({P.METRICS: MetricRecord(self.evaluation(node)),
                                       P.IDENTITY: ConfigRecord({P.SITE: f"hospital{node}"})})
             if content is None:
                 continue
@@ -89,6 +89,10 @@ class LoopbackGrid:
                 reply.metadata.__dict__["_src_node_id"] = self.SUPERLINK
             self.replies[msg.metadata.message_id] = reply
         return ids
+
+    def evaluation(self, node: int) -> dict:
+        """The metrics an evaluate message gets from ``node``."""
+        return {"dice": 0.5, P.NUM_EXAMPLES: 4}
 
     def pull_messages(self, message_ids):
         # Like the SuperLink, in no promised order: the driver must not depend on it.
@@ -497,3 +501,27 @@ def test_a_push_refused_whole_leaves_the_other_silos_replies_with_their_own_node
     received = [(r["details"]["site"], r["details"]["node"]) for r in records if r["event"] == "update.received" and r["round"] == 2]
     assert received == [("hospital1", "1"), ("hospital3", "3")]
     assert driver.node_site == {1: "hospital1", 2: "hospital2", 3: "hospital3"}
+
+
+class PersonalizedGrid(LoopbackGrid):
+    """Evaluate replies also carry each silo's personalized model's figures (training.personalize)."""
+
+    def evaluation(self, node: int) -> dict:
+        return {"dice": 0.5, "personalized-dice": 0.5 + 0.1 * node, "personalized-loss": 0.2, P.NUM_EXAMPLES: 4}
+
+
+def test_personalized_figures_go_into_metrics_json_with_each_sites_gain(tmp_path):
+    text = plan_text(rounds=1)
+    driver = FederatedRun(PersonalizedGrid([1, 2], honest), parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1",
+                          {k: v.copy() for k, v in INITIAL.items()})
+    try:
+        driver.execute()
+    finally:
+        driver.audit.close()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    final = metrics["final"]
+    assert final["dice_per_site"] == {"hospital1": 0.5, "hospital2": 0.5}
+    assert final["personalized_dice_per_site"] == pytest.approx({"hospital1": 0.6, "hospital2": 0.7})
+    assert final["personalized_dice_mean"] == pytest.approx(0.65)
+    assert final["personalization_gain_dice_per_site"] == pytest.approx({"hospital1": 0.1, "hospital2": 0.2})
+    assert metrics["rounds"][-1]["sites"]["hospital1"]["personalized_test_loss"] == pytest.approx(0.2)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from compliance import AuditLog, verify_log
 from compliance.keys import read_vkey_file
@@ -31,6 +32,9 @@ def _events(path, event):
 
 def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
     sites, synthetic = make_sites(tmp_path, [30, 36])
+    raw = yaml.safe_load(e2e_plan.read_text())
+    raw["training"]["personalize"] = True  # each silo keeps its last round's model and reports it at the end
+    e2e_plan.write_text(yaml.safe_dump(raw))
     bundle = sign_and_approve(tmp_path, e2e_plan, sites)  # researcher signs; each site's officer approves
     # The same plan with one value changed after approval: signed by the researcher, approved nowhere.
     altered = tmp_path / "altered" / "plan.yaml"
@@ -86,6 +90,15 @@ def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
         eps = [r["sites"][site]["epsilon"] for r in metrics["rounds"]]
         assert eps[0] < eps[1] <= plan.privacy.target_epsilon * 1.01  # composed, within the plan's budget
     assert set(metrics["final"]["dice_per_site"]) == {"hospital0", "hospital1"}
+    # training.personalize: each silo's own model, evaluated beside the global one, kept at the silo only.
+    personal = metrics["final"]["personalized_dice_per_site"]
+    assert set(personal) == {"hospital0", "hospital1"} and all(0.0 <= v <= 1.0 for v in personal.values())
+    gains = metrics["final"]["personalization_gain_dice_per_site"]
+    assert gains == pytest.approx({s: personal[s] - metrics["final"]["dice_per_site"][s] for s in personal})
+    for site in sites:
+        [kept] = (site.root / "models").glob("personalized-*.safetensors")
+        assert set(load_model(kept)) == set(build_network(plan).state_dict())
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
 
     # The saved model is tensors only and fits the plan's network.
     state = load_model(out / "model.safetensors")

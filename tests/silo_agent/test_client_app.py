@@ -397,3 +397,68 @@ def test_a_message_whose_envelope_cannot_be_opened_is_refused_and_audited(site, 
     assert "DOE" not in reply.error.reason
     refused = [r for r in audit_events(site) if r["event"] == "plan.refused"]
     assert len(refused) == 1 and "cannot be opened" in refused[0]["reason"]
+
+
+# --- training.personalize: the last round's model stays at the site and is evaluated beside the global one ----------
+
+
+def _personalizing_site(tmp_path, personalize: bool = True):
+    import yaml
+
+    site = init_site(tmp_path / "site", "hospital0")
+    add_officer(site, "j.smith")
+    site = register_dataset(site, "ct", task="seg3d", datalist=write_tiny_datalist(tmp_path / "data", cases=3))
+    raw = {**PLAN, "training": {"local_epochs": 1, "batch_size": 2, "personalize": personalize}}
+    approve(site, raw)
+    plan = parse_plan(raw)
+    return site, plan, yaml.safe_dump(raw)
+
+
+def test_a_personalizing_plan_keeps_the_last_rounds_model_and_reports_it_beside_the_global_one(tmp_path):
+    """Round 1 of 1 is the last: the model trained from the global one is kept in the site's models folder (global +
+    the update sent, exactly), audited, and at the final evaluation its figures come back as personalized-*."""
+    from fedsilo.wire import unpack_record
+    from pipelines.serialization import load_model
+    from silo_agent.client_app import personalized_model_path
+
+    site, plan, text = _personalizing_site(tmp_path)
+    initial = {k: v.numpy().copy() for k, v in build_network(plan, seed=0).state_dict().items()}
+    reply = train(message(text, plan.hash(), pack(build_network(plan, seed=0).state_dict())), context(site.root))
+    assert not reply.has_error(), reply.error.reason
+    path = personalized_model_path(site, "run1")
+    assert path.parent == site.root / "models"
+    kept = load_model(path)
+    delta = unpack_record(reply.content[P.ARRAYS])
+    for name, value in initial.items():
+        np.testing.assert_allclose(kept[name], value + delta[name], rtol=0, atol=1e-6)
+    [saved] = [r for r in audit_events(site) if r["event"] == "state.saved"]
+    assert saved["object"]["id"] == "personalized/run1" and "never sent" in saved["details"]["kind"]
+    # The final evaluation (the global model after round 1): both models on the same test cases.
+    final = evaluate(message(text, plan.hash(), pack(build_network(plan, seed=0).state_dict()), "evaluate"), context(site.root))
+    assert not final.has_error(), final.error.reason
+    metrics = dict(final.content[P.METRICS])
+    assert 0.0 <= metrics["dice"] <= 1.0 and 0.0 <= metrics["personalized-dice"] <= 1.0
+    assert metrics["personalized-loss"] != metrics["loss"]  # a different model: the kept one, not the global one
+    [used] = [r for r in audit_events(site) if r["event"] == "dataset.used" and r["details"]["split"] == "test"]
+    assert "personalized-dice" in used["details"]
+
+
+def test_without_personalize_nothing_is_kept_and_no_personalized_figure_leaves(tmp_path):
+    from silo_agent.client_app import personalized_model_path
+
+    site, plan, text = _personalizing_site(tmp_path, personalize=False)
+    assert not train(message(text, plan.hash(), pack(build_network(plan, seed=0).state_dict())), context(site.root)).has_error()
+    assert not personalized_model_path(site, "run1").exists() and not (site.root / "models").exists()
+    final = evaluate(message(text, plan.hash(), pack(build_network(plan, seed=0).state_dict()), "evaluate"), context(site.root))
+    assert not any(k.startswith("personalized-") for k in dict(final.content[P.METRICS]))
+
+
+def test_a_kept_model_that_is_not_the_plans_network_is_refused_in_one_line(tmp_path):
+    from pipelines.serialization import save_model
+    from silo_agent.client_app import personalized_model_path
+
+    site, plan, text = _personalizing_site(tmp_path)
+    save_model(personalized_model_path(site, "run1"), {"conv.weight": np.zeros((2, 2), dtype=np.float32)})
+    final = evaluate(message(text, plan.hash(), pack(build_network(plan, seed=0).state_dict()), "evaluate"), context(site.root))
+    assert final.has_error() and "personalized model personalized-" in final.error.reason and "is not the plan's network" in final.error.reason
+    assert "\n" not in final.error.reason and str(tmp_path) not in final.error.reason

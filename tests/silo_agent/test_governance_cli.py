@@ -238,9 +238,9 @@ def test_approve_a_plan_that_breaks_the_policy(site: Path, imported: str, capsys
 
 @pytest.mark.parametrize("command", [("show",), ("approve", "--officer", OFFICER), ("reject", "--officer", OFFICER, "--reason", "no")])
 def test_a_hash_prefix_that_names_no_plan(site: Path, imported: str, capsys: pytest.CaptureFixture[str], command: tuple[str, ...]) -> None:
-    assert imported.startswith("06f792a8")
-    for prefix, needle in (("06f792a", "'06f792a' is not a plan hash"),  # 7 digits of the real hash
-                           ("06f792ag", "'06f792ag' is not a plan hash"),  # not hex
+    assert imported.startswith("741b2381")
+    for prefix, needle in (("741b238", "'741b238' is not a plan hash"),  # 7 digits of the real hash
+                           ("741b238g", "'741b238g' is not a plan hash"),  # not hex
                            ("ffffffff", "site hospital0 holds no plan ffffffff")):
         line = bad_input(capsys, "silo", "plan", command[0], prefix, "--site", site, *command[1:], needles=(needle,))
         assert ("give at least 8 hex digits" in line) == ("not a plan hash" in needle)
