@@ -296,7 +296,6 @@ class _Trainer:
         model = build_network(self.plan)  # Opacus hooks a module once: a fresh copy per training
         _load(model, start)
         private = self.plan.privacy.enabled
-        plan = self.plan if lr_scale == 1.0 else _scaled_lr(self.plan, lr_scale)
         kwargs: dict[str, Any] = {}
         if private:
             if key not in self.noise:
@@ -309,33 +308,20 @@ class _Trainer:
         with warnings.catch_warnings():
             if self.noiseless:  # Opacus' RDP analysis warns that no order bounds an infinite epsilon
                 warnings.simplefilter("ignore", UserWarning)
-            result = train_local(model, data, plan, epochs=epochs, seed=seed, **kwargs)
+            result = train_local(model, data, self.plan, epochs=epochs, seed=seed, lr_scale=lr_scale, **kwargs)
         if result.privacy is not None:
             self.history[key].append(result.privacy.entry)
             self.epsilon[key] = result.privacy.epsilon
         return {k: v.detach().cpu().numpy().copy() for k, v in result.state_dict.items()}
 
 
-def _scaled_lr(plan, factor: float):
-    """``plan`` with its optimizer's learning rate times ``factor``."""
-    import dataclasses
-
-    optimizer = dataclasses.replace(plan.training.optimizer, lr=plan.training.optimizer.lr * factor)
-    return dataclasses.replace(plan, training=dataclasses.replace(plan.training, optimizer=optimizer))
-
-
 def finetune_lr_scales(sizes: Sequence[int], batch_size: int) -> list[float]:
-    """Each silo's fine-tuning learning rate, as a factor of the plan's: ``min(1, n_k / B)``.
+    """Each silo's fine-tuning learning rate, as a factor of the plan's: ``min(1, n_k / B)``, the rule the silo
+    agent applies to a personalizing plan's last round (:func:`pipelines.training.finetune_lr_scale`, where the
+    reasons and figures are)."""
+    from pipelines.training import finetune_lr_scale
 
-    A silo with fewer cases than the minibatch ``B`` takes its whole data as one batch (under DP: Poisson rate 1,
-    expected batch ``n_k``), and its step, the mean gradient, weighs each case ``1 / n_k`` rather than ``1 / B``;
-    under DP its noise per step is ``sigma * clip / n_k``. Scaling the learning rate by ``n_k / B`` (the linear
-    scaling rule, Goyal et al. 2017, arXiv:1706.02677) gives every case at every silo the same pull on the model,
-    ``lr / B``, and takes the small silos' noisy steps down with it. It matters for fine-tuning, which starts from a
-    trained global model that a few large, noisy steps on 16 cases throw away (seeds 10..13, eps=8: the 16-case
-    silo's personalized Dice .709 at the plan's rate, .778 scaled); it is not applied to training from scratch
-    (local-only at that silo: .683 unscaled, .491 scaled)."""
-    return [min(1.0, n / batch_size) for n in sizes]
+    return [finetune_lr_scale(n, batch_size) for n in sizes]
 
 
 def _dice(model, state, test, plan) -> float:

@@ -247,7 +247,9 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
             noise = _check_budget(site, plan, entry.name, history, len(data))
         audit.append(EventType.DATASET_USED, actor=actor, object={"type": "dataset", "id": entry.name, "sha256": None},
                      run_id=run_id, round=round_, details={"cases": len(data), "split": "training"})
-        result = train_local(model, data, plan, history=history, random_transform=random, seed=secrets.randbits(62), noise_multiplier=noise)
+        lr_scale = _personalizing_lr_scale(plan, round_, len(data))
+        result = train_local(model, data, plan, history=history, random_transform=random, seed=secrets.randbits(62), noise_multiplier=noise,
+                             lr_scale=lr_scale)
         metrics: dict[str, float] = {P.NUM_EXAMPLES: result.num_examples, "train-loss": result.train_loss,
                                      "seconds": time.perf_counter() - started}
         if result.privacy is not None:
@@ -275,7 +277,7 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     payload = _compress(site, run_id, round_, fed, delta_np)
     details.update(compression=fed.compression, bytes=payload_nbytes(payload))
     if plan.training.personalize and round_ == fed.rounds:  # the last round's model, fine-tuned here, stays here
-        _keep_personalized(site, audit, actor, plan, run_id, round_, result.state_dict)  # before the outbox: a
+        _keep_personalized(site, audit, actor, plan, run_id, round_, result.state_dict, lr_scale)  # before the outbox: a
         # retried round answered from it (no training) still finds this model
     if result.privacy is not None:  # a retried round (coordinator resumed) gets this update again, at no new cost
         from silo_agent.outbox import save_update
@@ -293,9 +295,23 @@ def personalized_model_path(site: Site, run_id: str) -> Path:
     return site.models_dir / f"personalized-{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.safetensors"
 
 
-def _keep_personalized(site: Site, audit: AuditLog, actor: dict, plan, run_id: str, round_: int, state) -> None:
+def _personalizing_lr_scale(plan, round_: int, cases: int) -> float:
+    """The factor on the plan's learning rate for this round's training: in the last round of a plan that
+    personalizes (after at least one federated round), the training is the fine-tuning of a trained global model,
+    and a site with fewer cases than the batch fine-tunes at the rate times ``cases / batch_size``
+    (:func:`pipelines.training.finetune_lr_scale`); otherwise 1."""
+    from pipelines.training import finetune_lr_scale
+
+    if not plan.training.personalize or round_ != plan.federation.rounds or round_ < 2:
+        return 1.0
+    return finetune_lr_scale(cases, plan.training.batch_size)
+
+
+def _keep_personalized(site: Site, audit: AuditLog, actor: dict, plan, run_id: str, round_: int, state,
+                       lr_scale: float = 1.0) -> None:
     """Keep the last round's local model: the global model of round ``rounds - 1`` fine-tuned on this site's data
-    (Wang et al. 2019, arXiv:1910.10252). Its training is the last round's, already in the privacy ledger."""
+    (Wang et al. 2019, arXiv:1910.10252), at the plan's learning rate times ``lr_scale``
+    (:func:`_personalizing_lr_scale`). Its training is the last round's, already in the privacy ledger."""
     from pipelines.serialization import save_model, state_digest, to_numpy
 
     arrays = to_numpy(state)
@@ -304,7 +320,9 @@ def _keep_personalized(site: Site, audit: AuditLog, actor: dict, plan, run_id: s
                                        "kind": "personalized"})
     audit.append(EventType.STATE_SAVED, actor=actor, object={"type": "model", "id": f"personalized/{run_id}", "sha256": state_digest(arrays)},
                  run_id=run_id, round=round_, details={"kind": "personalized model, kept at this site and never sent",
-                                                       "path": str(path.relative_to(site.root))})
+                                                       "path": str(path.relative_to(site.root)), "lr_scale": lr_scale})
+    log.info("run %s round %d: personalized model kept in %s (fine-tuned at %.3g x the plan's learning rate)",
+             run_id[:12], round_, path.relative_to(site.root), lr_scale)
 
 
 def _personalized_model(site: Site, plan, run_id: str, round_: int):

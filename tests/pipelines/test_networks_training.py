@@ -159,3 +159,35 @@ def test_fedprox_mu_is_a_plan_key_that_keeps_old_plans_hashes():
     prox = parse_plan(raw)
     assert prox.training.fedprox_mu == 0.01 and prox.hash() != plan.hash()
     assert parse_plan(prox.to_dict()).hash() == prox.hash()
+
+
+def test_finetune_lr_scale_is_the_linear_scaling_rule_capped_at_one():
+    from pipelines.training import finetune_lr_scale
+
+    assert [finetune_lr_scale(n, 64) for n in (16, 32, 64, 128)] == [0.25, 0.5, 1.0, 1.0]
+    assert finetune_lr_scale(0, 8) == 0.0
+    with pytest.raises(ValueError, match="the batch >= 1"):
+        finetune_lr_scale(16, 0)
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["no-dp", "dp"])
+def test_lr_scale_scales_the_step_and_nothing_else(private):
+    # One SGD step without momentum (4 cases, batch 4): the same seed draws the same batch and, under DP, the same
+    # noise, so the update at lr x 0.25 is 0.25 times the update at the plan's lr, and the privacy spent is the same.
+    plan = make_plan("UNet", "seg2d", optimizer={"name": "sgd", "lr": 0.5, "momentum": 0.0})
+    cases = data("seg2d", n=4)
+
+    def update(scale: float):
+        model = build_network(plan, seed=0)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        result = train_local(model, cases, plan, private=private, seed=3, epochs=1, lr_scale=scale)
+        return {k: (result.state_dict[k] - start[k]).numpy() for k in start if start[k].dtype.is_floating_point}, result.privacy
+
+    full, spent_full = update(1.0)
+    quarter, spent_quarter = update(0.25)
+    assert sum(float(np.abs(v).sum()) for v in full.values()) > 0
+    for name, value in full.items():
+        np.testing.assert_allclose(quarter[name], 0.25 * value, rtol=1e-4, atol=1e-7)
+    assert (spent_full is None) == (not private) and spent_full == spent_quarter
+    with pytest.raises(ValueError, match="must be a positive number"):
+        train_local(build_network(plan, seed=0), cases, plan, private=private, lr_scale=0.0)

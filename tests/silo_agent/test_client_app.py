@@ -433,6 +433,7 @@ def test_a_personalizing_plan_keeps_the_last_rounds_model_and_reports_it_beside_
         np.testing.assert_allclose(kept[name], value + delta[name], rtol=0, atol=1e-6)
     [saved] = [r for r in audit_events(site) if r["event"] == "state.saved"]
     assert saved["object"]["id"] == "personalized/run1" and "never sent" in saved["details"]["kind"]
+    assert saved["details"]["lr_scale"] == 1.0  # round 1 of 1 trains from the initial weights: the plan's rate
     # The final evaluation (the global model after round 1): both models on the same test cases.
     final = evaluate(message(text, plan.hash(), pack(build_network(plan, seed=0).state_dict()), "evaluate"), context(site.root))
     assert not final.has_error(), final.error.reason
@@ -462,3 +463,48 @@ def test_a_kept_model_that_is_not_the_plans_network_is_refused_in_one_line(tmp_p
     final = evaluate(message(text, plan.hash(), pack(build_network(plan, seed=0).state_dict()), "evaluate"), context(site.root))
     assert final.has_error() and "personalized model personalized-" in final.error.reason and "is not the plan's network" in final.error.reason
     assert "\n" not in final.error.reason and str(tmp_path) not in final.error.reason
+
+
+def test_a_small_site_fine_tunes_its_personalized_model_at_the_linearly_scaled_rate(tmp_path):
+    """Round 2 of 2 of a personalizing plan fine-tunes a trained global model: a site with 2 training cases and a
+    batch of 8 takes one step of the whole data at the plan's rate x 2/8 (the linear scaling rule), so its update
+    (and its kept model) is a quarter of what the same round trains without personalize. Without DP (the site
+    allows it here) and with one SGD step, the two updates differ by that factor alone."""
+    import yaml
+
+    from fedsilo.wire import unpack_record
+    from pipelines.serialization import load_model
+    from silo_agent.client_app import personalized_model_path
+
+    site = init_site(tmp_path / "site", "hospital0")
+    policy = yaml.safe_load((site.root / "policy.yaml").read_text(encoding="utf-8"))
+    (site.root / "policy.yaml").write_text(yaml.safe_dump({**policy, "require_dp": False}), encoding="utf-8")
+    add_officer(site, "j.smith")
+    site = register_dataset(site, "ct", task="seg3d", datalist=write_tiny_datalist(tmp_path / "data", cases=3))
+    global_model = build_network(parse_plan(PLAN), seed=0).state_dict()
+    initial = {k: v.numpy().copy() for k, v in global_model.items()}
+
+    def round_two(personalize: bool) -> dict:
+        raw = {**PLAN, "federation": {"rounds": 2, "min_silos": 2}, "privacy": {"enabled": False},
+               "training": {"local_epochs": 1, "batch_size": 8, "personalize": personalize,
+                            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0}}}
+        approve(site, raw)
+        plan = parse_plan(raw)
+        msg = message(yaml.safe_dump(raw), plan.hash(), pack(global_model))
+        msg.content[P.CONFIG][P.ROUND] = 2
+        reply = train(msg, context(site.root))
+        assert not reply.has_error(), reply.error.reason
+        return unpack_record(reply.content[P.ARRAYS])
+
+    plain = round_two(False)
+    assert not personalized_model_path(site, "run1").exists()
+    scaled = round_two(True)
+    assert sum(float(np.abs(v).sum()) for v in plain.values()) > 0
+    for name, value in plain.items():
+        np.testing.assert_allclose(scaled[name], 0.25 * value, rtol=1e-3, atol=1e-7)
+    kept = load_model(personalized_model_path(site, "run1"))
+    for name, value in initial.items():
+        np.testing.assert_allclose(kept[name], value + scaled[name], rtol=0, atol=1e-6)
+    [saved] = [r for r in audit_events(site) if r["event"] == "state.saved"]
+    assert saved["details"]["lr_scale"] == 0.25 and saved["round"] == 2
+    assert "fine-tuned at 0.25 x the plan's learning rate" in (site.root / "logs" / "silo.log").read_text(encoding="utf-8")
