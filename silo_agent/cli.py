@@ -98,6 +98,20 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_budget)
 
+    mo = ssub.add_parser("models", help="models this site keeps and never sends (personalized models): list, export")
+    mosub = mo.add_subparsers(dest="models_cmd", required=True)
+    p = mosub.add_parser("list", help="each personalized model: run, plan, when saved, its final figures beside the "
+                                       "global model's, and whether its tensors are those the audit log recorded")
+    p.add_argument("--site", dest="site_dir", type=Path, required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_models_list)
+    p = mosub.add_parser("export", help="copy a run's personalized model with the plan that builds its network "
+                                         "(model.safetensors, plan.yaml) into a folder, after checking it; audited")
+    p.add_argument("run", help="the run id, or its first characters, as 'models list' shows it")
+    p.add_argument("--site", dest="site_dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="a new or empty folder")
+    p.set_defaults(func=_models_export)
+
     from silo_agent.node import add_start_command
 
     add_start_command(ssub)  # fedsilo silo start --kit DIR --site-dir SITE_DIR
@@ -448,4 +462,53 @@ def _budget(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in table) for i in range(6)]
     for r in table:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    import json
+
+    from silo_agent.kept_models import kept_models
+    from silo_agent.site import Site
+
+    site = Site.open(args.site_dir)
+    models = kept_models(site)
+    if args.json:
+        print(json.dumps({"site": site.site_id, "models": [
+            {"run_id": m.run_id, "round": m.round, "plan_hash": m.plan_hash, "file": m.path.name, "sha256": m.sha256,
+             "integrity": m.integrity, "saved_at": m.saved_at, "lr_scale": m.lr_scale, "final_evaluation": m.figures}
+            for m in models]}))
+        return 0
+    if not models:
+        print(f"site {site.site_id} keeps no personalized model (a plan with training.personalize leaves one per run)")
+        return 0
+    metric = next((k for k in ("dice", "accuracy", "auc") if any(k in m.figures for m in models)), None)
+    head = ("run", "plan", "round", "saved (UTC)", *((f"global {metric}", f"personalized {metric}") if metric else ()), "tensors", "file")
+    rows = [head]
+    for m in models:
+        figures = ()
+        if metric:
+            figures = tuple(f"{m.figures[k]:.3f}" if isinstance(m.figures.get(k), (int, float)) else "-"
+                            for k in (metric, f"personalized-{metric}"))
+        rows.append((m.run_id, m.plan_hash[:12], m.round if m.round is not None else "-", (m.saved_at or "-")[:19].replace("T", " "),
+                     *figures, m.integrity, m.path.name))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    print(f"site {site.site_id}: {len(models)} personalized model(s) in {site.models_dir}")
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    changed = [m.run_id for m in models if m.integrity == "CHANGED"]
+    if changed:
+        print(f"warning: the tensors of {', '.join(changed)} are not those the silo agent saved (see 'fedsilo audit show')")
+    return 0
+
+
+def _models_export(args: argparse.Namespace) -> int:
+    from silo_agent.kept_models import export_model, find_model
+    from silo_agent.site import Site
+
+    site = Site.open(args.site_dir)
+    model = find_model(site, args.run)
+    written = export_model(site, model, args.out)
+    print(f"exported the personalized model of run {model.run_id} (sha256 {model.sha256[:16]}, tensors intact) to "
+          f"{args.out}: {', '.join(p.name for p in written)}")
     return 0

@@ -27,6 +27,7 @@ from fedsilo import protocol as P
 from fedsilo.envelope import EnvelopeError, is_sealed, open_content, seal
 from fedsilo.errors import ConfigError, DataError, FedsiloError, RefusalError
 from silo_agent.egress import check_arrays, check_metrics
+from silo_agent.kept_models import personalized_model_path
 from silo_agent.secure_aggregation import secure_aggregation_mod
 from silo_agent.site import Site
 
@@ -286,13 +287,6 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
     audit.append(EventType.UPDATE_SENT, actor=actor, object={"type": "update", "id": f"{run_id}/{round_}", "sha256": state_digest(payload)},
                  run_id=run_id, round=round_, details=details)
     return _reply(site, run_id, round_, fed, payload, metrics, reference, evaluation)
-
-
-def personalized_model_path(site: Site, run_id: str) -> Path:
-    """Where a site keeps its personalized model of a run (``training.personalize``); it is never sent."""
-    import hashlib
-
-    return site.models_dir / f"personalized-{hashlib.sha256(run_id.encode()).hexdigest()[:16]}.safetensors"
 
 
 def _personalizing_lr_scale(plan, round_: int, cases: int) -> float:
