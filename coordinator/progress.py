@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 ROUNDS_FILE = "rounds.jsonl"
 #: Prefix of the progress lines the ServerApp prints; ``flwr run --stream`` carries them to whoever submitted the plan.
@@ -73,3 +74,54 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return rows
+
+
+class RoundTable:
+    """One row per round: silos replied, mean train loss, the plan's metric and epsilon per site, seconds; for
+    whoever follows a run (``fedsilo plan submit``, the demo).
+
+    ``sites``: the columns, with the header printed at once; by default the first row's sites, a site that joins
+    later showing in the replied count only. Rows come whole (:meth:`row`) or as progress events joined into rows
+    (:meth:`add`): a round is printed once its evaluation is in (in the next round for plain rounds).
+    """
+
+    def __init__(self, metric: str, stream: TextIO, sites: Sequence[str] | None = None) -> None:
+        self.completed = CompletedRounds()
+        self.metric = metric
+        self.stream = stream
+        self.sites: list[str] | None = None
+        self.widths: list[int] = []
+        if sites is not None:
+            self._header(list(sites))
+
+    def _header(self, sites: list[str]) -> None:
+        self.sites = sites
+        short = [s.replace("hospital", "h") for s in sites]
+        cols = ["round", "silos", "train loss"] + [f"{self.metric} {s}" for s in short] + [f"eps {s}" for s in short] + ["seconds"]
+        self.widths = [max(7, len(c)) for c in cols]
+        self._print(cols)
+
+    def _print(self, cells: list[str]) -> None:
+        print("  ".join(c.rjust(w) for c, w in zip(cells, self.widths)), file=self.stream, flush=True)
+
+    def add(self, event: dict[str, Any]) -> None:
+        """A ``round`` or ``evaluated`` progress event; prints the rows it completes."""
+        for row in self.completed.add(event):
+            self.row(row)
+
+    def row(self, row: dict[str, Any]) -> None:
+        sites = row.get("sites") or {}
+        if self.sites is None:
+            self._header(sorted(sites))
+        losses = [(m.get("train_loss"), m.get("num_examples") or 0) for m in sites.values() if m.get("train_loss") is not None]
+        total = sum(n for _, n in losses)
+        loss = sum(v * n for v, n in losses) / total if total else float("nan")
+
+        def fmt(value: Any, spec: str) -> str:
+            return "-" if value is None else format(value, spec)
+
+        cells = [str(row.get("round")), f"{row.get('replied')}/{row.get('silos')}", f"{loss:.3f}"]
+        cells += [fmt(sites.get(s, {}).get(self.metric), ".3f") for s in self.sites or []]
+        cells += [fmt(sites.get(s, {}).get("epsilon"), ".2f") for s in self.sites or []]
+        cells.append(fmt(row.get("seconds"), ".1f"))
+        self._print(cells)

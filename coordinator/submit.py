@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from coordinator.progress import PROGRESS_PREFIX, CompletedRounds
+from coordinator.progress import PROGRESS_PREFIX, RoundTable
 from fedsilo.errors import ConfigError, DeploymentError
 from fedsilo.flower_app import flower_bin, toml_string, write_flower_app
 
@@ -128,50 +128,6 @@ def connection(federation: str, *, superlink: str | None = None, ca: Path | None
 
 
 # --- the round table -----------------------------------------------------------------------------------------
-
-
-class RoundTable:
-    """One row per round: silos replied, mean train loss, the plan's metric and epsilon per site, seconds.
-
-    The sites are the first round's; a site that joins later shows in the replied count only. A round is printed
-    once its evaluation is in (in the next round for plain rounds: coordinator.progress).
-    """
-
-    def __init__(self, metric: str, stream: TextIO) -> None:
-        self.completed = CompletedRounds()
-        self.metric = metric
-        self.stream = stream
-        self.sites: list[str] | None = None
-        self.widths: list[int] = []
-
-    def _print(self, cells: list[str]) -> None:
-        print("  ".join(c.rjust(w) for c, w in zip(cells, self.widths)), file=self.stream, flush=True)
-
-    def add(self, event: dict[str, Any]) -> None:
-        """A ``round`` or ``evaluated`` progress event; prints the rows it completes."""
-        for row in self.completed.add(event):
-            self.row(row)
-
-    def row(self, row: dict[str, Any]) -> None:
-        sites = row.get("sites") or {}
-        if self.sites is None:
-            self.sites = sorted(sites)
-            short = [s.replace("hospital", "h") for s in self.sites]
-            cols = ["round", "silos", "train loss"] + [f"{self.metric} {s}" for s in short] + [f"eps {s}" for s in short] + ["seconds"]
-            self.widths = [max(7, len(c)) for c in cols]
-            self._print(cols)
-        losses = [(m.get("train_loss"), m.get("num_examples") or 0) for m in sites.values() if m.get("train_loss") is not None]
-        total = sum(n for _, n in losses)
-        loss = sum(v * n for v, n in losses) / total if total else float("nan")
-
-        def fmt(value: Any, spec: str) -> str:
-            return "-" if value is None else format(value, spec)
-
-        cells = [str(row.get("round")), f"{row.get('replied')}/{row.get('silos')}", f"{loss:.3f}"]
-        cells += [fmt(sites.get(s, {}).get(self.metric), ".3f") for s in self.sites]
-        cells += [fmt(sites.get(s, {}).get("epsilon"), ".2f") for s in self.sites]
-        cells.append(fmt(row.get("seconds"), ".1f"))
-        self._print(cells)
 
 
 def parse_progress(line: str) -> dict[str, Any] | None:

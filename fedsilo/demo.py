@@ -112,39 +112,9 @@ def pooled_baseline(sites: list[Any], plan, *, say: Callable[[str], None]) -> di
     return scores
 
 
-class RoundTable:
-    """Prints one row per round: silos replied, train loss, Dice and epsilon per silo, seconds."""
-
-    def __init__(self, sites: list[str], metric: str, stream: TextIO) -> None:
-        self.sites = sites
-        self.metric = metric
-        self.stream = stream
-        short = [s.replace("hospital", "h") for s in sites]
-        cols = ["round", "silos", "train loss"] + [f"{self.metric} {s}" for s in short] + [f"eps {s}" for s in short] + ["seconds"]
-        self.widths = [max(7, len(c)) for c in cols]
-        self._print(cols)
-
-    def _print(self, cells: list[str]) -> None:
-        print("  ".join(c.rjust(w) for c, w in zip(cells, self.widths)), file=self.stream, flush=True)
-
-    def row(self, row: dict[str, Any]) -> None:
-        sites = row["sites"]
-        losses = [(m.get("train_loss"), m.get("num_examples") or 0) for m in sites.values() if m.get("train_loss") is not None]
-        total = sum(n for _, n in losses)
-        loss = sum(l * n for l, n in losses) / total if total else float("nan")
-
-        def fmt(value: Any, spec: str) -> str:
-            return "-" if value is None else format(value, spec)
-
-        cells = [str(row["round"]), f"{row['replied']}/{row['silos']}", f"{loss:.3f}"]
-        cells += [fmt(sites.get(s, {}).get(self.metric), ".3f") for s in self.sites]
-        cells += [fmt(sites.get(s, {}).get("epsilon"), ".2f") for s in self.sites]
-        cells.append(f"{row['seconds']:.1f}")
-        self._print(cells)
-
-
 def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the whole demo and return metrics.json's content."""
+    from coordinator.progress import RoundTable
     from fedsilo.local_federation import LocalFederation, SiloSpec
     from fedsilo.local_simulation import LocalSimulation
     from pipelines.plan import load_plan, parse_plan
@@ -184,7 +154,7 @@ def run_demo(opts: DemoOptions, *, stream: TextIO = sys.stdout) -> dict[str, Any
         runtime = LocalFederation(out, silos, superlink_port=opts.port)
     with runtime as federation:
         say(f"federation up on 127.0.0.1:{federation.port}; training with DP-SGD (target epsilon {plan.privacy.target_epsilon}, delta {plan.privacy.target_delta})")
-        table = RoundTable([s.site_id for s in sites], metric, stream)
+        table = RoundTable(metric, stream, sites=[s.site_id for s in sites])
         federation.run_plan(bundle, out, on_evaluated=table.row)  # each round once its evaluation is in
     say("all federation processes stopped")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))

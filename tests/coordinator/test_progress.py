@@ -47,3 +47,19 @@ def test_a_resumed_runs_first_evaluation_completes_a_round_the_follower_never_sa
     assert [r["round"] for r in completed.add({**_round(4), "event": "evaluated"})] == [4]
     for line in (full, _round(4), {**_round(4), "event": "evaluated"}):  # the same lines read again
         assert completed.add(line) == []
+
+
+def test_round_table_with_fixed_sites_prints_its_header_at_once_and_a_dash_for_a_silent_site():
+    # The demo knows its sites before any round: the header comes first, and a site that did not reply keeps its
+    # column ("-"); without ``sites`` the first row's sites are the columns (coordinator.submit, tested there).
+    import io
+
+    from coordinator.progress import RoundTable
+
+    out = io.StringIO()
+    table = RoundTable("dice", out, sites=["hospital0", "hospital1"])
+    assert out.getvalue().split() == ["round", "silos", "train", "loss", "dice", "h0", "dice", "h1", "eps", "h0", "eps", "h1", "seconds"]
+    table.add({"event": "round", "round": 1, "replied": 1, "silos": 2, "seconds": 3.0, "evaluation": EVALUATED_IN_ROUND,
+               "sites": {"hospital1": {"train_loss": 0.5, "num_examples": 4, "dice": 0.75, "epsilon": 1.0}}})
+    row = out.getvalue().splitlines()[1]
+    assert row.split() == ["1", "1/2", "0.500", "-", "0.750", "-", "1.00", "3.0"]
