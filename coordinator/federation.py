@@ -265,12 +265,23 @@ class FederatedRun:
                                               for s in others]})
 
     def _keep_cosignature(self, site: str, node: int, cosigned: bytes, round_: int) -> None:
-        """Check a silo's cosignature against its provisioned witness key, then keep it with the checkpoint."""
+        """Check a silo's cosignature against the witness key provisioned for the site its node is known as (not
+        any trusted site's key: a node must not pass another site's cosignature off as its own), then keep it with
+        the checkpoint."""
+        from compliance.checkpoint import KEY_TYPE_NOTE
+        from coordinator.provision import witness_key_name
+
+        name = witness_key_name(site)
+        witness = [k for k in self.trusted if k.key_type != KEY_TYPE_NOTE and k.name == name]
+        log_keys = [k for k in self.trusted if k.key_type == KEY_TYPE_NOTE]
         try:
-            verified = verify_checkpoint(cosigned, self.trusted, origin=self.audit.origin, min_cosignatures=1)
+            if not witness:
+                raise VerificationError(f"no witness key '{name}' is trusted here", fix="provision the site's witness key in audit-trust/")
+            verified = verify_checkpoint(cosigned, log_keys + witness, origin=self.audit.origin, min_cosignatures=1)
         except VerificationError as exc:
             self.audit.append(EventType.CHECKPOINT_COSIGNED, actor=self.actor, run_id=self.run_id, round=round_, outcome="failure",
-                              reason=f"cosignature of {site} does not verify: {exc.one_line()}"[:300], details={"site": site})
+                              reason=f"cosignature of {site} does not verify with its witness key: {exc.one_line()}"[:300],
+                              details={"site": site, "node": str(node)})
             return
         self.audit.store_cosigned(cosigned)
         self.witnessed_size[site] = verified.checkpoint.size

@@ -525,3 +525,40 @@ def test_personalized_figures_go_into_metrics_json_with_each_sites_gain(tmp_path
     assert final["personalized_dice_mean"] == pytest.approx(0.65)
     assert final["personalization_gain_dice_per_site"] == pytest.approx({"hospital1": 0.1, "hospital2": 0.2})
     assert metrics["rounds"][-1]["sites"]["hospital1"]["personalized_test_loss"] == pytest.approx(0.2)
+
+
+def test_a_cosignature_counts_only_when_made_with_the_witness_key_of_the_site_the_node_is(tmp_path):
+    """Each silo cosigns the checkpoint the next round's train message carries. Node 3 (hospital3) answers with a
+    cosignature by hospital1's witness key, a key the coordinator trusts, but not hospital3's: it is refused and
+    audited as a failure, and no stored cosignature is filed as hospital3's; the honest silos' are kept."""
+    from compliance.checkpoint import cosign_checkpoint
+    from compliance.keys import generate_signer
+
+    log_signer = generate_signer(tmp_path / "keys", "fedsilo.test/coordinator", role="log")
+    witnesses = {n: generate_signer(tmp_path / "keys", f"hospital{n}-witness", role="witness") for n in (1, 2, 3)}
+    cosigner = {1: witnesses[1], 2: witnesses[2], 3: witnesses[1]}  # node 3 passes hospital1's cosignature off as its own
+
+    def silo(node, msg):
+        content = honest(node, msg)
+        if P.WITNESS in msg.content:
+            note = msg.content[P.WITNESS][P.CHECKPOINT]
+            content[P.WITNESS] = ConfigRecord({P.COSIGNED: cosign_checkpoint(note, cosigner[node])})
+        return content
+
+    text = plan_text(rounds=2)
+    driver = FederatedRun(LoopbackGrid([1, 2, 3], silo), parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1",
+                          {k: v.copy() for k, v in INITIAL.items()}, signer=log_signer,
+                          witness_keys=[w.verifier for w in witnesses.values()])
+    try:
+        driver.execute()
+    finally:
+        driver.audit.close()
+    verify_log(tmp_path / "run" / "audit")
+    with AuditLog.open(tmp_path / "run" / "audit", read_only=True) as log:
+        cosigned = [r for r in log.records() if r["event"] == "checkpoint.cosigned"]
+    kept = {r["details"]["site"] for r in cosigned if r["outcome"] == "success"}
+    refused = [r for r in cosigned if r["outcome"] == "failure"]
+    assert kept == {"hospital1", "hospital2"}
+    assert refused and {r["details"]["site"] for r in refused} == {"hospital3"}
+    assert all("cosignature of hospital3 does not verify with its witness key" in r["reason"] for r in refused)
+    assert "hospital3" not in driver.witnessed_size and set(driver.witnessed_size) == {"hospital1", "hospital2"}
