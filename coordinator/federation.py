@@ -122,6 +122,10 @@ class FederatedRun:
         self.signer = signer
         self.trusted = ([signer.verifier] if signer else []) + list(witness_keys)
         self.node_site: dict[int, str] = {}
+        #: node -> the site the SuperLink registered its key under (``flwr supernode register --name``, from the
+        #: coordinator kit): a reply from that node must claim that site. Empty where Flower's grid names no node
+        #: (the simulation engine), and there a reply's site is taken as claimed.
+        self.node_registered: dict[int, str] = {}
         self.witnessed_size: dict[str, int] = {}  # site -> size of the last checkpoint it cosigned
         self.checkpoint_size = 0
         self.signed_sizes: list[int] = []  # sizes of the checkpoints signed in this run (a silo may hold any of them)
@@ -291,11 +295,37 @@ class FederatedRun:
     def _node_of(self, reply) -> int:
         return self.reply_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
+    def check_registered(self, node: int, site: str) -> None:
+        """Refuse a reply whose site is not the one ``node``'s key is registered under (an authenticated hospital
+        must not pass its update off as another's); nothing to check where the grid names no node."""
+        registered = self.node_registered.get(node)
+        if registered is not None and site != registered:
+            raise UpdateRejected("identity-mismatch", f"node {node} is registered as {registered}, its reply claims to be {site}")
+
+    def _authenticated(self, node: int) -> str:
+        """How a node's site is known, for its node.started record."""
+        if node in self.node_registered:
+            return "supernode key (Flower node auth), registered under this site's name"
+        return "supernode key (Flower node auth); site as the reply names it (the grid names no node)"
+
+    def _connected_nodes(self) -> list[int]:
+        """The SuperLink's nodes for this run, and from Flower's node records (``Grid.get_nodes``) the name each
+        one's key was registered under: the site, set by the coordinator operator from the kit."""
+        get_nodes = getattr(self.grid, "get_nodes", None)
+        if get_nodes is None:  # a grid without node records
+            return sorted(int(n) for n in self.grid.get_node_ids())
+        nodes = []
+        for info in get_nodes():
+            nodes.append(int(info.node_id))
+            if info.name:
+                self.node_registered[int(info.node_id)] = info.name
+        return sorted(nodes)
+
     def _wait_for_silos(self) -> list[int]:
         need = self.plan.federation.min_silos
         deadline = time.monotonic() + self.plan.federation.wait_for_silos_s
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = self._connected_nodes()
             if len(nodes) >= need:
                 return nodes
             if time.monotonic() > deadline:
@@ -351,6 +381,7 @@ class FederatedRun:
                 continue
             try:
                 update = validate_reply(node, reply.content, self.global_state, expect)
+                self.check_registered(node, update.site)
             except UpdateRejected as exc:
                 self.audit.append(EventType.UPDATE_REJECTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
                                   run_id=self.run_id, round=round_, outcome="denied", reason=exc.code, details={"message": exc.message})
@@ -358,7 +389,7 @@ class FederatedRun:
             if self.node_site.get(node) != update.site:
                 # First reply of an authenticated SuperNode (the SuperLink checked its key): record who it is.
                 self.audit.append(EventType.NODE_STARTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
-                                  run_id=self.run_id, round=round_, details={"site": update.site, "authenticated": "supernode key (Flower node auth)"})
+                                  run_id=self.run_id, round=round_, details={"site": update.site, "authenticated": self._authenticated(node)})
             self.node_site[node] = update.site
             digest = update.wire_sha256  # of the payload as it travelled: the silo's update.sent record names the same
             details = {"site": update.site, "node": str(node), "bytes": update.wire_bytes, "compression": fed.compression,
@@ -402,7 +433,7 @@ class FederatedRun:
         for node, c in outcome.contributions.items():
             if self.node_site.get(node) != c["site"]:
                 self.audit.append(EventType.NODE_STARTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
-                                  run_id=self.run_id, round=round_, details={"site": c["site"], "authenticated": "supernode key (Flower node auth)"})
+                                  run_id=self.run_id, round=round_, details={"site": c["site"], "authenticated": self._authenticated(node)})
             self.node_site[node] = c["site"]
             m = c["metrics"]
             sites[c["site"]] = {"num_examples": c["num_examples"], "train_loss": m.get("train-loss"), "epsilon": m.get("epsilon"),

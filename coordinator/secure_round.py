@@ -133,18 +133,20 @@ class _RoundGrid:
             if self.stage == "collect-masked-vectors":
                 node = self.run._node_of(reply)
                 try:
-                    self.outcome.contributions[node] = self._check_masked(reply.content, size)
+                    self.outcome.contributions[node] = self._check_masked(node, reply.content, size)
                 except UpdateRejected as exc:
                     self.outcome.rejected[node] = f"{exc.code}: {exc.message}"
                     continue  # left out of the sum: the workflow cancels this silo's masks as a dropped one's
             kept.append(reply)
         return kept
 
-    def _check_masked(self, content, size: int) -> dict[str, Any]:
-        """Identity, metrics, and masked arrays of the model's shapes (sizes checked before decoding)."""
+    def _check_masked(self, node: int, content, size: int) -> dict[str, Any]:
+        """Identity (the site ``node`` is registered as, where known), metrics, and masked arrays of the model's
+        shapes (sizes checked before decoding)."""
         from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
         site, n, metrics = check_identity_and_metrics(content, self.expect)
+        self.run.check_registered(node, site)
         configs = content.config_records.get(RECORD_KEY_CONFIGS)
         masked = configs.get(Key.MASKED_PARAMETERS) if configs is not None else None
         shapes = [(1,)] + [self.reference[name].shape for name in sorted(self.reference)]

@@ -562,3 +562,58 @@ def test_a_cosignature_counts_only_when_made_with_the_witness_key_of_the_site_th
     assert refused and {r["details"]["site"] for r in refused} == {"hospital3"}
     assert all("cosignature of hospital3 does not verify with its witness key" in r["reason"] for r in refused)
     assert "hospital3" not in driver.witnessed_size and set(driver.witnessed_size) == {"hospital1", "hospital2"}
+
+
+class NamedGrid(LoopbackGrid):
+    """A grid with Flower's node records (``get_nodes``), as the deployment's grid has: each node's key was
+    registered at the SuperLink under a site name (``flwr supernode register --name``), or under none."""
+
+    def __init__(self, names: dict[int, str], silo) -> None:
+        super().__init__(sorted(names), silo)
+        self.names = names
+
+    def get_nodes(self):
+        from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
+
+        return [NodeInfo(node_id=n, name=name) if name else NodeInfo(node_id=n) for n, name in self.names.items()]
+
+
+def _run_on(grid, tmp_path) -> list[dict]:
+    text = plan_text()
+    driver = FederatedRun(grid, parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1", {k: v.copy() for k, v in INITIAL.items()})
+    try:
+        driver.execute()
+    finally:
+        driver.audit.close()
+    verify_log(tmp_path / "run" / "audit")
+    with AuditLog.open(tmp_path / "run" / "audit", read_only=True) as log:
+        return list(log.records())
+
+
+def test_a_reply_claiming_another_site_than_its_nodes_registered_name_is_rejected(tmp_path):
+    """Node 3's key is registered as hospital3; its reply says it is hospital1 (whose node also answers): rejected
+    as identity-mismatch and left out of the aggregate. The other nodes' sites are their registered names."""
+    def silo(node, msg):
+        content = honest(node, msg)
+        if node == 3:
+            content[P.IDENTITY][P.SITE] = "hospital1"
+        return content
+
+    records = _run_on(NamedGrid({1: "hospital1", 2: "hospital2", 3: "hospital3"}, silo), tmp_path)
+    [rejected] = [r for r in records if r["event"] == "update.rejected"]
+    assert rejected["reason"] == "identity-mismatch" and rejected["object"]["id"] == "3"
+    assert "node 3 is registered as hospital3, its reply claims to be hospital1" in rejected["details"]["message"]
+    aggregate = next(r for r in records if r["event"] == "aggregate.computed")
+    assert aggregate["details"]["input_sites"] == ["hospital1", "hospital2"]
+    started = [r for r in records if r["event"] == "node.started"]
+    assert {r["details"]["site"] for r in started} == {"hospital1", "hospital2"}
+    assert all("registered under this site's name" in r["details"]["authenticated"] for r in started)
+
+
+def test_where_the_grid_names_no_node_a_replys_site_is_taken_as_claimed(tmp_path):
+    # The simulation engine registers nodes without names: nothing to check the claim against, and the record says so.
+    records = _run_on(NamedGrid({1: "", 2: ""}, honest), tmp_path)
+    assert not [r for r in records if r["event"] == "update.rejected"]
+    started = [r for r in records if r["event"] == "node.started"]
+    assert {r["details"]["site"] for r in started} == {"hospital1", "hospital2"}
+    assert all("the grid names no node" in r["details"]["authenticated"] for r in started)
