@@ -116,9 +116,9 @@ def plan_text(**federation) -> str:
     return yaml.safe_dump(raw)
 
 
-def run(tmp_path, silo, nodes=(1, 2, 3, 4, 5, 6, 7, 8), **federation) -> tuple[FederatedRun, list[dict]]:
+def run(tmp_path, silo, nodes=(1, 2, 3, 4, 5, 6, 7, 8), *, grid=None, **federation) -> tuple[FederatedRun, list[dict]]:
     text = plan_text(**federation)
-    driver = FederatedRun(LoopbackGrid(list(nodes), silo), parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1",
+    driver = FederatedRun(grid or LoopbackGrid(list(nodes), silo), parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1",
                           {k: v.copy() for k, v in INITIAL.items()})
     try:
         driver.execute()
@@ -578,18 +578,6 @@ class NamedGrid(LoopbackGrid):
         return [NodeInfo(node_id=n, name=name) if name else NodeInfo(node_id=n) for n, name in self.names.items()]
 
 
-def _run_on(grid, tmp_path) -> list[dict]:
-    text = plan_text()
-    driver = FederatedRun(grid, parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1", {k: v.copy() for k, v in INITIAL.items()})
-    try:
-        driver.execute()
-    finally:
-        driver.audit.close()
-    verify_log(tmp_path / "run" / "audit")
-    with AuditLog.open(tmp_path / "run" / "audit", read_only=True) as log:
-        return list(log.records())
-
-
 def test_a_reply_claiming_another_site_than_its_nodes_registered_name_is_rejected(tmp_path):
     """Node 3's key is registered as hospital3; its reply says it is hospital1 (whose node also answers): rejected
     as identity-mismatch and left out of the aggregate. The other nodes' sites are their registered names."""
@@ -599,7 +587,7 @@ def test_a_reply_claiming_another_site_than_its_nodes_registered_name_is_rejecte
             content[P.IDENTITY][P.SITE] = "hospital1"
         return content
 
-    records = _run_on(NamedGrid({1: "hospital1", 2: "hospital2", 3: "hospital3"}, silo), tmp_path)
+    _, records = run(tmp_path, silo, grid=NamedGrid({1: "hospital1", 2: "hospital2", 3: "hospital3"}, silo))
     [rejected] = [r for r in records if r["event"] == "update.rejected"]
     assert rejected["reason"] == "identity-mismatch" and rejected["object"]["id"] == "3"
     assert "node 3 is registered as hospital3, its reply claims to be hospital1" in rejected["details"]["message"]
@@ -612,7 +600,7 @@ def test_a_reply_claiming_another_site_than_its_nodes_registered_name_is_rejecte
 
 def test_where_the_grid_names_no_node_a_replys_site_is_taken_as_claimed(tmp_path):
     # The simulation engine registers nodes without names: nothing to check the claim against, and the record says so.
-    records = _run_on(NamedGrid({1: "", 2: ""}, honest), tmp_path)
+    _, records = run(tmp_path, honest, grid=NamedGrid({1: "", 2: ""}, honest))
     assert not [r for r in records if r["event"] == "update.rejected"]
     started = [r for r in records if r["event"] == "node.started"]
     assert {r["details"]["site"] for r in started} == {"hospital1", "hospital2"}
