@@ -107,9 +107,9 @@ class TrainingSpec:
     ``personalize``: each silo keeps the model it trains in the last round (the global model of round
     ``rounds - 1`` fine-tuned on its own data, Wang et al. 2019, arXiv:1910.10252) as its personalized model, in
     its own folder, and reports that model's figures beside the final global model's. The model never leaves the
-    silo, and its training is the last round's, already paid for in the silo's privacy ledger. A silo with fewer
-    training cases than ``batch_size`` fine-tunes (the last round, from round 2 on) at the learning rate times
-    ``cases / batch_size`` (``pipelines.training.finetune_lr_scale``).
+    silo, and its training is the last round's, already paid for in the silo's privacy ledger. With SGD, a silo
+    with fewer training cases than ``batch_size`` fine-tunes (the last round, from round 2 on) at the learning rate
+    times ``cases / batch_size`` (``pipelines.training.finetune_lr_scale``); that is also the update it sends.
     """
 
     local_epochs: int = 4

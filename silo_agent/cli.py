@@ -467,16 +467,20 @@ def _budget(args: argparse.Namespace) -> int:
 
 def _models_list(args: argparse.Namespace) -> int:
     import json
+    import sys
 
-    from silo_agent.kept_models import kept_models
+    from silo_agent.kept_models import audit_log_present, kept_models
     from silo_agent.site import Site
 
     site = Site.open(args.site_dir)
     models = kept_models(site)
+    if not audit_log_present(site) and models:
+        print(f"warning: site {site.site_id} has no audit log (SITE_DIR/audit): nothing vouches for these models", file=sys.stderr)
     if args.json:
         print(json.dumps({"site": site.site_id, "models": [
             {"run_id": m.run_id, "round": m.round, "plan_hash": m.plan_hash, "file": m.path.name, "sha256": m.sha256,
-             "integrity": m.integrity, "saved_at": m.saved_at, "lr_scale": m.lr_scale, "final_evaluation": m.figures}
+             "integrity": m.integrity, "problem": m.problem, "saved_at": m.saved_at, "lr_scale": m.lr_scale,
+             "final_evaluation": m.figures}
             for m in models]}))
         return 0
     if not models:
@@ -490,15 +494,15 @@ def _models_list(args: argparse.Namespace) -> int:
         if metric:
             figures = tuple(f"{m.figures[k]:.3f}" if isinstance(m.figures.get(k), (int, float)) else "-"
                             for k in (metric, f"personalized-{metric}"))
-        rows.append((m.run_id, m.plan_hash[:12], m.round if m.round is not None else "-", (m.saved_at or "-")[:19].replace("T", " "),
-                     *figures, m.integrity, m.path.name))
+        rows.append((m.run_id or "-", m.plan_hash[:12] or "-", m.round if m.round is not None else "-",
+                     (m.saved_at or "-")[:19].replace("T", " "), *figures, m.integrity, m.path.name))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
-    print(f"site {site.site_id}: {len(models)} personalized model(s) in {site.models_dir}")
+    print(f"site {site.site_id}: {len(models)} personalized model file(s) in {site.models_dir}")
     for r in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
-    changed = [m.run_id for m in models if m.integrity == "CHANGED"]
-    if changed:
-        print(f"warning: the tensors of {', '.join(changed)} are not those the silo agent saved (see 'fedsilo audit show')")
+    for m in models:
+        if m.integrity in ("CHANGED", "unreadable"):
+            print(f"warning: {m.path.name}: {m.problem} (see 'fedsilo audit show')")
     return 0
 
 

@@ -292,11 +292,15 @@ def _train(msg: Message, site: Site, audit: AuditLog, actor: dict) -> RecordDict
 def _personalizing_lr_scale(plan, round_: int, cases: int) -> float:
     """The factor on the plan's learning rate for this round's training: in the last round of a plan that
     personalizes (after at least one federated round), the training is the fine-tuning of a trained global model,
-    and a site with fewer cases than the batch fine-tunes at the rate times ``cases / batch_size``
-    (:func:`pipelines.training.finetune_lr_scale`); otherwise 1."""
+    and a site with fewer cases than the batch fine-tunes with SGD at the rate times ``cases / batch_size``
+    (:func:`pipelines.training.finetune_lr_scale`); otherwise 1. Not for Adam, whose steps do not grow with the
+    gradient's weight per case (the rule's reason), and which no bench measured.
+
+    The update this round sends is that same training, so such a site's last update is smaller too: the final
+    global model of a personalizing plan is not quite the one the same plan makes without ``personalize``."""
     from pipelines.training import finetune_lr_scale
 
-    if not plan.training.personalize or round_ != plan.federation.rounds or round_ < 2:
+    if not plan.training.personalize or round_ != plan.federation.rounds or round_ < 2 or plan.training.optimizer.name != "sgd":
         return 1.0
     return finetune_lr_scale(cases, plan.training.batch_size)
 
@@ -314,7 +318,8 @@ def _keep_personalized(site: Site, audit: AuditLog, actor: dict, plan, run_id: s
                                        "kind": "personalized"})
     audit.append(EventType.STATE_SAVED, actor=actor, object={"type": "model", "id": f"personalized/{run_id}", "sha256": state_digest(arrays)},
                  run_id=run_id, round=round_, details={"kind": "personalized model, kept at this site and never sent",
-                                                       "path": str(path.relative_to(site.root)), "lr_scale": lr_scale})
+                                                       "path": str(path.relative_to(site.root)), "lr_scale": lr_scale,
+                                                       "plan_hash": plan.hash()})
     log.info("run %s round %d: personalized model kept in %s (fine-tuned at %.3g x the plan's learning rate)",
              run_id[:12], round_, path.relative_to(site.root), lr_scale)
 

@@ -465,46 +465,76 @@ def test_a_kept_model_that_is_not_the_plans_network_is_refused_in_one_line(tmp_p
     assert "\n" not in final.error.reason and str(tmp_path) not in final.error.reason
 
 
-def test_a_small_site_fine_tunes_its_personalized_model_at_the_linearly_scaled_rate(tmp_path):
-    """Round 2 of 2 of a personalizing plan fine-tunes a trained global model: a site with 2 training cases and a
-    batch of 8 takes one step of the whole data at the plan's rate x 2/8 (the linear scaling rule), so its update
-    (and its kept model) is a quarter of what the same round trains without personalize. Without DP (the site
-    allows it here) and with one SGD step, the two updates differ by that factor alone."""
+def _small_site(tmp_path):
+    """A site with 2 training cases that allows training without DP (so that updates can be compared exactly)."""
     import yaml
-
-    from fedsilo.wire import unpack_record
-    from pipelines.serialization import load_model
-    from silo_agent.client_app import personalized_model_path
 
     site = init_site(tmp_path / "site", "hospital0")
     policy = yaml.safe_load((site.root / "policy.yaml").read_text(encoding="utf-8"))
     (site.root / "policy.yaml").write_text(yaml.safe_dump({**policy, "require_dp": False}), encoding="utf-8")
     add_officer(site, "j.smith")
-    site = register_dataset(site, "ct", task="seg3d", datalist=write_tiny_datalist(tmp_path / "data", cases=3))
-    global_model = build_network(parse_plan(PLAN), seed=0).state_dict()
-    initial = {k: v.numpy().copy() for k, v in global_model.items()}
+    return register_dataset(site, "ct", task="seg3d", datalist=write_tiny_datalist(tmp_path / "data", cases=3))
 
-    def round_two(personalize: bool) -> dict:
-        raw = {**PLAN, "federation": {"rounds": 2, "min_silos": 2}, "privacy": {"enabled": False},
-               "training": {"local_epochs": 1, "batch_size": 8, "personalize": personalize,
-                            "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0}}}
-        approve(site, raw)
-        plan = parse_plan(raw)
-        msg = message(yaml.safe_dump(raw), plan.hash(), pack(global_model))
-        msg.content[P.CONFIG][P.ROUND] = 2
-        reply = train(msg, context(site.root))
-        assert not reply.has_error(), reply.error.reason
-        return unpack_record(reply.content[P.ARRAYS])
 
-    plain = round_two(False)
+def _train_small(site, *, rounds: int, round_: int, personalize: bool, optimizer: str = "sgd") -> dict:
+    """One round's update of a batch-8 plan at the small site, from the seed-0 model, without DP."""
+    import yaml
+
+    from fedsilo.wire import unpack_record
+
+    raw = {**PLAN, "federation": {"rounds": rounds, "min_silos": 2}, "privacy": {"enabled": False},
+           "training": {"local_epochs": 1, "batch_size": 8, "personalize": personalize,
+                        "optimizer": {"name": optimizer, "lr": 0.1, **({"momentum": 0.0} if optimizer == "sgd" else {})}}}
+    approve(site, raw)
+    plan = parse_plan(raw)
+    msg = message(yaml.safe_dump(raw), plan.hash(), pack(build_network(parse_plan(PLAN), seed=0).state_dict()))
+    msg.content[P.CONFIG][P.ROUND] = round_
+    reply = train(msg, context(site.root))
+    assert not reply.has_error(), reply.error.reason
+    return unpack_record(reply.content[P.ARRAYS])
+
+
+def _assert_scaled(update: dict, reference: dict, factor: float) -> None:
+    assert sum(float(np.abs(v).sum()) for v in reference.values()) > 0
+    for name, value in reference.items():
+        np.testing.assert_allclose(update[name], factor * value, rtol=1e-3, atol=1e-7)
+
+
+def test_a_small_site_fine_tunes_its_personalized_model_at_the_linearly_scaled_rate(tmp_path):
+    """Round 2 of 2 of a personalizing plan fine-tunes a trained global model: a site with 2 training cases and a
+    batch of 8 takes one step of the whole data at the plan's rate x 2/8 (the linear scaling rule), so its update
+    (and its kept model) is a quarter of what the same round trains without personalize. Without DP (the site
+    allows it here) and with one SGD step, the two updates differ by that factor alone."""
+    from pipelines.serialization import load_model
+    from silo_agent.client_app import personalized_model_path
+
+    site = _small_site(tmp_path)
+    initial = {k: v.numpy().copy() for k, v in build_network(parse_plan(PLAN), seed=0).state_dict().items()}
+    plain = _train_small(site, rounds=2, round_=2, personalize=False)
     assert not personalized_model_path(site, "run1").exists()
-    scaled = round_two(True)
-    assert sum(float(np.abs(v).sum()) for v in plain.values()) > 0
-    for name, value in plain.items():
-        np.testing.assert_allclose(scaled[name], 0.25 * value, rtol=1e-3, atol=1e-7)
+    scaled = _train_small(site, rounds=2, round_=2, personalize=True)
+    _assert_scaled(scaled, plain, 0.25)
     kept = load_model(personalized_model_path(site, "run1"))
     for name, value in initial.items():
         np.testing.assert_allclose(kept[name], value + scaled[name], rtol=0, atol=1e-6)
     [saved] = [r for r in audit_events(site) if r["event"] == "state.saved"]
     assert saved["details"]["lr_scale"] == 0.25 and saved["round"] == 2
     assert "fine-tuned at 0.25 x the plan's learning rate" in (site.root / "logs" / "silo.log").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("rounds, round_, optimizer, why", [
+    (2, 1, "sgd", "not the last round: federated training at the plan's rate"),
+    (1, 1, "sgd", "the only round trains from the initial weights, which wants the full rate"),
+    (2, 2, "adam", "Adam's step does not grow with the weight per case: the rule is SGD's"),
+])
+def test_the_rate_is_the_plans_outside_sgd_fine_tuning(tmp_path, rounds, round_, optimizer, why):
+    site = _small_site(tmp_path)
+    plain = _train_small(site, rounds=rounds, round_=round_, personalize=False, optimizer=optimizer)
+    personalizing = _train_small(site, rounds=rounds, round_=round_, personalize=True, optimizer=optimizer)
+    if optimizer == "sgd":
+        _assert_scaled(personalizing, plain, 1.0)
+    else:  # Adam's first step is about lr x sign(gradient): float noise flips tiny gradients, so compare sizes (x 0.25 if scaled)
+        size = lambda update: sum(float(np.abs(v).sum()) for v in update.values())  # noqa: E731
+        assert 0.9 < size(personalizing) / size(plain) < 1.1
+    saved = [r for r in audit_events(site) if r["event"] == "state.saved"]
+    assert [r["details"]["lr_scale"] for r in saved] == ([1.0] if round_ == rounds else []), why

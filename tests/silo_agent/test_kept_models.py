@@ -100,29 +100,120 @@ def test_export_copies_the_model_and_its_plan_and_audits_it_and_never_overwrites
     assert len([r for r in records(site) if r["event"] == "model.exported"]) == 1
 
 
-def test_a_model_changed_on_disk_is_flagged_and_not_exported(trained_site, tmp_path, capsys):
-    site, _ = trained_site
-    path = personalized_model_path(site, "run1")
+def _rewrite(path: Path, *, add: float = 0.0, **metadata: str) -> None:
+    """Save the kept model again with ``add`` on its first tensor and the given metadata changed."""
     arrays = load_model(path)
     name = next(iter(arrays))
-    arrays[name] = arrays[name] + np.float32(0.5)
+    arrays[name] = arrays[name] + np.float32(add)
     with safe_open(str(path), "np") as f:
-        metadata = f.metadata()
-    save_model(path, arrays, metadata=metadata)  # the same run, round and plan: only a tensor differs
-    code, out, err = cli(capsys, "silo", "models", "list", "--site", site.root)
-    assert code == 0 and "CHANGED" in out and "warning: the tensors of run1 are not those the silo agent saved" in out
-    code, out, err = cli(capsys, "silo", "models", "export", "run1", "--site", site.root, "--out", tmp_path / "x")
-    assert code == 1 and "its tensors differ from those the silo agent saved" in one_line_error(err)
-    assert not (tmp_path / "x").exists()
+        meta = {**f.metadata(), **metadata}
+    save_model(path, arrays, metadata=meta)
 
 
-def test_bad_input_gets_one_line_and_exit_2(trained_site, tmp_path, capsys):
+def _refused_export(capsys, site, out: Path, needle: str) -> None:
+    code, _, err = cli(capsys, "silo", "models", "export", "run1", "--site", site.root, "--out", out)
+    assert code == 1 and needle in one_line_error(err)
+    assert not out.exists() or not any(out.iterdir())
+    [failed] = [r for r in records(site) if r["event"] == "model.exported"]
+    assert failed["outcome"] == "failure" and needle in failed["reason"]
+
+
+def test_a_model_whose_tensors_changed_on_disk_is_flagged_and_not_exported(trained_site, tmp_path, capsys):
     site, _ = trained_site
+    _rewrite(personalized_model_path(site, "run1"), add=0.5)  # the same run, round and plan: only a tensor differs
+    code, out, err = cli(capsys, "silo", "models", "list", "--site", site.root)
+    assert code == 0 and "CHANGED" in out and "its tensors differ from those the silo agent saved" in out
+    _refused_export(capsys, site, tmp_path / "x", "its tensors differ from those the silo agent saved")
+
+
+def test_a_model_relabelled_with_another_plan_is_flagged_and_not_exported(trained_site, tmp_path, capsys):
+    # The tensors are untouched, but the metadata now names another plan approved here: the export would hand out
+    # a plan.yaml that is not the one the model was trained with.
+    from test_client_app import PLAN, approve
+
+    site, plan = trained_site
+    other = {**PLAN, "name": "other"}
+    approve(site, other)
+    _rewrite(personalized_model_path(site, "run1"), plan_hash=parse_plan(other).hash())
+    code, out, _ = cli(capsys, "silo", "models", "list", "--site", site.root)
+    assert code == 0 and "CHANGED" in out and "it names another plan than the one it was trained with" in out
+    _refused_export(capsys, site, tmp_path / "x", "it names another plan")
+
+
+def test_a_copy_of_a_kept_model_is_flagged_and_the_original_is_the_one_exported(trained_site, tmp_path, capsys):
+    import shutil
+
+    site, _ = trained_site
+    original = personalized_model_path(site, "run1")
+    copy = site.models_dir / "personalized-0000000000000000.safetensors"
+    shutil.copyfile(original, copy)
+    code, out, _ = cli(capsys, "silo", "models", "list", "--site", site.root, "--json")
+    import json
+
+    integrity = {m["file"]: (m["integrity"], m["problem"]) for m in json.loads(out)["models"]}
+    assert integrity[original.name] == ("intact", "")
+    assert integrity[copy.name] == ("CHANGED", "it is not the file the silo agent saved for run run1")
+    code, out, err = cli(capsys, "silo", "models", "export", "run1", "--site", site.root, "--out", tmp_path / "x")
+    assert (code, err) == (0, "") and (tmp_path / "x" / "model.safetensors").read_bytes() == original.read_bytes()
+
+
+def test_export_refuses_a_model_the_audit_log_does_not_vouch_for(trained_site, tmp_path, capsys):
+    import shutil
+
+    site, _ = trained_site
+    save_model(site.models_dir / "personalized-1111111111111111.safetensors", load_model(personalized_model_path(site, "run1")),
+               metadata={"run_id": "run2", "round": "1", "plan_hash": "0" * 64, "kind": "personalized"})
+    code, out, _ = cli(capsys, "silo", "models", "list", "--site", site.root)
+    assert code == 0 and "not audited" in out
+    code, _, err = cli(capsys, "silo", "models", "export", "run2", "--site", site.root, "--out", tmp_path / "x")
+    assert code == 1 and "is not exported: not audited" in one_line_error(err) and not (tmp_path / "x").exists()
+    code, _, err = cli(capsys, "silo", "models", "export", "run", "--site", site.root, "--out", tmp_path / "x")
+    assert code == 2 and "'run' names the models of 2 runs" in one_line_error(err)
+    # Without the audit log nothing vouches for any model: listed with a warning, never exported.
+    shutil.move(site.audit_dir, tmp_path / "audit-elsewhere")
+    code, out, err = cli(capsys, "silo", "models", "list", "--site", site.root)
+    assert code == 0 and "has no audit log" in err and "not audited" in out
+    code, _, err = cli(capsys, "silo", "models", "export", "run1", "--site", site.root, "--out", tmp_path / "x")
+    assert code == 1 and "the site's audit log is missing" in one_line_error(err)
+    assert not site.audit_dir.exists()  # the refusal did not start a new log
+
+
+def test_export_refuses_an_audit_log_whose_chain_is_broken(trained_site, tmp_path, capsys):
+    import sqlite3
+
+    site, _ = trained_site
+    with sqlite3.connect(site.audit_dir / "audit.sqlite") as db:  # an edit of a record, as an intruder would make it
+        seq, leaf = db.execute("SELECT seq, leaf FROM records WHERE seq = 1").fetchone()
+        db.execute("UPDATE records SET leaf = ? WHERE seq = ?", (bytes(leaf).replace(b"hospital0", b"hospital9"), seq))
+    code, _, err = cli(capsys, "silo", "models", "export", "run1", "--site", site.root, "--out", tmp_path / "x")
+    assert code == 1 and not (tmp_path / "x").exists()
+    one_line_error(err)
+
+
+def test_bad_input_gets_one_line_and_exit_2_and_leaves_nothing(trained_site, tmp_path, capsys):
+    from silo_agent.approvals import plans_dir
+
+    site, plan = trained_site
     code, _, err = cli(capsys, "silo", "models", "export", "run9", "--site", site.root, "--out", tmp_path / "x")
     assert code == 2 and "keeps no personalized model of run 'run9' (kept: run1)" in one_line_error(err)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        code, _, err = cli(capsys, "silo", "models", "export", "run1", "--site", site.root, "--out", out)
+        assert code == 2 and str(a_file) in one_line_error(err)
+    assert a_file.read_text() == "x"
+    (plans_dir(site) / f"{plan.hash()}.yaml").rename(tmp_path / "plan-elsewhere.yaml")
+    code, _, err = cli(capsys, "silo", "models", "export", "run1", "--site", site.root, "--out", tmp_path / "y")
+    assert code == 2 and "is no longer stored at this site" in one_line_error(err) and not (tmp_path / "y").exists()
+    assert not [r for r in records(site) if r["event"] == "model.exported"]
+
+
+def test_an_unreadable_file_is_listed_as_such_and_the_others_still_are(trained_site, capsys):
+    site, _ = trained_site
     (site.models_dir / "personalized-0000000000000000.safetensors").write_bytes(b"DOE^JANE not a model")
-    code, _, err = cli(capsys, "silo", "models", "list", "--site", site.root)
-    assert code == 2 and "is not a readable safetensors model" in one_line_error(err) and "DOE" not in err
+    code, out, err = cli(capsys, "silo", "models", "list", "--site", site.root)
+    assert (code, err) == (0, "")
+    assert "unreadable" in out and "intact" in out and "not a readable safetensors model" in out and "DOE" not in out
 
 
 def test_a_site_without_kept_models_says_so(tmp_path, capsys):
