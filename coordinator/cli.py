@@ -1,5 +1,5 @@
 """``fedsilo plan``: the researcher's commands (validate, hash, keygen, sign, submit);
-``fedsilo provision`` and ``fedsilo coordinator``: the coordinator operator's (kits, start, status, renew-cert)."""
+``fedsilo provision`` and ``fedsilo coordinator``: the coordinator operator's (kits, start, status, renew-cert, rotate-audit-key)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,8 @@ def add_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace existing kit folders (their keys are lost)")
     p.set_defaults(func=_provision)
 
-    coord = sub.add_parser("coordinator", help="coordinator operator: start the federation's SuperLink, its status, certificate renewal")
+    coord = sub.add_parser("coordinator", help="coordinator operator: start the federation's SuperLink, its status, certificate "
+                                               "renewal, checkpoint-key rotation")
     csub = coord.add_subparsers(dest="coordinator_command", metavar="COMMAND", required=True, parser_class=type(coord))
     p = csub.add_parser("start", help="run the SuperLink from a coordinator kit (TLS, SuperNode authentication, persistent "
                                       "state) until Ctrl-C")
@@ -79,6 +80,21 @@ def add_commands(sub) -> None:
     p.add_argument("--ca", type=Path, required=True, metavar="KITS/ca", help="the CA folder from 'fedsilo provision'")
     p.add_argument("--days", type=int, default=365)
     p.set_defaults(func=_coordinator_renew)
+    p = csub.add_parser("rotate-audit-key", help="replace the coordinator's checkpoint key (the old one is deleted; its "
+                                                  "public key stays trusted for verifying earlier runs)")
+    p.add_argument("--kit", type=Path, required=True, metavar="DIR")
+    p.set_defaults(func=_coordinator_rotate_audit_key)
+
+
+def _coordinator_rotate_audit_key(args: argparse.Namespace) -> int:
+    from coordinator.deployment import load_coordinator_kit, rotate_audit_key
+
+    old, new, shared = rotate_audit_key(load_coordinator_kit(args.kit))
+    print(f"new checkpoint key {new} (the old key {old} is deleted; its public key stays in audit-trust/ for "
+          f"verifying earlier runs; wipe any backup of the old private key)")
+    print(f"send {shared} to every site: it replaces trust/{shared.name} in the site's kit, and the site trusts the "
+          "new key when its node restarts (fedsilo silo start). Runs started from now on are signed with the new key.")
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""``fedsilo coordinator start|status|renew-cert``: the federation's SuperLink, run from a coordinator kit.
+"""``fedsilo coordinator start|status|renew-cert|rotate-audit-key``: the federation's SuperLink, run from a coordinator kit.
 
 ``start`` runs ``flower-superlink`` as a managed child in the foreground: TLS with the kit's server
 certificate, SuperNode authentication with every site's node public key registered through the Control
@@ -330,3 +330,40 @@ def renew_server_certificate(kit: CoordinatorKit, ca_dir: Path, *, days: int = 3
             old.replace(old.with_name(name + ".old"))
     pki.issue_server_cert(ca, kit.server_cert, kit.server_key, hosts=tuple(dict.fromkeys((*kit.addresses, *LOOPBACK_NAMES))), days=days)
     return pki.certificate_fingerprint(kit.server_cert)
+
+
+def rotate_audit_key(kit: CoordinatorKit) -> tuple[str, str, Path]:
+    """Replace the coordinator's checkpoint key (``audit-keys/``) with a new Ed25519 key; returns the old and new
+    fingerprints and the new public key file to hand to every site.
+
+    The old private key file is replaced by the new one (deleted; wipe any backup of it), so a leaked copy signs
+    nothing a site trusts for later runs. Its public key stays in ``audit-trust/`` as ``<key>-<fingerprint>.vkey``:
+    ``fedsilo audit verify --keys audit-trust`` checks runs signed by either key. A run in progress keeps signing with the key it started with; new runs use the new one.
+    Each site trusts the new key once its kit's ``trust/`` holds it and its node restarts (``fedsilo silo start``
+    keeps the old key beside it); until then it refuses the training requests whose checkpoints the new key signs."""
+    from compliance.keys import generate_signer, key_stem, read_vkey_file
+    from fedsilo.protocol import COORDINATOR_LOG_KEY
+
+    keys, trust = kit.root / "audit-keys", kit.root / "audit-trust"
+    stem = key_stem(COORDINATOR_LOG_KEY)
+    current_key, current_vkey = keys / f"{stem}.key", keys / f"{stem}.vkey"
+    if not current_key.is_file() or not current_vkey.is_file():
+        raise ConfigError(f"{kit.root} has no checkpoint key audit-keys/{stem}.key and .vkey to rotate",
+                          fix="restore audit-keys/ from the kit made by 'fedsilo provision'")
+    old = read_vkey_file(current_vkey)
+    staging = keys / ".rotating"
+    if staging.exists():  # an interrupted rotation: its half-made key was never used
+        for leftover in staging.iterdir():
+            leftover.unlink()
+        staging.rmdir()
+    new = generate_signer(staging, COORDINATOR_LOG_KEY, role="log")
+    trust.mkdir(exist_ok=True)
+    kept = trust / f"{stem}-{old.fingerprint.split(':')[-1][:12]}.vkey"
+    if not kept.exists():
+        kept.write_bytes(current_vkey.read_bytes())
+    (staging / f"{stem}.key").replace(current_key)  # the old private key is gone from here on
+    (staging / f"{stem}.vkey").replace(current_vkey)
+    staging.rmdir()
+    shared = trust / f"{stem}.vkey"
+    shared.write_bytes(current_vkey.read_bytes())
+    return old.fingerprint, new.fingerprint, shared

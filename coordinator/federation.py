@@ -272,12 +272,12 @@ class FederatedRun:
         """Check a silo's cosignature against the witness key provisioned for the site its node is known as (not
         any trusted site's key: a node must not pass another site's cosignature off as its own), then keep it with
         the checkpoint."""
-        from compliance.checkpoint import KEY_TYPE_NOTE
+        from compliance.checkpoint import KEY_TYPE_COSIGNATURE
         from coordinator.provision import witness_key_name
 
         name = witness_key_name(site)
-        witness = [k for k in self.trusted if k.key_type != KEY_TYPE_NOTE and k.name == name]
-        log_keys = [k for k in self.trusted if k.key_type == KEY_TYPE_NOTE]
+        witness = [k for k in self.trusted if k.key_type == KEY_TYPE_COSIGNATURE and k.name == name]
+        log_keys = [self.signer.verifier] if self.signer else []  # this run's checkpoint key, not a retired one
         try:
             if not witness:
                 raise VerificationError(f"no witness key '{name}' is trusted here", fix="provision the site's witness key in audit-trust/")

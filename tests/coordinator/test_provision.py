@@ -21,7 +21,7 @@ from compliance.keys import load_signer, read_vkey_file
 from coordinator import pki
 from coordinator.deployment import check_tls, load_coordinator_kit, renew_server_certificate, write_cli_config
 from coordinator.provision import load_project, parse_project, provision
-from fedsilo.errors import ConfigError
+from fedsilo.errors import ConfigError, VerificationError
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = {
@@ -269,3 +269,58 @@ def test_status_table_names_sites_flags_unknown_nodes_and_lists_runs():
     assert lines[3].split() == ["hospital1", "not", "registered", "-"]
     assert lines[4].startswith("UNKNOWN NODE") and "9" in lines[4].split()
     assert lines[-1].split() == ["42", "finished:completed", "43", "s", "2025-06-02", "10:02:11Z"]
+
+
+def test_rotate_audit_key_replaces_the_key_and_runs_signed_by_either_key_verify(tmp_path):
+    """After the rotation the kit signs with a new key, the old private key is gone from the kit, and
+    audit-trust/ verifies a run signed before the rotation and one signed after; a site given the new public key
+    trusts it at its next start and keeps the old one beside it."""
+    import shutil
+
+    from compliance import AuditLog, verify_log
+    from compliance.keys import load_verifier_keys
+    from fedsilo.protocol import COORDINATOR_LOG_KEY
+    from silo_agent.node import install_kit, load_site_kit
+
+    provision(parse_project(PROJECT), tmp_path / "k")
+    kit_dir = tmp_path / "k" / "coordinator"
+    site_dir = tmp_path / "site0"
+    install_kit(load_site_kit(tmp_path / "k" / "hospital0"), site_dir, report=lambda _: None)
+    old = load_signer(kit_dir / "audit-keys", COORDINATOR_LOG_KEY)
+    old_pem = (kit_dir / "audit-keys" / "fedsilo-coordinator.key").read_bytes()
+    actor = {"kind": "coordinator", "id": "coordinator", "site": None, "role": "aggregator", "key": None}
+
+    def signed_run(name: str, signer) -> Path:
+        with AuditLog.open(tmp_path / name, origin=f"fedsilo.coordinator/{name}", signer=signer, source="coordinator") as log:
+            log.append("run.started", actor=actor, run_id=name)
+            log.sign_checkpoint()
+        return tmp_path / name
+
+    before = signed_run("run-before", old)
+    done = fedsilo("coordinator", "rotate-audit-key", "--kit", str(kit_dir))
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    new = load_signer(kit_dir / "audit-keys", COORDINATOR_LOG_KEY)
+    assert new.fingerprint != old.fingerprint and new.fingerprint in done.stdout and old.fingerprint in done.stdout
+    assert stat.S_IMODE((kit_dir / "audit-keys" / "fedsilo-coordinator.key").stat().st_mode) == 0o600
+    assert not [p for p in kit_dir.rglob("*") if p.is_file() and p.read_bytes() == old_pem]
+    trusted = {k.fingerprint for k in load_verifier_keys(kit_dir / "audit-trust")}
+    assert {old.fingerprint, new.fingerprint} <= trusted
+    after = signed_run("run-after", new)
+    for run in (before, after):
+        verify_log(run, keys=kit_dir / "audit-trust")  # raises at the first problem
+    with pytest.raises(VerificationError, match="trusted"):  # the retired key's public half is what lets the old run verify
+        verify_log(before, keys=[new.verifier])
+    # The site: the new public key in its kit's trust/, then its next start.
+    shared = kit_dir / "audit-trust" / "fedsilo-coordinator.vkey"
+    shutil.copyfile(shared, tmp_path / "k" / "hospital0" / "trust" / shared.name)
+    install_kit(load_site_kit(tmp_path / "k" / "hospital0"), site_dir, report=lambda _: None)
+    assert {k.fingerprint for k in load_verifier_keys(site_dir / "trust")} == {old.fingerprint, new.fingerprint}
+
+
+def test_rotate_audit_key_without_a_key_is_one_line_exit_2(tmp_path):
+    import shutil
+
+    provision(parse_project(PROJECT), tmp_path / "k")
+    shutil.rmtree(tmp_path / "k" / "coordinator" / "audit-keys")
+    assert_one_line_error(fedsilo("coordinator", "rotate-audit-key", "--kit", str(tmp_path / "k" / "coordinator")),
+                          "has no checkpoint key audit-keys/fedsilo-coordinator.key", "fix:")
