@@ -89,11 +89,14 @@ def add_commands(sub) -> None:
 def _coordinator_rotate_audit_key(args: argparse.Namespace) -> int:
     from coordinator.deployment import load_coordinator_kit, rotate_audit_key
 
-    old, new, shared = rotate_audit_key(load_coordinator_kit(args.kit))
-    print(f"new checkpoint key {new} (the old key {old} is deleted; its public key stays in audit-trust/ for "
-          f"verifying earlier runs; wipe any backup of the old private key)")
-    print(f"send {shared} to every site: it replaces trust/{shared.name} in the site's kit, and the site trusts the "
-          "new key when its node restarts (fedsilo silo start). Runs started from now on are signed with the new key.")
+    done = rotate_audit_key(load_coordinator_kit(args.kit))
+    if done.finished_interrupted:
+        print(f"finished an interrupted rotation: the checkpoint key is {done.new} (nothing new was made)")
+    else:
+        print(f"new checkpoint key {done.new} (the old key {done.old} is deleted; its public key stays in audit-trust/ "
+              "for verifying earlier runs; wipe any backup of the old private key)")
+    print(f"send {done.shared} to every site: it replaces trust/{done.shared.name} in the site's kit, and the site trusts "
+          "the new key when its node restarts (fedsilo silo start). Runs started from now on are signed with the new key.")
     return 0
 
 

@@ -23,6 +23,7 @@ loudly, for a development machine only.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import sys
 import time
@@ -332,38 +333,84 @@ def renew_server_certificate(kit: CoordinatorKit, ca_dir: Path, *, days: int = 3
     return pki.certificate_fingerprint(kit.server_cert)
 
 
-def rotate_audit_key(kit: CoordinatorKit) -> tuple[str, str, Path]:
-    """Replace the coordinator's checkpoint key (``audit-keys/``) with a new Ed25519 key; returns the old and new
-    fingerprints and the new public key file to hand to every site.
+@dataclass(frozen=True)
+class Rotation:
+    """What ``rotate-audit-key`` did: the old and new key fingerprints, the public key file for the sites, and
+    whether it finished a rotation that had been interrupted (then nothing new was made)."""
 
-    The old private key file is replaced by the new one (deleted; wipe any backup of it), so a leaked copy signs
-    nothing a site trusts for later runs. Its public key stays in ``audit-trust/`` as ``<key>-<fingerprint>.vkey``:
-    ``fedsilo audit verify --keys audit-trust`` checks runs signed by either key. A run in progress keeps signing with the key it started with; new runs use the new one.
-    Each site trusts the new key once its kit's ``trust/`` holds it and its node restarts (``fedsilo silo start``
-    keeps the old key beside it); until then it refuses the training requests whose checkpoints the new key signs."""
-    from compliance.keys import generate_signer, key_stem, read_vkey_file
+    old: str
+    new: str
+    shared: Path
+    finished_interrupted: bool = False
+
+
+def rotate_audit_key(kit: CoordinatorKit) -> Rotation:
+    """Replace the coordinator's checkpoint key (``audit-keys/``) with a new Ed25519 key.
+
+    The new pair is made in ``audit-keys.new/`` and swapped in by renaming folders, so ``audit-keys/`` always
+    holds a matching pair; the old folder, private key included, is then deleted. The old public key stays in
+    ``audit-trust/`` as ``<key>-<fingerprint>.vkey``: ``fedsilo audit verify --keys audit-trust`` checks runs
+    signed by either key. A run in progress keeps signing with the key it started with; new runs use the new
+    one. Each site trusts the new key once its kit's ``trust/`` holds it and its node restarts (``fedsilo silo
+    start`` keeps the old key beside it, so a site still accepts the old key's checkpoints until that copy is
+    deleted: after a suspected leak, delete it); until then a site refuses the requests whose checkpoints the
+    new key signs. Run again after an interruption, the command finishes the interrupted rotation."""
+    from compliance.keys import generate_signer, key_stem, load_signer
     from fedsilo.protocol import COORDINATOR_LOG_KEY
 
     keys, trust = kit.root / "audit-keys", kit.root / "audit-trust"
+    fresh, retired = kit.root / "audit-keys.new", kit.root / "audit-keys.old"
     stem = key_stem(COORDINATOR_LOG_KEY)
-    current_key, current_vkey = keys / f"{stem}.key", keys / f"{stem}.vkey"
-    if not current_key.is_file() or not current_vkey.is_file():
-        raise ConfigError(f"{kit.root} has no checkpoint key audit-keys/{stem}.key and .vkey to rotate",
-                          fix="restore audit-keys/ from the kit made by 'fedsilo provision'")
-    old = read_vkey_file(current_vkey)
-    staging = keys / ".rotating"
-    if staging.exists():  # an interrupted rotation: its half-made key was never used
-        for leftover in staging.iterdir():
-            leftover.unlink()
-        staging.rmdir()
-    new = generate_signer(staging, COORDINATOR_LOG_KEY, role="log")
+    try:
+        previous = _published_key(trust, stem)
+        finished = _finish_interrupted_rotation(keys, fresh, retired)
+        if not (keys / f"{stem}.key").is_file() or not (keys / f"{stem}.vkey").is_file():
+            raise ConfigError(f"{kit.root} has no checkpoint key audit-keys/{stem}.key and .vkey to rotate",
+                              fix="restore audit-keys/ from the kit made by 'fedsilo provision'")
+        current = load_signer(keys, COORDINATOR_LOG_KEY).verifier  # a matching pair, or a one-line error
+        if finished:
+            old = previous if previous is not None and previous != current else current
+            _publish(trust, stem, old, current)
+            return Rotation(old.fingerprint, current.fingerprint, trust / f"{stem}.vkey", finished_interrupted=True)
+        new = generate_signer(fresh, COORDINATOR_LOG_KEY, role="log").verifier
+        keys.replace(retired)
+        fresh.replace(keys)
+        shutil.rmtree(retired)  # the old private key is gone from here on
+        _publish(trust, stem, current, new)
+        return Rotation(current.fingerprint, new.fingerprint, trust / f"{stem}.vkey")
+    except OSError as exc:
+        raise ConfigError(f"cannot rotate the checkpoint key in {kit.root} ({exc.strerror or type(exc).__name__})",
+                          fix="fix the folder's permissions or space, then run 'fedsilo coordinator rotate-audit-key' again to finish") from None
+
+
+def _finish_interrupted_rotation(keys: Path, fresh: Path, retired: Path) -> bool:
+    """Complete or undo what an interrupted rotation left; whether it had swapped the keys already."""
+    if retired.exists():
+        if not keys.exists():  # stopped between the two renames: the new pair is in fresh
+            fresh.replace(keys)
+        shutil.rmtree(retired)
+        return True
+    if fresh.exists():  # stopped before the swap: the half-made pair was never used
+        shutil.rmtree(fresh)
+    return False
+
+
+def _published_key(trust: Path, stem: str):
+    """The checkpoint key ``audit-trust/`` names as the current one, if any."""
+    from compliance.keys import read_vkey_file
+
+    path = trust / f"{stem}.vkey"
+    return read_vkey_file(path) if path.is_file() else None
+
+
+def _publish(trust: Path, stem: str, old, new) -> None:
+    """``audit-trust/``: the old public key kept under its fingerprint, the new one as the current key (each
+    written to a temporary file, then renamed)."""
     trust.mkdir(exist_ok=True)
-    kept = trust / f"{stem}-{old.fingerprint.split(':')[-1][:12]}.vkey"
-    if not kept.exists():
-        kept.write_bytes(current_vkey.read_bytes())
-    (staging / f"{stem}.key").replace(current_key)  # the old private key is gone from here on
-    (staging / f"{stem}.vkey").replace(current_vkey)
-    staging.rmdir()
-    shared = trust / f"{stem}.vkey"
-    shared.write_bytes(current_vkey.read_bytes())
-    return old.fingerprint, new.fingerprint, shared
+    targets = [(trust / f"{stem}.vkey", new)]
+    if old != new:
+        targets.insert(0, (trust / f"{stem}-{old.fingerprint.split(':')[-1][:12]}.vkey", old))
+    for path, key in targets:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(key.vkey() + "\n", encoding="ascii")
+        tmp.replace(path)

@@ -24,7 +24,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,14 @@ class FederatedRun:
         resume: the run state of an interrupted run (coordinator.run_state): the run continues after its
             last completed round, with that round's global model and server optimizer state.
         flower_run_id: Flower's id of this execution, when it differs from ``run_id`` (a resumed run).
+        node_keys: the sites' node public keys (as Flower stores them) -> site, from the coordinator kit
+            (``coordinator.pki.load_node_keys``): each node's site is the one its key belongs to, and a node with
+            another key is sent nothing.
     """
 
     def __init__(self, grid, plan: Plan, plan_text: str, out_dir: Path, run_id: str, initial: dict[str, np.ndarray], *,
                  signer: Signer | None = None, witness_keys: Sequence[VerifierKey] = (), submission=None,
-                 resume: RunSnapshot | None = None, flower_run_id: str | None = None) -> None:
+                 resume: RunSnapshot | None = None, flower_run_id: str | None = None, node_keys: Mapping[bytes, str] | None = None) -> None:
         self.grid = grid
         self.plan = plan
         self.plan_text = plan_text
@@ -122,10 +125,12 @@ class FederatedRun:
         self.signer = signer
         self.trusted = ([signer.verifier] if signer else []) + list(witness_keys)
         self.node_site: dict[int, str] = {}
-        #: node -> the site the SuperLink registered its key under (``flwr supernode register --name``, from the
-        #: coordinator kit): a reply from that node must claim that site. Empty where Flower's grid names no node
-        #: (the simulation engine), and there a reply's site is taken as claimed.
-        self.node_registered: dict[int, str] = {}
+        #: node -> the site whose key in the coordinator kit the node authenticated with (Flower's node records:
+        #: ``Grid.get_nodes``): a reply from that node must name that site. Empty without kit keys (the simulation
+        #: engine, whose nodes have random keys), and there a reply's site is taken as it names itself.
+        self.node_keys = dict(node_keys or {})
+        self.kit_site: dict[int, str] = {}
+        self.unknown_nodes: set[int] = set()  # nodes whose key is not a kit key: sent nothing, audited once
         self.witnessed_size: dict[str, int] = {}  # site -> size of the last checkpoint it cosigned
         self.checkpoint_size = 0
         self.signed_sizes: list[int] = []  # sizes of the checkpoints signed in this run (a silo may hold any of them)
@@ -296,29 +301,36 @@ class FederatedRun:
         return self.reply_node.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def check_registered(self, node: int, site: str) -> None:
-        """Refuse a reply whose site is not the one ``node``'s key is registered under (an authenticated hospital
-        must not pass its update off as another's); nothing to check where the grid names no node."""
-        registered = self.node_registered.get(node)
-        if registered is not None and site != registered:
-            raise UpdateRejected("identity-mismatch", f"node {node} is registered as {registered}, its reply claims to be {site}")
+        """Refuse a reply whose site is not the one whose kit key ``node`` authenticated with (an authenticated
+        hospital must not pass its update off as another's); without kit keys there is nothing to check against."""
+        known = self.kit_site.get(node)
+        if self.node_keys and known != site:
+            raise UpdateRejected("identity-mismatch", f"node {node} holds the key of {known or 'no site of the kit'}, its reply claims to be {site}")
 
     def _authenticated(self, node: int) -> str:
         """How a node's site is known, for its node.started record."""
-        if node in self.node_registered:
-            return "supernode key (Flower node auth), registered under this site's name"
-        return "supernode key (Flower node auth); site as the reply names it (the grid names no node)"
+        if node in self.kit_site:
+            return "supernode key (Flower node auth), the coordinator kit's key of this site"
+        return "supernode key (Flower node auth); site as the reply names it (no site keys given to the coordinator)"
 
     def _connected_nodes(self) -> list[int]:
-        """The SuperLink's nodes for this run, and from Flower's node records (``Grid.get_nodes``) the name each
-        one's key was registered under: the site, set by the coordinator operator from the kit."""
-        get_nodes = getattr(self.grid, "get_nodes", None)
-        if get_nodes is None:  # a grid without node records
+        """The SuperLink's nodes for this run. With the kit's node keys, only the nodes holding one, each known as
+        that key's site (Flower's node records, ``Grid.get_nodes``: the public key each node authenticated with);
+        any other node (a key registered by someone else through the Control API) is sent nothing, audited once."""
+        if not self.node_keys:
             return sorted(int(n) for n in self.grid.get_node_ids())
         nodes = []
-        for info in get_nodes():
-            nodes.append(int(info.node_id))
-            if info.name:
-                self.node_registered[int(info.node_id)] = info.name
+        for info in self.grid.get_nodes():
+            node, site = int(info.node_id), self.node_keys.get(bytes(info.public_key))
+            if site is None:
+                if node not in self.unknown_nodes:
+                    self.unknown_nodes.add(node)
+                    self.audit.append(EventType.NODE_STARTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
+                                      run_id=self.run_id, outcome="denied", reason="its key is none of the coordinator kit's site keys: it is sent nothing",
+                                      details={"node": str(node)})
+                continue
+            self.kit_site[node] = site
+            nodes.append(node)
         return sorted(nodes)
 
     def _wait_for_silos(self) -> list[int]:
@@ -382,6 +394,8 @@ class FederatedRun:
             try:
                 update = validate_reply(node, reply.content, self.global_state, expect)
                 self.check_registered(node, update.site)
+                if update.site in sites:
+                    raise UpdateRejected("duplicate-site", f"node {node}'s reply names {update.site}, whose update this round came from another node")
             except UpdateRejected as exc:
                 self.audit.append(EventType.UPDATE_REJECTED, actor=self.actor, object={"type": "node", "id": str(node), "sha256": None},
                                   run_id=self.run_id, round=round_, outcome="denied", reason=exc.code, details={"message": exc.message})
@@ -487,6 +501,8 @@ class FederatedRun:
             # name a reply claims for itself; a node not known yet, or claiming another site, is ignored.
             site = self.node_site.get(reply.metadata.src_node_id)
             if site is None or reply.content[P.IDENTITY].get(P.SITE) != site:
+                continue
+            if self.node_keys and self.kit_site.get(reply.metadata.src_node_id) != site:  # a resumed run's older record
                 continue
             if note is not None and P.WITNESS in reply.content:
                 cosigned = reply.content[P.WITNESS].get(P.COSIGNED)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -190,7 +191,7 @@ def node_key_fingerprint(public_key: Path) -> str:
     try:
         line = public_key.read_bytes().strip()
         serialization.load_ssh_public_key(line)
-    except (OSError, ValueError):
+    except (OSError, ValueError, UnsupportedAlgorithm):
         raise ConfigError(f"{public_key} is not an OpenSSH public key", fix="use the node.pub written by 'fedsilo provision'") from None
     return ssh_fingerprint_of_line(line)
 
@@ -245,3 +246,20 @@ def check_private_mode(path: Path) -> None:
     mode = stat.S_IMODE(path.stat().st_mode)
     if os.name == "posix" and mode & 0o077:
         raise ConfigError(f"{path} is readable by others (mode {mode:o})", fix=f"chmod 600 {path}")
+
+
+def node_key_bytes(public_key: Path) -> bytes:
+    """A node public key file (.pub, OpenSSH) as Flower's SuperLink stores it (PEM SubjectPublicKeyInfo, what
+    ``flwr supernode register`` sends), so a node's key in Flower's node records can be matched to its site."""
+    try:
+        key = serialization.load_ssh_public_key(public_key.read_bytes().strip())
+    except (OSError, ValueError, UnsupportedAlgorithm):
+        raise ConfigError(f"{public_key} is not an OpenSSH public key", fix="use the node.pub written by 'fedsilo provision'") from None
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def load_node_keys(folder: Path) -> dict[bytes, str]:
+    """The sites' node keys of a coordinator kit (``sites/<site>.pub``): key as Flower stores it -> site."""
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder of <site>.pub node keys", fix="give the kit's sites/ folder")
+    return {node_key_bytes(path): path.stem for path in sorted(folder.glob("*.pub"))}

@@ -141,12 +141,14 @@ class _RoundGrid:
         return kept
 
     def _check_masked(self, node: int, content, size: int) -> dict[str, Any]:
-        """Identity (the site ``node`` is registered as, where known), metrics, and masked arrays of the model's
-        shapes (sizes checked before decoding)."""
+        """Identity (the site whose kit key ``node`` holds, where known; one update per site), metrics, and masked
+        arrays of the model's shapes (sizes checked before decoding)."""
         from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
         site, n, metrics = check_identity_and_metrics(content, self.expect)
         self.run.check_registered(node, site)
+        if any(c["site"] == site for other, c in self.outcome.contributions.items() if other != node):
+            raise UpdateRejected("duplicate-site", f"node {node}'s reply names {site}, whose masked update this round came from another node")
         configs = content.config_records.get(RECORD_KEY_CONFIGS)
         masked = configs.get(Key.MASKED_PARAMETERS) if configs is not None else None
         shapes = [(1,)] + [self.reference[name].shape for name in sorted(self.reference)]

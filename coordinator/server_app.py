@@ -7,14 +7,15 @@ Run config (``flwr run ... --run-config``):
   ``plan-path``: such a bundle (.json) or a bare plan YAML on the coordinator's disk (a bare plan runs,
   but every silo refuses an unsigned plan).
 - ``out-dir``: the run folder; ``audit-key-dir`` / ``witness-keys-dir``: the coordinator's checkpoint
-  key and the silos' witness keys.
+  key and the silos' witness keys; ``node-keys-dir``: the sites' node public keys (``<site>.pub``), which
+  tell each node's site from the key it authenticated with.
 - ``resume-from``: the folder of an interrupted run (``fedsilo plan resume``). Its plan, submission and
   last run state are read from there and the run continues after its last completed round, in the
   same folder and audit log, under its original run id.
 
 A coordinator started with ``fedsilo coordinator start`` sets ``FEDSILO_COORDINATOR_DIR`` (its state
 folder) for the SuperLink, whose ServerApp processes inherit it; run-config keys left out then default to
-``$FEDSILO_COORDINATOR_DIR/runs/<run id>``, ``.../audit-keys`` and ``.../audit-trust``.
+``$FEDSILO_COORDINATOR_DIR/runs/<run id>``, ``.../audit-keys``, ``.../audit-trust`` and ``.../sites``.
 
 The ServerApp builds the initial model from the plan (same seed at every party), then hands over to
 :class:`coordinator.federation.FederatedRun`.
@@ -31,6 +32,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.federation import FederatedRun
+from coordinator.pki import load_node_keys
 from coordinator.progress import PROGRESS_PREFIX
 from fedsilo.errors import ConfigError, FedsiloError
 
@@ -39,7 +41,7 @@ log = logging.getLogger("fedsilo.coordinator")
 
 #: The coordinator's state folder, set by ``fedsilo coordinator start`` for the SuperLink and its ServerApps.
 COORDINATOR_DIR_ENV = "FEDSILO_COORDINATOR_DIR"
-RUNS_DIR, AUDIT_KEYS_DIR, AUDIT_TRUST_DIR = "runs", "audit-keys", "audit-trust"
+RUNS_DIR, AUDIT_KEYS_DIR, AUDIT_TRUST_DIR, NODE_KEYS_DIR = "runs", "audit-keys", "audit-trust", "sites"
 
 
 @app.main()
@@ -68,8 +70,9 @@ def main(grid: Grid, context: Context) -> None:
         initial = to_numpy(build_network(plan, seed=plan.training.seed).state_dict())
         signer, witness_keys = _audit_keys(cfg)
         run_id = resume.run_id if resume is not None else str(context.run_id)
+        node_keys = load_node_keys(Path(cfg["node-keys-dir"])) if cfg.get("node-keys-dir") else None
         FederatedRun(grid, plan, plan_text, out_dir, run_id, initial, signer=signer, witness_keys=witness_keys,
-                     submission=submission, resume=resume, flower_run_id=str(context.run_id)).execute()
+                     submission=submission, resume=resume, flower_run_id=str(context.run_id), node_keys=node_keys).execute()
     except FedsiloError as exc:
         # The ServerApp's exit is reported by Flower; the reason goes to its log in one line.
         log.error("fedsilo: error: %s", exc.one_line())
@@ -90,6 +93,8 @@ def run_settings(run_config: dict, run_id: str) -> dict[str, str]:
             cfg.setdefault("audit-key-dir", str(root / AUDIT_KEYS_DIR))
         if (root / AUDIT_TRUST_DIR).is_dir():
             cfg.setdefault("witness-keys-dir", str(root / AUDIT_TRUST_DIR))
+        if (root / NODE_KEYS_DIR).is_dir():
+            cfg.setdefault("node-keys-dir", str(root / NODE_KEYS_DIR))
     return cfg
 
 

@@ -36,6 +36,7 @@ out-dir = ""
 site-dirs = ""
 audit-key-dir = ""
 witness-keys-dir = ""
+node-keys-dir = ""
 """
 
 

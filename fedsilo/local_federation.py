@@ -129,6 +129,7 @@ class LocalFederation:
         pki = self.root / "pki"
         tls = self.tls = create_server_tls(pki)
         self.audit_config = provision_audit_keys(self.root, self.silos)
+        self.audit_config["node-keys-dir"] = str((pki / "nodes").resolve())  # each node's site is its key's (made below)
         self._write_cli_config(tls.ca_cert)
         # Tuned, the SuperLink holds empty pulls until something is pushed (fedsilo.flower_longpoll).
         launcher = [sys.executable, "-m", "fedsilo.flower_tuning", "flower-superlink"] if self.tuned else [_bin("flower-superlink")]

@@ -116,10 +116,10 @@ def plan_text(**federation) -> str:
     return yaml.safe_dump(raw)
 
 
-def run(tmp_path, silo, nodes=(1, 2, 3, 4, 5, 6, 7, 8), *, grid=None, **federation) -> tuple[FederatedRun, list[dict]]:
+def run(tmp_path, silo, nodes=(1, 2, 3, 4, 5, 6, 7, 8), *, grid=None, node_keys=None, **federation) -> tuple[FederatedRun, list[dict]]:
     text = plan_text(**federation)
     driver = FederatedRun(grid or LoopbackGrid(list(nodes), silo), parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1",
-                          {k: v.copy() for k, v in INITIAL.items()})
+                          {k: v.copy() for k, v in INITIAL.items()}, node_keys=node_keys)
     try:
         driver.execute()
     finally:
@@ -529,26 +529,32 @@ def test_personalized_figures_go_into_metrics_json_with_each_sites_gain(tmp_path
 
 def test_a_cosignature_counts_only_when_made_with_the_witness_key_of_the_site_the_node_is(tmp_path):
     """Each silo cosigns the checkpoint the next round's train message carries. Node 3 (hospital3) answers with a
-    cosignature by hospital1's witness key, a key the coordinator trusts, but not hospital3's: it is refused and
-    audited as a failure, and no stored cosignature is filed as hospital3's; the honest silos' are kept."""
+    cosignature by hospital1's witness key, a key the coordinator trusts, but not hospital3's; node 4 cosigns the
+    checkpoint as signed by a retired coordinator key. Both are refused and audited as failures, and nothing is
+    filed as hospital3's or hospital4's; the honest silos' are kept."""
     from compliance.checkpoint import cosign_checkpoint
     from compliance.keys import generate_signer
 
+    from compliance.checkpoint import parse_note, sign_note
+
     log_signer = generate_signer(tmp_path / "keys", "fedsilo.test/coordinator", role="log")
-    witnesses = {n: generate_signer(tmp_path / "keys", f"hospital{n}-witness", role="witness") for n in (1, 2, 3)}
-    cosigner = {1: witnesses[1], 2: witnesses[2], 3: witnesses[1]}  # node 3 passes hospital1's cosignature off as its own
+    retired = generate_signer(tmp_path / "retired", "fedsilo.test/coordinator", role="log")  # a rotated-out key, still in audit-trust/
+    witnesses = {n: generate_signer(tmp_path / "keys", f"hospital{n}-witness", role="witness") for n in (1, 2, 3, 4)}
+    cosigner = {1: witnesses[1], 2: witnesses[2], 3: witnesses[1], 4: witnesses[4]}  # node 3 passes hospital1's cosignature off as its own
 
     def silo(node, msg):
         content = honest(node, msg)
         if P.WITNESS in msg.content:
             note = msg.content[P.WITNESS][P.CHECKPOINT]
+            if node == 4:  # the same checkpoint, but signed by the retired key (a leaked copy of it)
+                note = sign_note(parse_note(note).text, retired)
             content[P.WITNESS] = ConfigRecord({P.COSIGNED: cosign_checkpoint(note, cosigner[node])})
         return content
 
     text = plan_text(rounds=2)
-    driver = FederatedRun(LoopbackGrid([1, 2, 3], silo), parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1",
+    driver = FederatedRun(LoopbackGrid([1, 2, 3, 4], silo), parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1",
                           {k: v.copy() for k, v in INITIAL.items()}, signer=log_signer,
-                          witness_keys=[w.verifier for w in witnesses.values()])
+                          witness_keys=[w.verifier for w in witnesses.values()] + [retired.verifier])
     try:
         driver.execute()
     finally:
@@ -559,49 +565,87 @@ def test_a_cosignature_counts_only_when_made_with_the_witness_key_of_the_site_th
     kept = {r["details"]["site"] for r in cosigned if r["outcome"] == "success"}
     refused = [r for r in cosigned if r["outcome"] == "failure"]
     assert kept == {"hospital1", "hospital2"}
-    assert refused and {r["details"]["site"] for r in refused} == {"hospital3"}
-    assert all("cosignature of hospital3 does not verify with its witness key" in r["reason"] for r in refused)
-    assert "hospital3" not in driver.witnessed_size and set(driver.witnessed_size) == {"hospital1", "hospital2"}
+    assert refused and {r["details"]["site"] for r in refused} == {"hospital3", "hospital4"}
+    assert all("does not verify with its witness key" in r["reason"] for r in refused)
+    assert set(driver.witnessed_size) == {"hospital1", "hospital2"}
 
 
-class NamedGrid(LoopbackGrid):
-    """A grid with Flower's node records (``get_nodes``), as the deployment's grid has: each node's key was
-    registered at the SuperLink under a site name (``flwr supernode register --name``), or under none."""
+class KeyedGrid(LoopbackGrid):
+    """A grid with Flower's node records (``get_nodes``), as the deployment's grid has: each node's public key as
+    the SuperLink stores it (the key it authenticated with). Records which nodes were sent anything."""
 
-    def __init__(self, names: dict[int, str], silo) -> None:
-        super().__init__(sorted(names), silo)
-        self.names = names
+    def __init__(self, keys: dict[int, bytes], silo) -> None:
+        super().__init__(sorted(keys), silo)
+        self.keys = keys
+        self.sent_to: set[int] = set()
 
     def get_nodes(self):
         from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 
-        return [NodeInfo(node_id=n, name=name) if name else NodeInfo(node_id=n) for n, name in self.names.items()]
+        return [NodeInfo(node_id=n, public_key=key) for n, key in self.keys.items()]
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.sent_to |= {m.metadata.dst_node_id for m in messages}
+        return super().push_messages(messages)
 
 
-def test_a_reply_claiming_another_site_than_its_nodes_registered_name_is_rejected(tmp_path):
-    """Node 3's key is registered as hospital3; its reply says it is hospital1 (whose node also answers): rejected
-    as identity-mismatch and left out of the aggregate. The other nodes' sites are their registered names."""
+def _kit_keys(tmp_path, sites) -> dict[bytes, str]:
+    """Real node key files as a coordinator kit holds them (sites/<site>.pub), read as the ServerApp reads them."""
+    from coordinator.pki import create_node_key, load_node_keys
+
+    folder = tmp_path / "sites"
+    folder.mkdir()
+    for site in sites:
+        create_node_key(folder, site)
+        (folder / f"{site}.key").unlink()  # a kit holds public keys only
+    return load_node_keys(folder)
+
+
+def test_each_nodes_site_is_its_kit_keys_and_a_reply_claiming_another_is_rejected(tmp_path):
+    """Nodes 1 and 2 hold hospital1's and hospital2's kit keys; node 3 holds hospital3's but says it is hospital1;
+    node 9's key (registered by someone else through the Control API) is in no kit: it is sent nothing."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    keys = _kit_keys(tmp_path, ["hospital1", "hospital2", "hospital3"])
+    by_site = {site: key for key, site in keys.items()}
+    stranger = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
     def silo(node, msg):
         content = honest(node, msg)
         if node == 3:
             content[P.IDENTITY][P.SITE] = "hospital1"
         return content
 
-    _, records = run(tmp_path, silo, grid=NamedGrid({1: "hospital1", 2: "hospital2", 3: "hospital3"}, silo))
+    grid = KeyedGrid({1: by_site["hospital1"], 2: by_site["hospital2"], 3: by_site["hospital3"], 9: stranger}, silo)
+    _, records = run(tmp_path, silo, grid=grid, node_keys=keys)
+    assert 9 not in grid.sent_to and grid.sent_to == {1, 2, 3}
+    [denied] = [r for r in records if r["event"] == "node.started" and r["outcome"] == "denied"]
+    assert denied["object"]["id"] == "9" and "none of the coordinator kit's site keys" in denied["reason"]
     [rejected] = [r for r in records if r["event"] == "update.rejected"]
     assert rejected["reason"] == "identity-mismatch" and rejected["object"]["id"] == "3"
-    assert "node 3 is registered as hospital3, its reply claims to be hospital1" in rejected["details"]["message"]
+    assert "node 3 holds the key of hospital3, its reply claims to be hospital1" in rejected["details"]["message"]
     aggregate = next(r for r in records if r["event"] == "aggregate.computed")
     assert aggregate["details"]["input_sites"] == ["hospital1", "hospital2"]
-    started = [r for r in records if r["event"] == "node.started"]
+    started = [r for r in records if r["event"] == "node.started" and r["outcome"] == "success"]
     assert {r["details"]["site"] for r in started} == {"hospital1", "hospital2"}
-    assert all("registered under this site's name" in r["details"]["authenticated"] for r in started)
+    assert all("the coordinator kit's key of this site" in r["details"]["authenticated"] for r in started)
 
 
-def test_where_the_grid_names_no_node_a_replys_site_is_taken_as_claimed(tmp_path):
-    # The simulation engine registers nodes without names: nothing to check the claim against, and the record says so.
-    _, records = run(tmp_path, honest, grid=NamedGrid({1: "", 2: ""}, honest))
-    assert not [r for r in records if r["event"] == "update.rejected"]
+def test_without_kit_keys_a_replys_site_stands_but_one_site_sends_one_update(tmp_path):
+    # The simulation engine's nodes have random keys: nothing to check a claim against, and the record says so. Two
+    # nodes naming the same site still count once (the second reply is rejected).
+    def silo(node, msg):
+        content = honest(node, msg)
+        if node == 3:
+            content[P.IDENTITY][P.SITE] = "hospital1"
+        return content
+
+    _, records = run(tmp_path, silo, nodes=(1, 2, 3))
+    [rejected] = [r for r in records if r["event"] == "update.rejected"]
+    assert rejected["reason"] == "duplicate-site" and rejected["object"]["id"] == "3"
     started = [r for r in records if r["event"] == "node.started"]
     assert {r["details"]["site"] for r in started} == {"hospital1", "hospital2"}
-    assert all("the grid names no node" in r["details"]["authenticated"] for r in started)
+    assert all("no site keys given to the coordinator" in r["details"]["authenticated"] for r in started)

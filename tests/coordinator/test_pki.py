@@ -3,11 +3,14 @@
 import ipaddress
 import stat
 
+import pytest
+
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from coordinator.pki import create_node_key, create_server_tls
+from fedsilo.errors import ConfigError
 
 
 def test_server_certificate_is_signed_by_the_ca_for_loopback(tmp_path):
@@ -30,3 +33,21 @@ def test_node_keys_are_openssh_ec_p384(tmp_path):
     assert private.public_key().public_numbers() == public.public_numbers()
     assert stat.S_IMODE(key.private_key.stat().st_mode) == 0o600
     assert key.fingerprint.startswith("SHA256:")
+
+
+def test_node_key_bytes_are_what_flowers_register_command_stores(tmp_path):
+    # The coordinator tells a node's site by the key in Flower's node record: it must be byte-for-byte what
+    # `flwr supernode register` sends for the same .pub file.
+    from flwr.cli.supernode.register import try_load_public_key
+
+    from coordinator.pki import create_node_key, load_node_keys, node_key_bytes
+
+    for site in ("hospital0", "hospital1"):
+        create_node_key(tmp_path, site)
+    assert node_key_bytes(tmp_path / "hospital0.pub") == try_load_public_key(tmp_path / "hospital0.pub")
+    keys = load_node_keys(tmp_path)
+    assert sorted(keys.values()) == ["hospital0", "hospital1"]
+    assert keys[try_load_public_key(tmp_path / "hospital1.pub")] == "hospital1"
+    (tmp_path / "broken.pub").write_text("not a key")
+    with pytest.raises(ConfigError, match="broken.pub is not an OpenSSH public key"):
+        load_node_keys(tmp_path)

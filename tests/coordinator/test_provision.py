@@ -324,3 +324,28 @@ def test_rotate_audit_key_without_a_key_is_one_line_exit_2(tmp_path):
     shutil.rmtree(tmp_path / "k" / "coordinator" / "audit-keys")
     assert_one_line_error(fedsilo("coordinator", "rotate-audit-key", "--kit", str(tmp_path / "k" / "coordinator")),
                           "has no checkpoint key audit-keys/fedsilo-coordinator.key", "fix:")
+
+
+def test_rotate_audit_key_run_again_finishes_an_interrupted_rotation(tmp_path):
+    from compliance.keys import generate_signer, load_verifier_keys
+    from fedsilo.protocol import COORDINATOR_LOG_KEY
+
+    provision(parse_project(PROJECT), tmp_path / "k")
+    kit_dir = tmp_path / "k" / "coordinator"
+    old = load_signer(kit_dir / "audit-keys", COORDINATOR_LOG_KEY)
+    # Stopped between the two renames: the old folder moved aside, the new pair not yet in place.
+    new = generate_signer(kit_dir / "audit-keys.new", COORDINATOR_LOG_KEY, role="log")
+    (kit_dir / "audit-keys").rename(kit_dir / "audit-keys.old")
+    done = fedsilo("coordinator", "rotate-audit-key", "--kit", str(kit_dir))
+    assert done.returncode == 0, done.stderr
+    assert f"finished an interrupted rotation: the checkpoint key is {new.fingerprint}" in done.stdout
+    assert load_signer(kit_dir / "audit-keys", COORDINATOR_LOG_KEY).fingerprint == new.fingerprint
+    assert not (kit_dir / "audit-keys.old").exists() and not (kit_dir / "audit-keys.new").exists()
+    assert {k.fingerprint for k in load_verifier_keys(kit_dir / "audit-trust")} >= {old.fingerprint, new.fingerprint}
+    # Stopped before the swap: the half-made pair is dropped and the rotation made afresh.
+    stale = generate_signer(kit_dir / "audit-keys.new", COORDINATOR_LOG_KEY, role="log")
+    done = fedsilo("coordinator", "rotate-audit-key", "--kit", str(kit_dir))
+    assert done.returncode == 0, done.stderr
+    latest = load_signer(kit_dir / "audit-keys", COORDINATOR_LOG_KEY).fingerprint
+    assert latest not in (new.fingerprint, stale.fingerprint, old.fingerprint) and f"new checkpoint key {latest}" in done.stdout
+    assert read_vkey_file(kit_dir / "audit-trust" / "fedsilo-coordinator.vkey").fingerprint == latest

@@ -64,7 +64,7 @@ def test_the_secure_mean_is_the_weighted_mean_within_the_bound(n):
     assert float(np.max(np.abs(_secure_mean(updates, weights, p, np.float32) - exact))) > limit
 
 
-def test_a_masked_reply_claiming_another_site_than_its_nodes_registered_name_is_left_out_of_the_sum():
+def test_a_masked_reply_claiming_another_site_than_its_nodes_kit_key_is_left_out_of_the_sum():
     # The check runs on the masked reply before the sum: an identity mismatch is an UpdateRejected, which the round's
     # grid files under ``rejected`` and leaves out (its masks cancelled as a dropped silo's).
     from types import SimpleNamespace
@@ -76,7 +76,7 @@ def test_a_masked_reply_claiming_another_site_than_its_nodes_registered_name_is_
     from coordinator.validation import Expectation, UpdateRejected
     from fedsilo import protocol as P
 
-    run = SimpleNamespace(node_registered={3: "hospital3"})
+    run = SimpleNamespace(node_keys={b"key3": "hospital3"}, kit_site={3: "hospital3"})
     run.check_registered = lambda node, site: FederatedRun.check_registered(run, node, site)
     grid = _RoundGrid(run, {"w": np.zeros(2, np.float32)}, Expectation(run_id="run-1", round=1), SecureOutcome(aggregate={}))
     content = RecordDict({P.IDENTITY: ConfigRecord({P.SITE: "hospital1", P.RUN_ID: "run-1", P.ROUND: 1}),
@@ -87,3 +87,7 @@ def test_a_masked_reply_claiming_another_site_than_its_nodes_registered_name_is_
     with pytest.raises(UpdateRejected) as caught:  # the claim matches: the check goes on to the masked vectors
         grid._check_masked(3, RecordDict({**content, P.IDENTITY: ConfigRecord({P.SITE: "hospital3", P.RUN_ID: "run-1", P.ROUND: 1})}), 100)
     assert caught.value.code == "wrong-names"
+    grid.outcome.contributions[4] = {"site": "hospital3"}  # another node's masked update already named hospital3
+    with pytest.raises(UpdateRejected) as caught:
+        grid._check_masked(3, RecordDict({**content, P.IDENTITY: ConfigRecord({P.SITE: "hospital3", P.RUN_ID: "run-1", P.ROUND: 1})}), 100)
+    assert caught.value.code == "duplicate-site"

@@ -26,11 +26,13 @@ def test_defaults_come_from_the_coordinator_folder(tmp_path, monkeypatch):
     home = tmp_path / "coordinator"
     (home / "audit-keys").mkdir(parents=True)
     (home / "audit-trust").mkdir()
+    (home / "sites").mkdir()
     monkeypatch.setenv(COORDINATOR_DIR_ENV, str(home))
     cfg = run_settings({"submission": "x", "out-dir": ""}, "42")
     assert cfg["out-dir"] == str(home / "runs" / "42")
     assert cfg["audit-key-dir"] == str(home / "audit-keys")
     assert cfg["witness-keys-dir"] == str(home / "audit-trust")
+    assert cfg["node-keys-dir"] == str(home / "sites")  # each node's site is known by its key
     # What the run config names wins over the defaults.
     assert run_settings({"out-dir": "/srv/run"}, "42")["out-dir"] == "/srv/run"
 

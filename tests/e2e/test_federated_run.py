@@ -115,10 +115,10 @@ def test_two_silos_two_rounds_with_tls(tmp_path, e2e_plan, make_sites):
     received = {(r["round"], r["object"]["sha256"]) for r in _events(out / "audit", "update.received")}
     run_id = _events(out / "audit", "run.started")[0]["run_id"]
     assert len(received) == 4
-    # Each node's site is the name its key was registered under at the SuperLink (not just what its replies claim).
+    # Each node's site is the one whose node key it authenticated with (not just what its replies claim).
     started = _events(out / "audit", "node.started")
     assert {r["details"]["site"] for r in started} == {"hospital0", "hospital1"}
-    assert all("registered under this site's name" in r["details"]["authenticated"] for r in started)
+    assert all("the coordinator kit's key of this site" in r["details"]["authenticated"] for r in started)
     # Every record names who acted, in which role, with which key, and which component wrote it.
     coordinator_key = read_vkey_file(tmp_path / "pki" / "audit" / f"{COORDINATOR_LOG_KEY}.vkey").fingerprint
     records = _events(out / "audit", None)
