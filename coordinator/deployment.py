@@ -43,6 +43,9 @@ from fedsilo.processes import ManagedProcess, ProcessSet, flower_env, port_in_us
 
 #: Set for the SuperLink (and inherited by its ServerApps): the coordinator's state folder (coordinator.server_app).
 COORDINATOR_DIR_ENV = "FEDSILO_COORDINATOR_DIR"
+#: Set to "0" for the ServerApps of a coordinator started with --insecure-dev: its SuperNodes authenticate with
+#: random keys, not the kit's, so no node could be told by its key (coordinator.server_app.run_settings).
+NODE_AUTH_ENV = "FEDSILO_NODE_AUTH"
 NODES_FILE = "nodes.json"
 DATABASE = "superlink-state.db"
 ALL_INTERFACES = ("0.0.0.0", "::", "")
@@ -231,6 +234,7 @@ def run_coordinator(kit: CoordinatorKit, *, host: str = "0.0.0.0", port: int | N
     # (fedsilo.flower_longpoll).
     link_env = superlink_env(flower_env(kit.root / "flwr" / "superlink"))
     link_env[COORDINATOR_DIR_ENV] = str(kit.root)
+    link_env[NODE_AUTH_ENV] = "0" if insecure_dev else "1"
     with ProcessSet(kit.root / "logs", flower_env(cli_home)) as procs:
         auth = [] if insecure_dev else ["--enable-supernode-auth"]
         superlink = procs.start("superlink", [
@@ -368,10 +372,12 @@ def rotate_audit_key(kit: CoordinatorKit) -> Rotation:
             raise ConfigError(f"{kit.root} has no checkpoint key audit-keys/{stem}.key and .vkey to rotate",
                               fix="restore audit-keys/ from the kit made by 'fedsilo provision'")
         current = load_signer(keys, COORDINATOR_LOG_KEY).verifier  # a matching pair, or a one-line error
-        if finished:
+        if finished or (previous is not None and previous != current):  # swapped, but audit-trust/ not yet told
             old = previous if previous is not None and previous != current else current
             _publish(trust, stem, old, current)
             return Rotation(old.fingerprint, current.fingerprint, trust / f"{stem}.vkey", finished_interrupted=True)
+        _publish(trust, stem, current, current)  # audit-trust/ names the current key before anything moves
+        _keep(trust, stem, current)  # and keeps it under its fingerprint: earlier runs verify whatever happens next
         new = generate_signer(fresh, COORDINATOR_LOG_KEY, role="log").verifier
         keys.replace(retired)
         fresh.replace(keys)
@@ -404,13 +410,19 @@ def _published_key(trust: Path, stem: str):
 
 
 def _publish(trust: Path, stem: str, old, new) -> None:
-    """``audit-trust/``: the old public key kept under its fingerprint, the new one as the current key (each
-    written to a temporary file, then renamed)."""
-    trust.mkdir(exist_ok=True)
-    targets = [(trust / f"{stem}.vkey", new)]
+    """``audit-trust/``: the old public key kept under its fingerprint, the new one as the current key."""
     if old != new:
-        targets.insert(0, (trust / f"{stem}-{old.fingerprint.split(':')[-1][:12]}.vkey", old))
-    for path, key in targets:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(key.vkey() + "\n", encoding="ascii")
-        tmp.replace(path)
+        _keep(trust, stem, old)
+    _write_vkey(trust / f"{stem}.vkey", new)
+
+
+def _keep(trust: Path, stem: str, key) -> None:
+    _write_vkey(trust / f"{stem}-{key.fingerprint.split(':')[-1][:12]}.vkey", key)
+
+
+def _write_vkey(path: Path, key) -> None:
+    """Write a public key file through a temporary file and a rename: never a half-written key."""
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(key.vkey() + "\n", encoding="ascii")
+    tmp.replace(path)

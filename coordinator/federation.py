@@ -128,7 +128,7 @@ class FederatedRun:
         #: node -> the site whose key in the coordinator kit the node authenticated with (Flower's node records:
         #: ``Grid.get_nodes``): a reply from that node must name that site. Empty without kit keys (the simulation
         #: engine, whose nodes have random keys), and there a reply's site is taken as it names itself.
-        self.node_keys = dict(node_keys or {})
+        self.node_keys = dict(node_keys) if node_keys is not None else None
         self.kit_site: dict[int, str] = {}
         self.unknown_nodes: set[int] = set()  # nodes whose key is not a kit key: sent nothing, audited once
         self.witnessed_size: dict[str, int] = {}  # site -> size of the last checkpoint it cosigned
@@ -304,7 +304,7 @@ class FederatedRun:
         """Refuse a reply whose site is not the one whose kit key ``node`` authenticated with (an authenticated
         hospital must not pass its update off as another's); without kit keys there is nothing to check against."""
         known = self.kit_site.get(node)
-        if self.node_keys and known != site:
+        if self.node_keys is not None and known != site:
             raise UpdateRejected("identity-mismatch", f"node {node} holds the key of {known or 'no site of the kit'}, its reply claims to be {site}")
 
     def _authenticated(self, node: int) -> str:
@@ -317,7 +317,7 @@ class FederatedRun:
         """The SuperLink's nodes for this run. With the kit's node keys, only the nodes holding one, each known as
         that key's site (Flower's node records, ``Grid.get_nodes``: the public key each node authenticated with);
         any other node (a key registered by someone else through the Control API) is sent nothing, audited once."""
-        if not self.node_keys:
+        if self.node_keys is None:
             return sorted(int(n) for n in self.grid.get_node_ids())
         nodes = []
         for info in self.grid.get_nodes():
@@ -342,7 +342,8 @@ class FederatedRun:
                 return nodes
             if time.monotonic() > deadline:
                 raise DeploymentError(
-                    f"only {len(nodes)} silo(s) connected after {self.plan.federation.wait_for_silos_s:.0f} s, the plan needs {need}",
+                    f"only {len(nodes)} silo(s) connected after {self.plan.federation.wait_for_silos_s:.0f} s, the plan needs {need}"
+                    + (f" ({len(self.unknown_nodes)} other node(s) hold no key of the coordinator kit and were sent nothing)" if self.unknown_nodes else ""),
                     fix="start more silos or lower federation.min_silos",
                 )
             time.sleep(1.0)
@@ -502,7 +503,7 @@ class FederatedRun:
             site = self.node_site.get(reply.metadata.src_node_id)
             if site is None or reply.content[P.IDENTITY].get(P.SITE) != site:
                 continue
-            if self.node_keys and self.kit_site.get(reply.metadata.src_node_id) != site:  # a resumed run's older record
+            if self.node_keys is not None and self.kit_site.get(reply.metadata.src_node_id) != site:  # a resumed run's older record
                 continue
             if note is not None and P.WITNESS in reply.content:
                 cosigned = reply.content[P.WITNESS].get(P.COSIGNED)

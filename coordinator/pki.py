@@ -259,7 +259,21 @@ def node_key_bytes(public_key: Path) -> bytes:
 
 
 def load_node_keys(folder: Path) -> dict[bytes, str]:
-    """The sites' node keys of a coordinator kit (``sites/<site>.pub``): key as Flower stores it -> site."""
+    """The sites' node keys of a coordinator kit (``sites/<site>.pub``, a site id as the name: a copy such as
+    ``hospital1.old.pub`` is not read): key as Flower stores it -> site. No key, or one key for two sites, is an
+    error: either would leave the coordinator unable to tell the sites apart."""
+    from coordinator.provision import NAME_RE
+
     if not folder.is_dir():
         raise ConfigError(f"{folder} is not a folder of <site>.pub node keys", fix="give the kit's sites/ folder")
-    return {node_key_bytes(path): path.stem for path in sorted(folder.glob("*.pub"))}
+    keys: dict[bytes, str] = {}
+    for path in sorted(folder.glob("*.pub")):
+        if not NAME_RE.fullmatch(path.stem):
+            continue
+        key = node_key_bytes(path)
+        if key in keys:
+            raise ConfigError(f"{folder}: {keys[key]}.pub and {path.name} hold the same key", fix="give each site its own node key")
+        keys[key] = path.stem
+    if not keys:
+        raise ConfigError(f"{folder} holds no <site>.pub node key", fix="restore the kit's sites/ folder from 'fedsilo provision'")
+    return keys

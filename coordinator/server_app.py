@@ -41,6 +41,7 @@ log = logging.getLogger("fedsilo.coordinator")
 
 #: The coordinator's state folder, set by ``fedsilo coordinator start`` for the SuperLink and its ServerApps.
 COORDINATOR_DIR_ENV = "FEDSILO_COORDINATOR_DIR"
+NODE_AUTH_ENV = "FEDSILO_NODE_AUTH"  # coordinator.deployment sets it: "0" when the SuperNodes do not use the kit's keys
 RUNS_DIR, AUDIT_KEYS_DIR, AUDIT_TRUST_DIR, NODE_KEYS_DIR = "runs", "audit-keys", "audit-trust", "sites"
 
 
@@ -93,7 +94,7 @@ def run_settings(run_config: dict, run_id: str) -> dict[str, str]:
             cfg.setdefault("audit-key-dir", str(root / AUDIT_KEYS_DIR))
         if (root / AUDIT_TRUST_DIR).is_dir():
             cfg.setdefault("witness-keys-dir", str(root / AUDIT_TRUST_DIR))
-        if (root / NODE_KEYS_DIR).is_dir():
+        if (root / NODE_KEYS_DIR).is_dir() and os.environ.get(NODE_AUTH_ENV) != "0":  # --insecure-dev: random node keys
             cfg.setdefault("node-keys-dir", str(root / NODE_KEYS_DIR))
     return cfg
 

@@ -51,3 +51,19 @@ def test_node_key_bytes_are_what_flowers_register_command_stores(tmp_path):
     (tmp_path / "broken.pub").write_text("not a key")
     with pytest.raises(ConfigError, match="broken.pub is not an OpenSSH public key"):
         load_node_keys(tmp_path)
+
+
+def test_node_keys_need_one_key_per_site_and_skip_copies(tmp_path):
+    import shutil
+
+    from coordinator.pki import load_node_keys
+
+    with pytest.raises(ConfigError, match="holds no <site>.pub node key"):
+        load_node_keys(tmp_path)
+    create_node_key(tmp_path, "hospital0")
+    create_node_key(tmp_path, "hospital1")
+    shutil.copyfile(tmp_path / "hospital1.pub", tmp_path / "hospital1.old.pub")  # not a site id: not read
+    assert sorted(load_node_keys(tmp_path).values()) == ["hospital0", "hospital1"]
+    shutil.copyfile(tmp_path / "hospital0.pub", tmp_path / "hospital2.pub")
+    with pytest.raises(ConfigError, match="hospital0.pub and hospital2.pub hold the same key"):
+        load_node_keys(tmp_path)

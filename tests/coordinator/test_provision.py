@@ -349,3 +349,33 @@ def test_rotate_audit_key_run_again_finishes_an_interrupted_rotation(tmp_path):
     latest = load_signer(kit_dir / "audit-keys", COORDINATOR_LOG_KEY).fingerprint
     assert latest not in (new.fingerprint, stale.fingerprint, old.fingerprint) and f"new checkpoint key {latest}" in done.stdout
     assert read_vkey_file(kit_dir / "audit-trust" / "fedsilo-coordinator.vkey").fingerprint == latest
+
+
+def test_rotate_audit_key_run_again_after_audit_trust_could_not_be_written_keeps_the_old_public_key(tmp_path, monkeypatch):
+    # The key was swapped but audit-trust/ was not updated (disk full, say): the rerun finishes publishing, and
+    # the old public key is kept, so runs it signed still verify.
+    from compliance.keys import load_verifier_keys
+    from coordinator import deployment
+    from fedsilo.protocol import COORDINATOR_LOG_KEY
+
+    provision(parse_project(PROJECT), tmp_path / "k")
+    kit_dir = tmp_path / "k" / "coordinator"
+    old = load_signer(kit_dir / "audit-keys", COORDINATOR_LOG_KEY)
+    publish, calls = deployment._publish, []
+
+    def failing_publish(trust, stem, before, after):
+        calls.append(after)
+        if before != after:  # the last step: publishing the new key
+            raise OSError(28, "No space left on device")
+        publish(trust, stem, before, after)
+
+    monkeypatch.setattr(deployment, "_publish", failing_publish)
+    with pytest.raises(ConfigError, match="No space left on device.*run 'fedsilo coordinator rotate-audit-key' again"):
+        deployment.rotate_audit_key(load_coordinator_kit(kit_dir))
+    monkeypatch.setattr(deployment, "_publish", publish)
+    new = load_signer(kit_dir / "audit-keys", COORDINATOR_LOG_KEY)
+    assert new.fingerprint != old.fingerprint and len(calls) == 2
+    done = deployment.rotate_audit_key(load_coordinator_kit(kit_dir))
+    assert done.finished_interrupted and (done.old, done.new) == (old.fingerprint, new.fingerprint)
+    assert {k.fingerprint for k in load_verifier_keys(kit_dir / "audit-trust")} >= {old.fingerprint, new.fingerprint}
+    assert read_vkey_file(kit_dir / "audit-trust" / "fedsilo-coordinator.vkey").fingerprint == new.fingerprint
