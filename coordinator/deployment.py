@@ -376,8 +376,10 @@ def rotate_audit_key(kit: CoordinatorKit) -> Rotation:
             old = previous if previous is not None and previous != current else current
             _publish(trust, stem, old, current)
             return Rotation(old.fingerprint, current.fingerprint, trust / f"{stem}.vkey", finished_interrupted=True)
-        _publish(trust, stem, current, current)  # audit-trust/ names the current key before anything moves
-        _keep(trust, stem, current)  # and keeps it under its fingerprint: earlier runs verify whatever happens next
+        # Before anything moves, audit-trust/ names the current key and keeps it under its fingerprint: the runs it
+        # signed verify whatever happens next.
+        _write_vkey(trust / f"{stem}.vkey", current)
+        _keep(trust, stem, current)
         new = generate_signer(fresh, COORDINATOR_LOG_KEY, role="log").verifier
         keys.replace(retired)
         fresh.replace(keys)

@@ -125,9 +125,9 @@ class FederatedRun:
         self.signer = signer
         self.trusted = ([signer.verifier] if signer else []) + list(witness_keys)
         self.node_site: dict[int, str] = {}
-        #: node -> the site whose key in the coordinator kit the node authenticated with (Flower's node records:
-        #: ``Grid.get_nodes``): a reply from that node must name that site. Empty without kit keys (the simulation
-        #: engine, whose nodes have random keys), and there a reply's site is taken as it names itself.
+        #: The kit's node keys (None without them: the simulation engine, whose nodes have random keys, and
+        #: --insecure-dev; a reply's site is then taken as it names itself), and node -> the site whose kit key the
+        #: node authenticated with (Flower's node records, ``Grid.get_nodes``): a reply from it must name that site.
         self.node_keys = dict(node_keys) if node_keys is not None else None
         self.kit_site: dict[int, str] = {}
         self.unknown_nodes: set[int] = set()  # nodes whose key is not a kit key: sent nothing, audited once

@@ -186,14 +186,18 @@ def ssh_fingerprint_of_line(line: bytes) -> str:
     return "SHA256:" + hashlib.sha256(b" ".join(parts[:2])).hexdigest()
 
 
-def node_key_fingerprint(public_key: Path) -> str:
-    """The fingerprint of a node public key file (.pub), as printed in the kits' README files."""
+def _read_node_public_key(public_key: Path):
+    """(the key file's line, the key) of a node public key file (.pub, OpenSSH); a one-line error otherwise."""
     try:
         line = public_key.read_bytes().strip()
-        serialization.load_ssh_public_key(line)
+        return line, serialization.load_ssh_public_key(line)
     except (OSError, ValueError, UnsupportedAlgorithm):
         raise ConfigError(f"{public_key} is not an OpenSSH public key", fix="use the node.pub written by 'fedsilo provision'") from None
-    return ssh_fingerprint_of_line(line)
+
+
+def node_key_fingerprint(public_key: Path) -> str:
+    """The fingerprint of a node public key file (.pub), as printed in the kits' README files."""
+    return ssh_fingerprint_of_line(_read_node_public_key(public_key)[0])
 
 
 def load_certificate(path: Path) -> x509.Certificate:
@@ -251,10 +255,7 @@ def check_private_mode(path: Path) -> None:
 def node_key_bytes(public_key: Path) -> bytes:
     """A node public key file (.pub, OpenSSH) as Flower's SuperLink stores it (PEM SubjectPublicKeyInfo, what
     ``flwr supernode register`` sends), so a node's key in Flower's node records can be matched to its site."""
-    try:
-        key = serialization.load_ssh_public_key(public_key.read_bytes().strip())
-    except (OSError, ValueError, UnsupportedAlgorithm):
-        raise ConfigError(f"{public_key} is not an OpenSSH public key", fix="use the node.pub written by 'fedsilo provision'") from None
+    key = _read_node_public_key(public_key)[1]
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 

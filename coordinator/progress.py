@@ -12,8 +12,8 @@ researcher's side (coordinator.submit) reads these without importing the round d
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 ROUNDS_FILE = "rounds.jsonl"

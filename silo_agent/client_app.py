@@ -306,7 +306,7 @@ def _personalizing_lr_scale(plan, round_: int, cases: int) -> float:
 
 
 def _keep_personalized(site: Site, audit: AuditLog, actor: dict, plan, run_id: str, round_: int, state,
-                       lr_scale: float = 1.0) -> None:
+                       lr_scale: float) -> None:
     """Keep the last round's local model: the global model of round ``rounds - 1`` fine-tuned on this site's data
     (Wang et al. 2019, arXiv:1910.10252), at the plan's learning rate times ``lr_scale``
     (:func:`_personalizing_lr_scale`). Its training is the last round's, already in the privacy ledger."""

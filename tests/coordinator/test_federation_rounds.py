@@ -116,10 +116,11 @@ def plan_text(**federation) -> str:
     return yaml.safe_dump(raw)
 
 
-def run(tmp_path, silo, nodes=(1, 2, 3, 4, 5, 6, 7, 8), *, grid=None, node_keys=None, **federation) -> tuple[FederatedRun, list[dict]]:
+def run(tmp_path, silo, nodes=(1, 2, 3, 4, 5, 6, 7, 8), *, grid=None, node_keys=None, signer=None, witness_keys=(),
+        **federation) -> tuple[FederatedRun, list[dict]]:
     text = plan_text(**federation)
     driver = FederatedRun(grid or LoopbackGrid(list(nodes), silo), parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1",
-                          {k: v.copy() for k, v in INITIAL.items()}, node_keys=node_keys)
+                          {k: v.copy() for k, v in INITIAL.items()}, node_keys=node_keys, signer=signer, witness_keys=witness_keys)
     try:
         driver.execute()
     finally:
@@ -532,10 +533,8 @@ def test_a_cosignature_counts_only_when_made_with_the_witness_key_of_the_site_th
     cosignature by hospital1's witness key, a key the coordinator trusts, but not hospital3's; node 4 cosigns the
     checkpoint as signed by a retired coordinator key. Both are refused and audited as failures, and nothing is
     filed as hospital3's or hospital4's; the honest silos' are kept."""
-    from compliance.checkpoint import cosign_checkpoint
+    from compliance.checkpoint import cosign_checkpoint, parse_note, sign_note
     from compliance.keys import generate_signer
-
-    from compliance.checkpoint import parse_note, sign_note
 
     log_signer = generate_signer(tmp_path / "keys", "fedsilo.test/coordinator", role="log")
     retired = generate_signer(tmp_path / "retired", "fedsilo.test/coordinator", role="log")  # a rotated-out key, still in audit-trust/
@@ -551,17 +550,9 @@ def test_a_cosignature_counts_only_when_made_with_the_witness_key_of_the_site_th
             content[P.WITNESS] = ConfigRecord({P.COSIGNED: cosign_checkpoint(note, cosigner[node])})
         return content
 
-    text = plan_text(rounds=2)
-    driver = FederatedRun(LoopbackGrid([1, 2, 3, 4], silo), parse_plan(yaml.safe_load(text)), text, tmp_path / "run", "run-1",
-                          {k: v.copy() for k, v in INITIAL.items()}, signer=log_signer,
+    driver, records = run(tmp_path, silo, nodes=(1, 2, 3, 4), rounds=2, signer=log_signer,
                           witness_keys=[w.verifier for w in witnesses.values()] + [retired.verifier])
-    try:
-        driver.execute()
-    finally:
-        driver.audit.close()
-    verify_log(tmp_path / "run" / "audit")
-    with AuditLog.open(tmp_path / "run" / "audit", read_only=True) as log:
-        cosigned = [r for r in log.records() if r["event"] == "checkpoint.cosigned"]
+    cosigned = [r for r in records if r["event"] == "checkpoint.cosigned"]
     kept = {r["details"]["site"] for r in cosigned if r["outcome"] == "success"}
     refused = [r for r in cosigned if r["outcome"] == "failure"]
     assert kept == {"hospital1", "hospital2"}

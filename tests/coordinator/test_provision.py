@@ -245,13 +245,14 @@ def test_names_shared_with_modules_the_coordinator_may_not_import():
     """The coordinator cannot import the silo agent or the loopback federation: the names it repeats must agree."""
     from coordinator import deployment, provision as prov, submit
     from coordinator.progress import PROGRESS_PREFIX
-    from coordinator.server_app import COORDINATOR_DIR_ENV
+    from coordinator.server_app import COORDINATOR_DIR_ENV, NODE_AUTH_ENV
     from silo_agent import node, site, witnessing
 
     assert prov.witness_key_name("hospital7") == witnessing.witness_key_name("hospital7")
     assert prov.NAME_RE.pattern == site.NAME_RE.pattern
     assert (prov.SITE_KIT_FORMAT, prov.SITE_KIT_FILE) == (node.SITE_KIT_FORMAT, node.SITE_KIT_FILE)
     assert deployment.COORDINATOR_DIR_ENV == COORDINATOR_DIR_ENV
+    assert deployment.NODE_AUTH_ENV == NODE_AUTH_ENV
     assert submit.PROGRESS_PREFIX == PROGRESS_PREFIX
 
 
@@ -374,7 +375,7 @@ def test_rotate_audit_key_run_again_after_audit_trust_could_not_be_written_keeps
         deployment.rotate_audit_key(load_coordinator_kit(kit_dir))
     monkeypatch.setattr(deployment, "_publish", publish)
     new = load_signer(kit_dir / "audit-keys", COORDINATOR_LOG_KEY)
-    assert new.fingerprint != old.fingerprint and len(calls) == 2
+    assert new.fingerprint != old.fingerprint and calls == [new.verifier]  # it failed publishing the new key
     done = deployment.rotate_audit_key(load_coordinator_kit(kit_dir))
     assert done.finished_interrupted and (done.old, done.new) == (old.fingerprint, new.fingerprint)
     assert {k.fingerprint for k in load_verifier_keys(kit_dir / "audit-trust")} >= {old.fingerprint, new.fingerprint}

@@ -8,7 +8,7 @@ import pytest
 
 from compliance.keys import generate_signer
 from compliance.statements import sign_submission
-from coordinator.server_app import COORDINATOR_DIR_ENV, read_submission, run_settings
+from coordinator.server_app import COORDINATOR_DIR_ENV, NODE_AUTH_ENV, read_submission, run_settings
 from fedsilo.errors import ConfigError
 from pipelines.plan import load_plan
 
@@ -34,7 +34,7 @@ def test_defaults_come_from_the_coordinator_folder(tmp_path, monkeypatch):
     assert cfg["witness-keys-dir"] == str(home / "audit-trust")
     assert cfg["node-keys-dir"] == str(home / "sites")  # each node's site is known by its key
     # A coordinator started with --insecure-dev: its SuperNodes use random keys, so none is told by its key.
-    monkeypatch.setenv("FEDSILO_NODE_AUTH", "0")
+    monkeypatch.setenv(NODE_AUTH_ENV, "0")
     assert "node-keys-dir" not in run_settings({"submission": "x"}, "42")
     # What the run config names wins over the defaults.
     assert run_settings({"out-dir": "/srv/run"}, "42")["out-dir"] == "/srv/run"
