@@ -149,9 +149,12 @@ def test_a_killed_coordinator_resumes_from_the_last_round(tmp_path, make_sites):
         def crash_after_round_2_trained(row: dict) -> None:
             rows.append(row)
             if row["round"] == 1:
+                for site in sites:  # round 2's message reached both silos: the ServerApp now waits for their replies
+                    _wait_for(site.audit_dir, "dataset.used", 2)
+                [pid] = fed.serverapp_pids()
+                os.kill(pid, signal.SIGSTOP)  # so it cannot take them and checkpoint round 2 before the crash
                 for site in sites:  # both silos trained round 2 and spent for it: the crash comes after
                     _wait_for(site.audit_dir, "update.sent", 2)
-                [pid] = fed.serverapp_pids()
                 os.kill(pid, signal.SIGKILL)
                 raise Crashed
 
